@@ -1,0 +1,7 @@
+"""``python -m broadcastd``: the same as the ``broadcastd`` command."""
+
+import sys
+
+from broadcastd.cli import main
+
+sys.exit(main())

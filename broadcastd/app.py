@@ -1,0 +1,127 @@
+"""The daemon's lifecycle: start order, signals, drain.
+
+``Daemon(settings)`` builds the node and both listeners; ``run()`` starts
+them, waits for the shutdown trigger (SIGTERM/SIGINT, or an event a test
+injects) and drains:
+
+1. readiness goes false and publishes are refused with 503;
+2. the subscriber listener closes (new connections are refused; handshakes
+   already under way get HTTP 503);
+3. every subscriber's outbox is flushed - all publishes accepted before the
+   drain reach every subscriber that keeps up - and each connection is closed
+   with 1001 (going away);
+4. connections still open at ``drain_timeout`` are aborted; the control
+   listener closes; ``run()`` returns 0.
+
+A second signal during the drain exits at once with status 128 + signal
+number (143 for SIGTERM, 130 for SIGINT), as a shell would report it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+
+from broadcastd import __version__, log
+from broadcastd.broker import Broker
+from broadcastd.core.observer import Observer
+from broadcastd.node import Node
+from broadcastd.sdnotify import SystemdNotifier
+from broadcastd.settings import Settings
+from broadcastd.transport.control import ControlApi, ControlServer
+from broadcastd.transport.ws import WsServer
+
+_log = log.get("broadcastd.app")
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Daemon:
+    """One broadcastd process: ``Config -> Daemon(config) -> run()``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        broker: Broker | None = None,
+        observer: Observer | None = None,
+        notifier: SystemdNotifier | None = None,
+    ) -> None:
+        self.settings = settings
+        self.node = Node(settings, broker=broker, observer=observer)
+        self.ws = WsServer(settings.ws, self.node)
+        self.control = ControlServer(
+            settings.control, ControlApi(settings.control, self.node, lambda: self.ws.client_count)
+        )
+        self.notifier = notifier if notifier is not None else SystemdNotifier.from_environ()
+        self.started = asyncio.Event()
+        """Set once every listener accepts connections (tests wait on it)."""
+        self._shutdown = asyncio.Event()
+        self._signals = 0
+
+    async def start(self) -> None:
+        _log.info("daemon.start", version=__version__, pid=os.getpid())
+        await self.node.start()
+        await self.control.start()
+        await self.ws.start()
+        self.node.ready = True
+        _log.info(
+            "daemon.ready",
+            ws=f"{self.settings.ws.host}:{self.ws.port}",
+            control=f"{self.settings.control.host}:{self.control.port}",
+            control_unix=str(self.settings.control.unix_path or ""),
+        )
+        self.notifier.ready()
+        self.started.set()
+
+    def shutdown(self) -> None:
+        """Begin the drain (what SIGTERM does)."""
+        self._shutdown.set()
+
+    async def run(self, install_signals: bool = True) -> int:
+        """Serve until shut down; drain; return the exit status."""
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for signum in SIGNALS:
+                loop.add_signal_handler(signum, self._on_signal, signum)
+        try:
+            await self.start()
+            await self._shutdown.wait()
+            await self.drain()
+        finally:
+            if install_signals:
+                for signum in SIGNALS:
+                    loop.remove_signal_handler(signum)
+        return 0
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        name = signal.Signals(signum).name
+        if self._signals == 1:
+            _log.info("signal.received", signal=name, action="drain")
+            self.shutdown()
+            return
+        _log.warning("signal.received", signal=name, action="exit_now", status=128 + signum)
+        sys.stdout.flush()
+        os._exit(128 + signum)
+
+    async def drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        deadline = loop.time() + self.settings.drain_timeout
+        clients = self.ws.client_count
+        _log.info("drain.start", clients=clients, timeout_s=self.settings.drain_timeout)
+        self.node.begin_drain()
+        self.notifier.stopping()
+        self.ws.stop_accepting()
+        aborted = await self.ws.drain(deadline)
+        await self.control.close()
+        await self.node.close()
+        _log.info(
+            "drain.done",
+            clients=clients,
+            aborted=aborted,
+            duration_s=round(time.monotonic() - started, 3),
+        )

@@ -1,0 +1,283 @@
+"""``broadcastd serve | check-config | publish | subscribe``.
+
+Every setting is also a flag of ``serve`` and ``check-config``: ``ws.port``
+becomes ``--ws-port``, ``drain_timeout`` becomes ``--drain-timeout``. Flags
+override the environment, which overrides the TOML file. ``publish`` and
+``subscribe`` read the same configuration to find the daemon, so on a host
+where the daemon runs they need no flags at all.
+
+Exit status: 0 success, 1 a runtime failure (the daemon refused or could not
+be reached), 2 a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import random
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+from broadcastd import __version__, log
+from broadcastd.errors import ConfigError
+from broadcastd.settings import Settings, effective, iter_fields, load_settings
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _flag(dotted: str) -> str:
+    return "--" + dotted.replace(".", "-").replace("_", "-")
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="PATH", help="TOML configuration file")
+    group = parser.add_argument_group("settings (override BROADCASTD_* and the file)")
+    for dotted, info in iter_fields():
+        group.add_argument(
+            _flag(dotted),
+            dest=f"setting:{dotted}",
+            metavar="VALUE",
+            help=info.description,
+            default=argparse.SUPPRESS,
+        )
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if key.startswith("setting:"):
+            dotted = key.removeprefix("setting:")
+            overrides[dotted] = _parse_flag_value(dotted, value)
+    return overrides
+
+
+def _parse_flag_value(dotted: str, value: str) -> Any:
+    """Lists are given comma-separated; ``none`` unsets an optional setting."""
+    if value.lower() in ("none", "null"):
+        return None
+    if dotted == "ws.allowed_origins":
+        return [v for v in value.split(",") if v]
+    return value
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(getattr(args, "config", None), _overrides(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="broadcastd", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"broadcastd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon")
+    _add_settings_flags(serve)
+
+    check = commands.add_parser("check-config", help="validate and print the configuration")
+    _add_settings_flags(check)
+
+    publish = commands.add_parser("publish", help="publish one message")
+    publish.add_argument("channel")
+    publish.add_argument(
+        "data", nargs="?", default="-", help="the payload; - (the default) reads standard input"
+    )
+    publish.add_argument(
+        "--content-type", help="default: application/json when DATA is valid JSON, else text/plain"
+    )
+    _add_client_flags(publish)
+
+    subscribe = commands.add_parser(
+        "subscribe", help="print the messages of channels, one per line"
+    )
+    subscribe.add_argument("channels", nargs="+", metavar="CHANNEL")
+    subscribe.add_argument("--raw", action="store_true", help="print payloads only (raw mode)")
+    subscribe.add_argument(
+        "--max-backoff",
+        type=float,
+        default=30.0,
+        help="longest wait between reconnection attempts (seconds)",
+    )
+    subscribe.add_argument(
+        "--once", action="store_true", help="exit when the connection ends instead of reconnecting"
+    )
+    _add_client_flags(subscribe)
+    return parser
+
+
+def _add_client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="PATH", help="TOML file to find the daemon in")
+    parser.add_argument("--url", help="daemon URL (default: from the configuration)")
+    if parser.prog.endswith("publish"):
+        parser.add_argument("--token", help="bearer token (default: control.token)")
+        parser.add_argument("--unix", metavar="PATH", help="publish over this Unix socket")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(_settings(args))
+        if args.command == "check-config":
+            print(json.dumps(effective(_settings(args)), indent=2))
+            return 0
+        settings = load_settings(args.config)
+        if args.command == "publish":
+            return publish(settings, args)
+        return subscribe(settings, args)
+    except ConfigError as exc:
+        print(f"broadcastd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def serve(settings: Settings) -> int:
+    log.configure(settings.log.level, settings.log.format)
+    from broadcastd.app import Daemon  # after logging is configured
+
+    async def run() -> int:
+        return await Daemon(settings).run()
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(run())
+
+
+def _loop_factory() -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return None
+    return uvloop.new_event_loop
+
+
+def _local(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+
+
+# publish
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost")
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def publish(settings: Settings, args: argparse.Namespace) -> int:
+    data = sys.stdin.buffer.read() if args.data == "-" else args.data.encode()
+    content_type = args.content_type or ("application/json" if _is_json(data) else "text/plain")
+    token = args.token or (
+        settings.control.token.get_secret_value() if settings.control.token else None
+    )
+    headers = {"Content-Type": content_type}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    unix = args.unix or (
+        str(settings.control.unix_path) if settings.control.unix_path and not args.url else None
+    )
+    conn: http.client.HTTPConnection
+    if unix:
+        conn = _UnixConnection(unix)
+    else:
+        url = urlsplit(
+            args.url or f"http://{_local(settings.control.host)}:{settings.control.port}"
+        )
+        conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80, timeout=10)
+    try:
+        conn.request("POST", f"/publish/{quote(args.channel, safe='')}", data, headers)
+        response = conn.getresponse()
+        body = response.read().decode("utf-8", "replace")
+    except OSError as exc:
+        print(f"broadcastd: cannot reach the daemon: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        conn.close()
+    if response.status != 200:
+        print(f"broadcastd: HTTP {response.status}: {body}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(body)
+    return 0
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+# subscribe
+
+GIVE_UP_CODES = frozenset((1003, 1007, 1008, 1009))
+"""Close codes that mean the client is at fault: reconnecting would fail again."""
+STABLE_AFTER = 10.0
+"""Seconds a connection must stay up before the backoff starts again from the base."""
+BASE_BACKOFF = 0.5
+
+
+def subscribe(settings: Settings, args: argparse.Namespace) -> int:
+    base = args.url or f"ws://{_local(settings.ws.host)}:{settings.ws.port}/"
+    query = [("channel", c) for c in args.channels] + ([("format", "raw")] if args.raw else [])
+    url = base.rstrip("/") + "/?" + urlencode(query)
+    try:
+        return asyncio.run(_subscribe(url, args.max_backoff, args.once))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _subscribe(url: str, max_backoff: float, once: bool) -> int:
+    """Print every frame, reconnecting with exponential backoff and full jitter.
+
+    The backoff resets only after a connection has stayed up for STABLE_AFTER
+    seconds, so a server that accepts and then drops clients is not hammered.
+    """
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+    attempt = 0
+    while True:
+        opened = None
+        try:
+            async with connect(url, compression=None, max_size=None) as ws:
+                opened = time.monotonic()
+                async for message in ws:
+                    text = message if isinstance(message, str) else message.decode()
+                    sys.stdout.write(text + "\n")
+                    sys.stdout.flush()
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            print(
+                f"broadcastd: handshake refused: HTTP {status} "
+                f"{exc.response.body.decode('utf-8', 'replace')}",
+                file=sys.stderr,
+            )
+            if 400 <= status < 500:
+                return EXIT_FAILURE
+        except ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd is not None else 1006
+            print(f"broadcastd: connection closed ({code})", file=sys.stderr)
+            if code in GIVE_UP_CODES:
+                return EXIT_FAILURE
+        except OSError as exc:
+            print(f"broadcastd: cannot connect: {exc}", file=sys.stderr)
+        if once:
+            return 0
+        if opened is not None and time.monotonic() - opened >= STABLE_AFTER:
+            attempt = 0
+        delay = random.uniform(0, min(max_backoff, BASE_BACKOFF * 2**attempt))  # noqa: S311
+        attempt += 1
+        await asyncio.sleep(delay)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

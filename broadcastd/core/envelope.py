@@ -1,0 +1,106 @@
+"""Messages and their one-time encoding to wire bytes.
+
+A published message is encoded once, not once per subscriber: the JSON
+envelope ``{"channel":…,"offset":…,"data":…}`` and, because server frames are
+unmasked and compression is off by default, the whole WebSocket text frame
+(RFC 6455 section 5.2) around it. Fan-out then hands the same ``bytes`` object
+to every subscriber. Replies to commands are built the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from broadcastd.errors import BadEncoding, BadJson
+
+_TEXT_FIN = 0x81
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, unfragmented text frame carrying ``payload`` (valid UTF-8)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((_TEXT_FIN, n)) + payload
+    if n < 65536:
+        return bytes((_TEXT_FIN, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((_TEXT_FIN, 127)) + n.to_bytes(8, "big") + payload
+
+
+def frame_payload(frame: bytes) -> memoryview:
+    """The payload of a frame built by :func:`text_frame` (for the compressed path)."""
+    length = frame[1] & 0x7F
+    start = 2 if length < 126 else 4 if length == 126 else 10
+    return memoryview(frame)[start:]
+
+
+class Payload:
+    """What a publisher sent, in the two forms subscribers can ask for.
+
+    ``json`` is the JSON text embedded as ``data`` in the envelope; ``raw`` is
+    what raw-mode subscribers receive: the text itself when the data is a
+    string, otherwise the same JSON text.
+    """
+
+    __slots__ = ("json", "raw")
+
+    def __init__(self, json: bytes, raw: bytes) -> None:
+        self.json = json
+        self.raw = raw
+
+    @classmethod
+    def from_json_body(cls, body: bytes) -> Payload:
+        """A JSON document as sent (validated, embedded verbatim)."""
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadJson(f"body is not valid JSON: {exc}") from None
+        if isinstance(value, str):
+            return cls(body, value.encode())
+        return cls(body, body)
+
+    @classmethod
+    def from_text_body(cls, body: bytes) -> Payload:
+        """Any other body: UTF-8 text, embedded as a JSON string."""
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            raise BadEncoding("body is not valid UTF-8 text") from None
+        return cls(orjson.dumps(text), body)
+
+    @classmethod
+    def from_value(cls, value: Any) -> Payload:
+        """A value already parsed from a JSON request."""
+        encoded = orjson.dumps(value)
+        if isinstance(value, str):
+            return cls(encoded, value.encode())
+        return cls(encoded, encoded)
+
+    def __len__(self) -> int:
+        return len(self.json)
+
+
+def channel_prefix(channel: str) -> bytes:
+    """The envelope's constant head for one channel, cached on the channel."""
+    return b'{"channel":"' + channel.encode() + b'","offset":'
+
+
+def envelope_frame(prefix: bytes, offset: int, payload: Payload) -> bytes:
+    """The text frame of one message in JSON mode."""
+    return text_frame(b'%b%d,"data":%b}' % (prefix, offset, payload.json))
+
+
+def raw_frame(payload: Payload) -> bytes:
+    """The text frame of one message in raw mode: the payload alone."""
+    return text_frame(payload.raw)
+
+
+def reply_frame(reply: dict[str, Any]) -> bytes:
+    """A reply or event to one client (``{"type": …}``)."""
+    return text_frame(orjson.dumps(reply))
+
+
+def missed_frame(count: int) -> bytes:
+    """Told to a drop_oldest client before the messages that follow a gap."""
+    return reply_frame({"type": "missed", "count": count})

@@ -1,0 +1,58 @@
+"""How the core and the adapters report what happens, without knowing who listens.
+
+Metrics (Prometheus) implement this interface outside the core; tests and the
+default daemon without metrics use NullObserver. Calls on the hot path are made
+once per fan-out or once per writer wake-up, never once per delivery.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from broadcastd.core.hub import FanOut
+
+
+class Observer(Protocol):
+    def published(self, form: str, fan_out: FanOut) -> None:
+        """A message was accepted through API ``form`` and fanned out locally."""
+
+    def written(self, frames: int, nbytes: int) -> None:
+        """A writer handed ``frames`` frames (``nbytes`` bytes) to one socket."""
+
+    def slow_consumer(self, policy: str) -> None:
+        """A client fell behind: ``disconnect`` or ``drop_oldest`` acted on it."""
+
+    def connection_opened(self) -> None: ...
+
+    def connection_closed(self, code: int, initiator: str) -> None:
+        """A connection ended with close ``code``; ``initiator`` is server/client/abnormal."""
+
+    def connection_rejected(self, reason: str) -> None:
+        """A handshake was refused: cap, origin, bad_request, handshake_timeout, draining."""
+
+    def control_request(self, endpoint: str, status: int) -> None: ...
+
+
+class NullObserver:
+    """Reports to nobody."""
+
+    def published(self, form: str, fan_out: FanOut) -> None:
+        return None
+
+    def written(self, frames: int, nbytes: int) -> None:
+        return None
+
+    def slow_consumer(self, policy: str) -> None:
+        return None
+
+    def connection_opened(self) -> None:
+        return None
+
+    def connection_closed(self, code: int, initiator: str) -> None:
+        return None
+
+    def connection_rejected(self, reason: str) -> None:
+        return None
+
+    def control_request(self, endpoint: str, status: int) -> None:
+        return None

@@ -1,0 +1,67 @@
+"""What a subscriber asks for in its handshake URL.
+
+Two equivalent forms, which may be combined::
+
+    ws://host:8765/?channel=news&channel=sports&format=raw
+    ws://host:8765/news,sports?format=raw
+
+The path is ``/`` or a comma-separated list of channel names; the query may
+repeat ``channel`` and may set ``format`` to ``json`` (the default: each message
+is a JSON envelope) or ``raw`` (the payload alone). Channel names follow the
+grammar in broadcastd.core.channels and are never percent-decoded in the path,
+so each channel has exactly one spelling. Unknown query parameters are refused
+rather than ignored, so a typo such as ``chanel=`` fails loudly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from broadcastd.core.channels import check_channel
+from broadcastd.errors import BadChannel, ClientError, TooManyChannels
+
+FORMATS = ("json", "raw")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    channels: tuple[str, ...]
+    raw: bool
+
+
+def parse_route(target: str, max_channels: int) -> Route:
+    """Parse a request target (path and query); raise a ClientError saying what is wrong."""
+    path, _, query = target.partition("?")
+    if not path.startswith("/"):
+        raise ClientError("request path must start with /")
+    channels: dict[str, None] = {}
+    if path != "/":
+        for name in path[1:].split(","):
+            try:
+                channels[check_channel(name)] = None
+            except BadChannel as exc:
+                raise BadChannel(f"path {path[:64]!r}: {exc.message}") from None
+    raw = False
+    try:
+        pairs = parse_qsl(
+            query,
+            keep_blank_values=True,
+            strict_parsing=bool(query),
+            errors="strict",
+            max_num_fields=max_channels + 2,
+        )
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ClientError(f"malformed query string: {exc}") from None
+    for key, value in pairs:
+        if key == "channel":
+            channels[check_channel(value)] = None
+        elif key == "format":
+            if value not in FORMATS:
+                raise ClientError(f"format must be one of {', '.join(FORMATS)}")
+            raw = value == "raw"
+        else:
+            raise ClientError(f"unknown query parameter {key[:32]!r}")
+    if len(channels) > max_channels:
+        raise TooManyChannels(f"at most {max_channels} channels per connection")
+    return Route(tuple(channels), raw)

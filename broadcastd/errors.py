@@ -1,0 +1,137 @@
+"""The error tree and the one enum of close reasons.
+
+Every error a client can cause carries a stable machine-readable ``code`` (what
+clients match on) and a human ``message``; the adapters map them onto their wire
+(a JSON error reply on the WebSocket, an HTTP status with a JSON body on the
+control port). Every way a subscriber connection can end is a CloseReason, so
+logs, metrics and the protocol document speak of the same set.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class BroadcastdError(Exception):
+    """Root of everything broadcastd raises on purpose."""
+
+
+class ConfigError(BroadcastdError):
+    """The configuration is invalid; the message names each field and why."""
+
+
+class ClientError(BroadcastdError):
+    """A request or command that the client got wrong. Nothing was changed."""
+
+    code: str = "bad_request"
+    http_status: int = 400
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class BadJson(ClientError):
+    code = "bad_json"
+
+
+class BadCommand(ClientError):
+    code = "bad_command"
+
+
+class UnknownOp(ClientError):
+    code = "unknown_op"
+
+
+class BadChannel(ClientError):
+    code = "bad_channel"
+
+
+class TooManyChannels(ClientError):
+    """This client already holds as many subscriptions as it may."""
+
+    code = "too_many_channels"
+
+
+class NotSubscribed(ClientError):
+    code = "not_subscribed"
+
+
+class ChannelTableFull(ClientError):
+    """Every remembered channel has subscribers; no room for a new one."""
+
+    code = "channel_table_full"
+    http_status = 503
+
+
+class PayloadTooLarge(ClientError):
+    code = "payload_too_large"
+    http_status = 413
+
+
+class BadEncoding(ClientError):
+    code = "bad_encoding"
+
+
+class TooManyItems(ClientError):
+    code = "too_many_items"
+
+
+class Unauthorized(ClientError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class NotFound(ClientError):
+    code = "not_found"
+    http_status = 404
+
+
+class MethodNotAllowed(ClientError):
+    code = "method_not_allowed"
+    http_status = 405
+
+    def __init__(self, message: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allowed = allowed
+
+
+class UnsupportedMediaType(ClientError):
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class HeadersTooLarge(ClientError):
+    code = "headers_too_large"
+    http_status = 431
+
+
+class Draining(ClientError):
+    code = "draining"
+    http_status = 503
+
+
+class CloseReason(Enum):
+    """How a subscriber connection ends: (RFC 6455 close code, reason text, who).
+
+    ``initiator`` is "server" when broadcastd chose to close, "client" when the
+    peer did, "abnormal" when no close frame was exchanged.
+    """
+
+    NORMAL = (1000, "", "client")
+    GOING_AWAY = (1001, "going away", "client")
+    SHUTDOWN = (1001, "server shutting down", "server")
+    UNSUPPORTED_DATA = (1003, "binary frames are not accepted", "server")
+    ABNORMAL = (1006, "connection lost", "abnormal")
+    INVALID_UTF8 = (1007, "invalid UTF-8", "server")
+    POLICY = (1008, "too many invalid commands", "server")
+    TOO_BIG = (1009, "message too big", "server")
+    INTERNAL_ERROR = (1011, "internal error", "server")
+    SLOW_CONSUMER = (1013, "slow consumer", "server")
+
+    def __init__(self, code: int, reason: str, initiator: str) -> None:
+        self.code = code
+        self.reason = reason
+        self.initiator = initiator

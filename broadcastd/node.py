@@ -1,0 +1,63 @@
+"""The node: hub + broker + observer, and the publish path between them.
+
+``publish()`` validates, hands the publication to the broker, and the broker
+calls back ``_on_message`` which fans out through the hub: the same path on
+one node (MemoryBroker) and on many. The node also holds the daemon's
+lifecycle state that both adapters consult (ready, draining).
+"""
+
+from __future__ import annotations
+
+from broadcastd.broker import Broker
+from broadcastd.broker.memory import MemoryBroker
+from broadcastd.core.channels import check_channel
+from broadcastd.core.envelope import Payload
+from broadcastd.core.hub import FanOut, Hub
+from broadcastd.core.observer import NullObserver, Observer
+from broadcastd.errors import Draining, PayloadTooLarge
+from broadcastd.settings import Settings
+
+
+class Node:
+    """Owns the channel state of this process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        broker: Broker | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self.settings = settings
+        self.hub = Hub(settings.channels.max_channels)
+        self.broker: Broker = broker if broker is not None else MemoryBroker()
+        self.observer: Observer = observer if observer is not None else NullObserver()
+        self.max_payload_bytes = settings.control.max_payload_bytes
+        self.ready = False
+        """Every listener accepts connections and the daemon is not draining."""
+        self.draining = False
+
+    async def start(self) -> None:
+        await self.broker.start(self._on_message)
+
+    async def close(self) -> None:
+        await self.broker.close()
+
+    def publish(self, channel: str, payload: Payload, form: str) -> FanOut:
+        """Publish one message; raise a ClientError (nothing published) if it is refused."""
+        if self.draining:
+            raise Draining("the server is shutting down")
+        check_channel(channel)
+        if len(payload.json) > self.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload is {len(payload.json)} bytes; the limit is {self.max_payload_bytes}"
+            )
+        fan_out = self.broker.publish(channel, payload)
+        self.observer.published(form, fan_out)
+        return fan_out
+
+    def _on_message(self, channel: str, payload: Payload) -> FanOut:
+        return self.hub.publish(channel, payload)
+
+    def begin_drain(self) -> None:
+        self.ready = False
+        self.draining = True

@@ -1,0 +1,247 @@
+"""The one home of broadcastd's configuration.
+
+Settings are built once at start-up from, highest precedence first: command-line
+flags, environment variables ``BROADCASTD_*`` (nested fields joined with ``__``,
+e.g. ``BROADCASTD_WS__PORT``), an optional TOML file (``--config PATH`` or
+``BROADCASTD_CONFIG``), and the defaults below. The resulting object is passed
+down; nothing else reads the environment.
+
+Every bound the daemon keeps is a field here, so that memory use can be reasoned
+about from this file alone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterator, Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from broadcastd.errors import ConfigError
+
+ENV_PREFIX = "BROADCASTD_"
+CONFIG_ENV = "BROADCASTD_CONFIG"
+
+MASK = "**********"
+"""How secrets are shown (check-config, logs)."""
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class SlowConsumerPolicy(StrEnum):
+    """What happens when a subscriber's outbox is full."""
+
+    DISCONNECT = "disconnect"
+    DROP_OLDEST = "drop_oldest"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class WebSocketSettings(_Section):
+    """The subscriber port."""
+
+    host: str = "0.0.0.0"
+    """Address the WebSocket listener binds."""
+    port: int = Field(8765, ge=0, le=65535)
+    """Port of the WebSocket listener (0 picks a free one)."""
+    max_clients: int = Field(10_000, ge=1)
+    """Most subscriber connections at once; the next handshake gets HTTP 503."""
+    max_channels_per_client: int = Field(100, ge=1)
+    """Most channels one connection may subscribe to."""
+    max_message_bytes: int = Field(8 * KiB, ge=64)
+    """Largest frame a client may send (commands are small); larger closes with 1009."""
+    inbound_queue: int = Field(16, ge=1)
+    """Client frames buffered before the server stops reading that socket."""
+    outbox_messages: int = Field(1024, ge=1)
+    """Most frames waiting for one client before the slow-consumer policy applies."""
+    outbox_bytes: int = Field(1 * MiB, ge=1 * KiB)
+    """Most bytes waiting for one client before the slow-consumer policy applies."""
+    write_limit: int = Field(64 * KiB, ge=1 * KiB)
+    """Kernel-side write buffer high-water mark per connection; the writer pauses above it."""
+    slow_consumer_policy: SlowConsumerPolicy = SlowConsumerPolicy.DISCONNECT
+    """`disconnect` closes a client that falls behind with 1013; `drop_oldest` drops
+    its oldest queued messages and tells it how many it missed."""
+    max_command_errors: int = Field(20, ge=1)
+    """Invalid commands tolerated on one connection before it is closed with 1008."""
+    open_timeout: float = Field(10.0, gt=0)
+    """Seconds a client has to complete the opening handshake."""
+    ping_interval: float | None = Field(20.0, gt=0)
+    """Seconds between keepalive pings (unset disables keepalive)."""
+    ping_timeout: float | None = Field(20.0, gt=0)
+    """Seconds to wait for a pong before closing the connection as dead."""
+    close_timeout: float = Field(3.0, gt=0)
+    """Seconds to wait for the closing handshake before aborting the TCP connection."""
+    compression: bool = False
+    """Negotiate permessage-deflate. Off by default: it defeats encode-once and costs
+    tens of KiB per connection."""
+    allowed_origins: list[str] | None = None
+    """Accepted `Origin` header values; unset accepts any (including none)."""
+
+
+class ControlSettings(_Section):
+    """The publisher port: HTTP, separate from the subscriber port."""
+
+    host: str = "127.0.0.1"
+    """Address the control listener binds. Anything but loopback requires a token."""
+    port: int = Field(8766, ge=0, le=65535)
+    """Port of the control listener (0 picks a free one)."""
+    token: SecretStr | None = None
+    """Bearer token required on every control request except /healthz and /readyz."""
+    unix_path: Path | None = None
+    """Also listen on this Unix domain socket."""
+    unix_mode: int = Field(0o660, ge=0, le=0o777)
+    """File mode of the Unix socket (octal in TOML: 0o660)."""
+    max_body_bytes: int = Field(8 * MiB, ge=1 * KiB)
+    """Largest request body accepted (413 above it)."""
+    max_payload_bytes: int = Field(64 * KiB, ge=16)
+    """Largest single message payload (413 for one publish, a per-item error in a batch)."""
+    max_batch_items: int = Field(10_000, ge=1)
+    """Most messages in one /batch request."""
+    max_header_bytes: int = Field(16 * KiB, ge=1 * KiB)
+    """Largest request line plus headers (431 above it)."""
+    idle_timeout: float = Field(60.0, gt=0)
+    """Seconds an idle keep-alive control connection stays open."""
+
+
+class ChannelSettings(_Section):
+    """Channel table bounds."""
+
+    max_channels: int = Field(100_000, ge=1)
+    """Channels remembered at once. Channels without subscribers are forgotten oldest
+    first beyond this (their offsets then restart at 1); a new channel is refused
+    only when every remembered channel has subscribers."""
+
+
+class LogSettings(_Section):
+    """Structured logging."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level written."""
+    format: Literal["auto", "json", "console"] = "auto"
+    """`auto` writes JSON lines unless stdout is a terminal."""
+
+
+class Settings(BaseSettings):
+    """Everything the daemon can be told. Built once, passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+    )
+
+    ws: WebSocketSettings = WebSocketSettings()
+    control: ControlSettings = ControlSettings()
+    channels: ChannelSettings = ChannelSettings()
+    log: LogSettings = LogSettings()
+    drain_timeout: float = Field(10.0, gt=0)
+    """Seconds a SIGTERM drain may take before remaining clients are aborted."""
+
+    @model_validator(mode="after")
+    def _control_needs_token_off_loopback(self) -> Settings:
+        if self.control.token is None and not is_loopback(self.control.host):
+            raise ValueError(
+                f"control.host={self.control.host!r} is not loopback: set control.token "
+                "(BROADCASTD_CONTROL__TOKEN) so that only your backends can publish"
+            )
+        if self.control.token is not None and not self.control.token.get_secret_value():
+            raise ValueError("control.token must not be empty")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (names resolve nothing here)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the Settings from flags (``overrides``, dotted keys), env and a TOML file.
+
+    Raises ConfigError naming every invalid field and why.
+    """
+    path = config_file or os.environ.get(CONFIG_ENV) or None
+    cls: type[Settings] = Settings
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path}: not found")
+        cls = type(
+            "Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": path}}
+        )
+    nested = _nest(overrides or {})
+    try:
+        return cls(**nested)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    except (OSError, ValueError) as exc:  # an unreadable or malformed TOML file
+        raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        lines.append(f"{where}: {err['msg']}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def iter_fields(model: type[BaseModel] = Settings, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Every leaf setting as (dotted name, FieldInfo): drives CLI flags and docs."""
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from iter_fields(annotation, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", info
+
+
+def effective(settings: Settings) -> dict[str, Any]:
+    """The configuration as plain data, secrets masked: what check-config prints."""
+    data = settings.model_dump(mode="json")
+    if settings.control.token is not None:
+        data["control"]["token"] = MASK
+    return data

@@ -1,0 +1,87 @@
+"""Outbox bounds and policies, without a loop or a socket."""
+
+from __future__ import annotations
+
+from broadcastd.core.outbox import DROPPED, QUEUED, REFUSED, Outbox
+from broadcastd.errors import CloseReason
+from broadcastd.settings import SlowConsumerPolicy
+
+
+class Wakes:
+    def __init__(self, outbox: Outbox) -> None:
+        self.count = 0
+        outbox.wake = self
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+def test_frames_come_out_in_order_and_wake_only_on_empty_to_non_empty() -> None:
+    outbox = Outbox(10, 1000)
+    wakes = Wakes(outbox)
+    assert [outbox.push(b"a"), outbox.push(b"b"), outbox.push(b"c")] == [QUEUED] * 3
+    assert wakes.count == 1
+    assert outbox.size == 3
+    assert outbox.take() == [b"a", b"b", b"c"]
+    assert len(outbox) == 0
+    assert outbox.size == 0
+    outbox.push(b"d")
+    assert wakes.count == 2
+
+
+def test_disconnect_policy_refuses_and_closes_when_full_by_count() -> None:
+    outbox = Outbox(2, 1000)
+    wakes = Wakes(outbox)
+    outbox.push(b"a")
+    outbox.push(b"b")
+    assert outbox.push(b"c") == REFUSED
+    assert outbox.closed is CloseReason.SLOW_CONSUMER
+    assert outbox.take() == []  # a slow consumer's backlog is discarded
+    assert outbox.push(b"d") == REFUSED  # and nothing more is taken
+    assert wakes.count == 2  # the first push, then the close
+
+
+def test_disconnect_policy_counts_bytes_too() -> None:
+    outbox = Outbox(100, 10)
+    assert outbox.push(b"12345678") == QUEUED
+    assert outbox.push(b"123") == REFUSED
+    assert outbox.closed is CloseReason.SLOW_CONSUMER
+
+
+def test_drop_oldest_keeps_the_newest_and_counts_what_was_missed() -> None:
+    outbox = Outbox(3, 1000, SlowConsumerPolicy.DROP_OLDEST)
+    for frame in (b"1", b"2", b"3"):
+        assert outbox.push(frame) == QUEUED
+    assert outbox.push(b"4") == DROPPED
+    assert outbox.push(b"5") == DROPPED
+    assert outbox.closed is None
+    assert outbox.take() == [b"3", b"4", b"5"]
+    assert outbox.take_missed() == 2
+    assert outbox.take_missed() == 0
+
+
+def test_drop_oldest_by_bytes_drops_as_many_as_needed() -> None:
+    outbox = Outbox(100, 10, SlowConsumerPolicy.DROP_OLDEST)
+    for frame in (b"aaa", b"bbb", b"ccc"):
+        outbox.push(frame)
+    assert outbox.push(b"dddddd") == DROPPED
+    assert outbox.take() == [b"ccc", b"dddddd"]
+    assert outbox.take_missed() == 2
+
+
+def test_drop_oldest_refuses_a_frame_larger_than_the_whole_bound() -> None:
+    outbox = Outbox(100, 4, SlowConsumerPolicy.DROP_OLDEST)
+    outbox.push(b"ab")
+    assert outbox.push(b"too large") == REFUSED
+    assert outbox.take_missed() == 2
+
+
+def test_shutdown_keeps_pending_frames_for_the_final_flush() -> None:
+    outbox = Outbox(10, 1000)
+    wakes = Wakes(outbox)
+    outbox.push(b"a")
+    outbox.close(CloseReason.SHUTDOWN)
+    outbox.close(CloseReason.SLOW_CONSUMER)  # the first reason stands
+    assert outbox.closed is CloseReason.SHUTDOWN
+    assert outbox.take() == [b"a"]
+    assert wakes.count == 2

@@ -1,0 +1,127 @@
+"""Command parsing and the per-client rules, without a loop or a socket."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from broadcastd.core.envelope import Payload
+from broadcastd.core.hub import Hub
+from broadcastd.core.outbox import Outbox
+from broadcastd.core.session import Command, Session, parse_command
+from broadcastd.errors import ClientError, CloseReason
+
+from .test_channels import valid_names
+
+ids = st.none() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=64)
+
+
+@given(st.sampled_from(["subscribe", "unsubscribe"]), valid_names, ids)
+def test_channel_commands_round_trip(op: str, channel: str, command_id: Any) -> None:
+    doc: dict[str, Any] = {"op": op, "channel": channel}
+    if command_id is not None:
+        doc["id"] = command_id
+    assert parse_command(orjson.dumps(doc)) == Command(op, channel, command_id)
+
+
+@given(st.text())
+def test_arbitrary_text_never_raises_anything_but_a_client_error(text: str) -> None:
+    try:
+        parse_command(text)
+    except ClientError:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("not json", "bad_json"),
+        ("[1, 2]", "bad_command"),
+        ('{"channel": "x"}', "bad_command"),
+        ('{"op": 5}', "bad_command"),
+        ('{"op": "dance"}', "unknown_op"),
+        ('{"op": "subscribe"}', "bad_command"),
+        ('{"op": "subscribe", "channel": "a b"}', "bad_channel"),
+        ('{"op": "subscribe", "channel": ""}', "bad_channel"),
+        ('{"op": "subscribe", "channel": 3}', "bad_channel"),
+        ('{"op": "ping", "id": true}', "bad_command"),
+        ('{"op": "ping", "id": {}}', "bad_command"),
+    ],
+)
+def test_bad_commands_have_stable_codes(text: str, code: str) -> None:
+    with pytest.raises(ClientError) as caught:
+        parse_command(text)
+    assert caught.value.code == code
+
+
+def replies(outbox: Outbox) -> list[dict[str, Any]]:
+    return [json.loads(frame[2:]) for frame in outbox.take()]
+
+
+def make_session(**kwargs: Any) -> tuple[Session, Hub]:
+    hub = Hub(100)
+    return Session("c1", hub, Outbox(100, 100_000), **kwargs), hub
+
+
+def test_subscribe_reply_carries_the_offset_and_echoes_the_id() -> None:
+    session, hub = make_session()
+    hub.publish("news", Payload.from_value(1))
+    assert session.handle('{"op": "subscribe", "channel": "news", "id": "a"}') is None
+    assert replies(session.outbox) == [
+        {"type": "subscribed", "channel": "news", "offset": 1, "id": "a"}
+    ]
+
+
+def test_unsubscribe_and_ping() -> None:
+    session, _ = make_session()
+    session.handle('{"op": "subscribe", "channel": "x"}')
+    session.handle('{"op": "unsubscribe", "channel": "x", "id": 3}')
+    session.handle('{"op": "unsubscribe", "channel": "x"}')
+    session.handle('{"op": "ping", "id": 9}')
+    got = replies(session.outbox)
+    assert got[1] == {"type": "unsubscribed", "channel": "x", "id": 3}
+    assert got[2]["code"] == "not_subscribed"
+    assert got[3] == {"type": "pong", "id": 9}
+
+
+def test_channel_limit_per_client() -> None:
+    session, _ = make_session(max_channels=2)
+    session.open(["a", "b"])
+    session.handle('{"op": "subscribe", "channel": "a"}')  # already held: allowed
+    session.handle('{"op": "subscribe", "channel": "c", "id": 1}')
+    got = replies(session.outbox)
+    assert [r["type"] for r in got] == ["subscribed"] * 3 + ["error"]
+    assert got[-1] == {
+        "type": "error",
+        "code": "too_many_channels",
+        "message": "at most 2 channels per connection",
+        "op": "subscribe",
+        "id": 1,
+    }
+
+
+def test_raw_clients_are_not_told_about_url_channels() -> None:
+    session, _ = make_session(raw=True)
+    session.open(["a"])
+    assert replies(session.outbox) == []
+
+
+def test_repeated_errors_end_in_a_policy_close() -> None:
+    session, _ = make_session(max_errors=3)
+    assert session.handle("x") is None
+    assert session.handle("x") is None
+    assert session.handle("x") is CloseReason.POLICY
+    assert len(replies(session.outbox)) == 3
+
+
+def test_close_leaves_every_channel() -> None:
+    session, hub = make_session()
+    session.open(["a", "b"])
+    session.close()
+    assert hub.subscriptions == 0
+    session.close()
