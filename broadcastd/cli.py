@@ -220,9 +220,43 @@ def _is_json(data: bytes) -> bool:
 
 GIVE_UP_CODES = frozenset((1003, 1007, 1008, 1009))
 """Close codes that mean the client is at fault: reconnecting would fail again."""
-STABLE_AFTER = 10.0
-"""Seconds a connection must stay up before the backoff starts again from the base."""
-BASE_BACKOFF = 0.5
+
+
+class Backoff:
+    """Exponential backoff with full jitter between reconnection attempts.
+
+    The n-th consecutive failure waits a uniformly random time in
+    [0, min(cap, base * 2**n)], so many clients dropped at once do not return
+    at once. The count starts again only after a connection has stayed up for
+    ``stable_after`` seconds: a server that accepts and then drops clients
+    at once must not be hammered at the base rate.
+    """
+
+    def __init__(
+        self,
+        base: float = 0.5,
+        cap: float = 30.0,
+        stable_after: float = 10.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.base = base
+        self.cap = cap
+        self.stable_after = stable_after
+        self.failures = 0
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
+        self._opened_at: float | None = None
+
+    def opened(self, now: float) -> None:
+        self._opened_at = now
+
+    def next_delay(self, now: float) -> float:
+        """Seconds to wait before the next attempt; call when a connection ends or fails."""
+        if self._opened_at is not None and now - self._opened_at >= self.stable_after:
+            self.failures = 0
+        self._opened_at = None
+        delay = self._rng.uniform(0, min(self.cap, self.base * 2**self.failures))
+        self.failures += 1
+        return delay
 
 
 def subscribe(settings: Settings, args: argparse.Namespace) -> int:
@@ -230,30 +264,25 @@ def subscribe(settings: Settings, args: argparse.Namespace) -> int:
     query = [("channel", c) for c in args.channels] + ([("format", "raw")] if args.raw else [])
     url = base.rstrip("/") + "/?" + urlencode(query)
     try:
-        return asyncio.run(_subscribe(url, args.max_backoff, args.once))
+        return asyncio.run(_subscribe(url, Backoff(cap=args.max_backoff), args.once))
     except KeyboardInterrupt:
         return 0
 
 
-async def _subscribe(url: str, max_backoff: float, once: bool) -> int:
-    """Print every frame, reconnecting with exponential backoff and full jitter.
-
-    The backoff resets only after a connection has stayed up for STABLE_AFTER
-    seconds, so a server that accepts and then drops clients is not hammered.
-    """
+async def _subscribe(url: str, backoff: Backoff, once: bool) -> int:
+    """Print every frame, one per line; reconnect after ``backoff`` unless ``once``."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-    attempt = 0
     while True:
-        opened = None
         try:
             async with connect(url, compression=None, max_size=None) as ws:
-                opened = time.monotonic()
+                backoff.opened(time.monotonic())
                 async for message in ws:
                     text = message if isinstance(message, str) else message.decode()
                     sys.stdout.write(text + "\n")
                     sys.stdout.flush()
+            print(f"broadcastd: connection closed ({ws.close_code})", file=sys.stderr)
         except InvalidStatus as exc:
             status = exc.response.status_code
             print(
@@ -272,11 +301,7 @@ async def _subscribe(url: str, max_backoff: float, once: bool) -> int:
             print(f"broadcastd: cannot connect: {exc}", file=sys.stderr)
         if once:
             return 0
-        if opened is not None and time.monotonic() - opened >= STABLE_AFTER:
-            attempt = 0
-        delay = random.uniform(0, min(max_backoff, BASE_BACKOFF * 2**attempt))  # noqa: S311
-        attempt += 1
-        await asyncio.sleep(delay)
+        await asyncio.sleep(backoff.next_delay(time.monotonic()))
 
 
 if __name__ == "__main__":  # pragma: no cover

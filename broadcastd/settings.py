@@ -37,6 +37,8 @@ MASK = "**********"
 
 KiB = 1024
 MiB = 1024 * KiB
+ENVELOPE_OVERHEAD = 256
+"""Upper bound of what the envelope and frame header add to a payload."""
 
 
 class SlowConsumerPolicy(StrEnum):
@@ -161,6 +163,11 @@ class Settings(BaseSettings):
             )
         if self.control.token is not None and not self.control.token.get_secret_value():
             raise ValueError("control.token must not be empty")
+        if self.ws.outbox_bytes < self.control.max_payload_bytes + ENVELOPE_OVERHEAD:
+            raise ValueError(
+                "ws.outbox_bytes must hold at least one message of control.max_payload_bytes "
+                f"(+{ENVELOPE_OVERHEAD} bytes of envelope)"
+            )
         return self
 
     @classmethod

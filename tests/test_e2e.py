@@ -140,3 +140,16 @@ async def test_publish_forms_and_statistics(daemon: Running) -> None:
         }
         assert (await daemon.http.get("/healthz")).json() == {"status": "ok"}
         assert (await daemon.http.get("/readyz")).json() == {"ready": True}
+
+
+async def test_compression_when_enabled(daemon_factory: Any) -> None:
+    async with (
+        daemon_factory(**{"ws.compression": "true"}) as daemon,
+        daemon.connect("/z", compression="deflate") as ws,
+    ):
+        await subscribed(ws, "z")
+        assert ws.protocol.extensions  # permessage-deflate was negotiated
+        for n in range(3):
+            await daemon.publish("z", {"n": n, "pad": "p" * 500})
+        got = [await recv_json(ws) for _ in range(3)]
+        assert [m["data"]["n"] for m in got] == [0, 1, 2]
