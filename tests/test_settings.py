@@ -93,12 +93,12 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_settings(tmp_path / "absent.toml")
     bad = tmp_path / "bad.toml"
     bad.write_text("[ws\n")
-    with pytest.raises(ConfigError, match="bad.toml"):
+    with pytest.raises(ConfigError, match=r"bad\.toml"):
         load_settings(bad)
 
 
 def test_control_off_loopback_needs_a_token() -> None:
-    with pytest.raises(ConfigError, match="control.token"):
+    with pytest.raises(ConfigError, match=r"control\.token"):
         load_settings(overrides={"control.host": "0.0.0.0"})
     s = load_settings(overrides={"control.host": "0.0.0.0", "control.token": "t"})
     assert s.control.token is not None
