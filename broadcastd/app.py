@@ -31,7 +31,13 @@ from broadcastd.core.observer import Observer
 from broadcastd.node import Node
 from broadcastd.sdnotify import SystemdNotifier
 from broadcastd.settings import Settings
-from broadcastd.transport.control import ControlApi, ControlServer
+from broadcastd.transport.control import (
+    ControlApi,
+    HttpListener,
+    control_listener,
+    metrics_listener,
+)
+from broadcastd.transport.metrics import Metrics, build_registry, render
 from broadcastd.transport.ws import WsServer
 
 _log = log.get("broadcastd.app")
@@ -50,11 +56,20 @@ class Daemon:
         notifier: SystemdNotifier | None = None,
     ) -> None:
         self.settings = settings
-        self.node = Node(settings, broker=broker, observer=observer)
+        self.metrics = Metrics() if settings.metrics.enabled and observer is None else None
+        self.node = Node(settings, broker=broker, observer=observer or self.metrics)
         self.ws = WsServer(settings.ws, self.node)
-        self.control = ControlServer(
-            settings.control, ControlApi(settings.control, self.node, lambda: self.ws.client_count)
-        )
+        scrape = None
+        self.metrics_listener: HttpListener | None = None
+        if self.metrics is not None:
+            registry = build_registry(self.metrics, self.node, self.ws)
+            scrape = lambda: render(registry)  # noqa: E731
+            if settings.metrics.port is not None:
+                self.metrics_listener = metrics_listener(
+                    settings.metrics.host, settings.metrics.port, scrape
+                )
+        api = ControlApi(settings.control, self.node, lambda: self.ws.client_count, scrape)
+        self.control = control_listener(settings.control, api)
         self.notifier = notifier if notifier is not None else SystemdNotifier.from_environ()
         self.started = asyncio.Event()
         """Set once every listener accepts connections (tests wait on it)."""
@@ -65,6 +80,8 @@ class Daemon:
         _log.info("daemon.start", version=__version__, pid=os.getpid())
         await self.node.start()
         await self.control.start()
+        if self.metrics_listener is not None:
+            await self.metrics_listener.start()
         await self.ws.start()
         self.node.ready = True
         _log.info(
@@ -72,6 +89,11 @@ class Daemon:
             ws=f"{self.settings.ws.host}:{self.ws.port}",
             control=f"{self.settings.control.host}:{self.control.port}",
             control_unix=str(self.settings.control.unix_path or ""),
+            metrics=(
+                f"{self.settings.metrics.host}:{self.metrics_listener.port}"
+                if self.metrics_listener is not None
+                else ""
+            ),
         )
         self.notifier.ready()
         self.started.set()
@@ -118,6 +140,8 @@ class Daemon:
         self.ws.stop_accepting()
         aborted = await self.ws.drain(deadline)
         await self.control.close()
+        if self.metrics_listener is not None:
+            await self.metrics_listener.close()
         await self.node.close()
         _log.info(
             "drain.done",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -66,3 +68,36 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
 def get(name: str) -> Any:
     """A bound structlog logger for module ``name``."""
     return structlog.stdlib.get_logger(name)
+
+
+class Throttle:
+    """Lets at most ``per_second`` events of each name through per second.
+
+    A flood of identical warnings (thousands of slow consumers cut at once) must
+    not cost more than the problem it reports. Events held back are counted and
+    reported with the next one let through (``suppressed=N``).
+    """
+
+    __slots__ = ("_held", "_windows", "clock", "per_second")
+
+    def __init__(self, per_second: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_second = per_second
+        self.clock = clock
+        self._windows: dict[str, tuple[float, int]] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, name: str) -> bool:
+        now = self.clock()
+        start, count = self._windows.get(name, (now, 0))
+        if now - start >= 1.0:
+            start, count = now, 0
+        if count >= self.per_second:
+            self._windows[name] = (start, count)
+            self._held[name] = self._held.get(name, 0) + 1
+            return False
+        self._windows[name] = (start, count + 1)
+        return True
+
+    def suppressed(self, name: str) -> int:
+        """How many were held back since the last one let through (and reset it)."""
+        return self._held.pop(name, 0)

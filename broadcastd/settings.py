@@ -127,6 +127,17 @@ class ChannelSettings(_Section):
     only when every remembered channel has subscribers."""
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics."""
+
+    enabled: bool = True
+    """Collect metrics and serve them (off: no listener, no collection cost)."""
+    host: str = "0.0.0.0"
+    """Address of the metrics listener: read-only, so Prometheus needs no publish rights."""
+    port: int | None = Field(8767, ge=0, le=65535)
+    """Port of the metrics listener; unset serves /metrics on the control port only."""
+
+
 class LogSettings(_Section):
     """Structured logging."""
 
@@ -150,6 +161,7 @@ class Settings(BaseSettings):
     ws: WebSocketSettings = WebSocketSettings()
     control: ControlSettings = ControlSettings()
     channels: ChannelSettings = ChannelSettings()
+    metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     drain_timeout: float = Field(10.0, gt=0)
     """Seconds a SIGTERM drain may take before remaining clients are aborted."""

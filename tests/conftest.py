@@ -39,6 +39,7 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def make_settings(**overrides: Any) -> Settings:
     """Settings on free ports; ``overrides`` use dotted names (``ws.max_clients``)."""
     base: dict[str, Any] = {
+        "metrics.port": 0,
         "ws.port": 0,
         "control.port": 0,
         "ws.host": "127.0.0.1",
@@ -139,6 +140,8 @@ class DaemonProcess:
                 "--ws-port",
                 "0",
                 "--control-port",
+                "0",
+                "--metrics-port",
                 "0",
                 "--log-format",
                 "json",

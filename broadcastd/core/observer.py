@@ -16,11 +16,19 @@ class Observer(Protocol):
     def published(self, form: str, fan_out: FanOut) -> None:
         """A message was accepted through API ``form`` and fanned out locally."""
 
-    def written(self, frames: int, nbytes: int) -> None:
-        """A writer handed ``frames`` frames (``nbytes`` bytes) to one socket."""
+    def written(self, frames: int, nbytes: int, waited: float) -> None:
+        """A writer handed ``frames`` frames (``nbytes`` bytes) to one socket; the oldest
+        had waited ``waited`` seconds since its publish was accepted."""
+
+    def dropped(self, reason: str, count: int) -> None:
+        """``count`` frames were not delivered: ``drop_oldest`` dropped them, or a
+        ``slow_consumer`` was disconnected with them queued."""
 
     def slow_consumer(self, policy: str) -> None:
         """A client fell behind: ``disconnect`` or ``drop_oldest`` acted on it."""
+
+    def ping_rtt(self, seconds: float) -> None:
+        """A keepalive pong came back after ``seconds``."""
 
     def connection_opened(self) -> None: ...
 
@@ -39,10 +47,16 @@ class NullObserver:
     def published(self, form: str, fan_out: FanOut) -> None:
         return None
 
-    def written(self, frames: int, nbytes: int) -> None:
+    def written(self, frames: int, nbytes: int, waited: float) -> None:
+        return None
+
+    def dropped(self, reason: str, count: int) -> None:
         return None
 
     def slow_consumer(self, policy: str) -> None:
+        return None
+
+    def ping_rtt(self, seconds: float) -> None:
         return None
 
     def connection_opened(self) -> None:

@@ -39,6 +39,7 @@ class Outbox:
         "_bytes",
         "_queue",
         "closed",
+        "discarded",
         "drop_oldest",
         "max_bytes",
         "max_messages",
@@ -59,6 +60,8 @@ class Outbox:
         self.drop_oldest = policy is SlowConsumerPolicy.DROP_OLDEST
         self.missed = 0
         """Frames dropped since the client was last told (drop_oldest)."""
+        self.discarded = 0
+        """Frames thrown away when the outbox overflowed (disconnect policy)."""
         self.closed: CloseReason | None = None
         """Set once the connection must end; the writer then closes with this reason."""
         self.wake: Callable[[], None] = _no_wake
@@ -121,6 +124,7 @@ class Outbox:
             return
         self.closed = reason
         if reason is CloseReason.SLOW_CONSUMER:
+            self.discarded = len(self._queue)
             self._queue.clear()
             self._bytes = 0
             # A zero bound sends every later push down the slow path, which refuses

@@ -34,6 +34,7 @@ from broadcastd.transport.http import HttpProtocol, Limits, Request, Response
 
 Route = Callable[[Request, str], Response]
 _PUBLIC = frozenset(("/healthz", "/readyz"))
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def json_response(status: int, doc: Any, headers: list[tuple[str, str]] | None = None) -> Response:
@@ -56,11 +57,16 @@ class ControlApi:
     """The routes of the control port, independent of how requests arrive."""
 
     def __init__(
-        self, settings: ControlSettings, node: Node, client_count: Callable[[], int]
+        self,
+        settings: ControlSettings,
+        node: Node,
+        client_count: Callable[[], int],
+        metrics: Callable[[], bytes] | None = None,
     ) -> None:
         self.settings = settings
         self.node = node
         self.client_count = client_count
+        self.metrics = metrics
         token = settings.token
         self._token = None if token is None else f"Bearer {token.get_secret_value()}".encode()
         self._exact: dict[str, dict[str, Route]] = {
@@ -71,6 +77,8 @@ class ControlApi:
             "/channels": {"GET": self._channels},
             "/stats": {"GET": self._stats},
         }
+        if metrics is not None:
+            self._exact["/metrics"] = {"GET": self._metrics}
         self._prefixed: dict[str, dict[str, Route]] = {
             "/publish/": {"POST": self._publish_channel},
             "/channels/": {"GET": self._channel},
@@ -199,6 +207,10 @@ class ControlApi:
             },
         )
 
+    def _metrics(self, request: Request, _: str) -> Response:
+        assert self.metrics is not None
+        return Response(200, self.metrics(), content_type=METRICS_CONTENT_TYPE)
+
     @staticmethod
     def _require_json(request: Request) -> None:
         content_type = request.headers.get("content-type")
@@ -206,17 +218,42 @@ class ControlApi:
             raise UnsupportedMediaType("this endpoint takes application/json")
 
 
-class ControlServer:
-    """Listens on TCP and, optionally, on a Unix domain socket."""
+class MetricsApi:
+    """The metrics listener: read-only, no token, so Prometheus needs no publish rights."""
 
-    def __init__(self, settings: ControlSettings, api: ControlApi) -> None:
-        self.settings = settings
-        self.api = api
+    def __init__(self, render: Callable[[], bytes]) -> None:
+        self.render = render
+
+    def handle(self, request: Request) -> Response:
+        if request.path == "/metrics":
+            if request.method != "GET":
+                return error_response(MethodNotAllowed("GET only", ("GET",)))
+            return Response(200, self.render(), content_type=METRICS_CONTENT_TYPE)
+        if request.path == "/healthz":
+            return json_response(200, {"status": "ok"})
+        return error_response(NotFound(f"no route for {request.path[:64]!r}; try /metrics"))
+
+
+class HttpListener:
+    """Serves one handler on TCP and, optionally, on a Unix domain socket."""
+
+    def __init__(
+        self,
+        handler: Callable[[Request], Response],
+        host: str,
+        port: int,
+        limits: Limits,
+        unix_path: str | None = None,
+        unix_mode: int = 0o660,
+    ) -> None:
+        self.handler = handler
+        self.host = host
+        self.requested_port = port
+        self.unix_path = unix_path
+        self.unix_mode = unix_mode
+        self._limits = limits
         self._servers: list[asyncio.Server] = []
         self._connections: set[HttpProtocol] = set()
-        self._limits = Limits(
-            settings.max_header_bytes, settings.max_body_bytes, settings.idle_timeout
-        )
 
     @property
     def port(self) -> int:
@@ -224,17 +261,17 @@ class ControlServer:
         return port
 
     def _protocol(self) -> HttpProtocol:
-        return HttpProtocol(self.api.handle, error_response, self._limits, self._connections)
+        return HttpProtocol(self.handler, error_response, self._limits, self._connections)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        s = self.settings
-        self._servers.append(await loop.create_server(self._protocol, s.host, s.port, backlog=1024))
-        if s.unix_path is not None:
-            path = str(s.unix_path)
-            _remove_stale_socket(path)
-            server = await loop.create_unix_server(self._protocol, path, backlog=1024)
-            os.chmod(path, s.unix_mode)
+        self._servers.append(
+            await loop.create_server(self._protocol, self.host, self.requested_port, backlog=1024)
+        )
+        if self.unix_path is not None:
+            _remove_stale_socket(self.unix_path)
+            server = await loop.create_unix_server(self._protocol, self.unix_path, backlog=1024)
+            os.chmod(self.unix_path, self.unix_mode)
             self._servers.append(server)
 
     async def close(self) -> None:
@@ -244,10 +281,22 @@ class ControlServer:
             connection.close()
         for server in self._servers:
             await server.wait_closed()
-        if self.settings.unix_path is not None:
+        if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.settings.unix_path)
+                os.unlink(self.unix_path)
         self._servers.clear()
+
+
+def control_listener(settings: ControlSettings, api: ControlApi) -> HttpListener:
+    limits = Limits(settings.max_header_bytes, settings.max_body_bytes, settings.idle_timeout)
+    unix_path = None if settings.unix_path is None else str(settings.unix_path)
+    return HttpListener(
+        api.handle, settings.host, settings.port, limits, unix_path, settings.unix_mode
+    )
+
+
+def metrics_listener(host: str, port: int, render: Callable[[], bytes]) -> HttpListener:
+    return HttpListener(MetricsApi(render).handle, host, port, Limits(8 * 1024, 0, 60.0))
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -38,6 +38,7 @@ class Response:
     status: int
     body: bytes
     headers: list[tuple[str, str]] = field(default_factory=list)
+    content_type: str = "application/json"
 
 
 Handler = Callable[[Request], Response]
@@ -209,7 +210,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         head = [
             _STATUS_LINES[response.status],
-            b"Content-Type: application/json\r\nContent-Length: %d\r\n" % len(response.body),
+            b"Content-Type: %s\r\nContent-Length: %d\r\n"
+            % (response.content_type.encode("latin-1"), len(response.body)),
         ]
         for name, value in response.headers:
             head.append(f"{name}: {value}\r\n".encode("latin-1"))

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import http
+import struct
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -31,6 +33,7 @@ from websockets.protocol import State
 
 from broadcastd import log
 from broadcastd.core.envelope import frame_payload, missed_frame
+from broadcastd.core.observer import NullObserver, Observer
 from broadcastd.core.outbox import Outbox
 from broadcastd.core.route import Route, parse_route
 from broadcastd.core.session import Session
@@ -39,30 +42,73 @@ from broadcastd.node import Node
 from broadcastd.settings import WebSocketSettings
 
 _log = log.get("broadcastd.ws")
+_throttle = log.Throttle(per_second=10)
+"""Floods of identical warnings (thousands of slow consumers at once) are summarised."""
 OPEN = State.OPEN
 BACKLOG = 2048
+_PING_STAMP = struct.Struct("!d")
 
 
 class _Connection(ServerConnection):
-    """A websockets connection that remembers what its handshake asked for."""
+    """A websockets connection that remembers what its handshake asked for and
+    reports what websockets decides on its own (refused handshakes, pong times)."""
 
     route: Route | None = None
+    reject_reason: str | None = None
+    observer: Observer = NullObserver()
+    draining: Callable[[], bool] = staticmethod(lambda: False)
+
+    async def handshake(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().handshake(*args, **kwargs)
+        except asyncio.CancelledError:
+            # open_timeout expired (or the server is going away) mid-handshake.
+            self.observer.connection_rejected(
+                "draining" if self.draining() else "handshake_timeout"
+            )
+            raise
+        response = self.response
+        if response is not None and response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
+            reason = self.reject_reason
+            if reason is None:  # refused by websockets itself, or by its server closing
+                reason = "draining" if self.draining() else "bad_request"
+            self.observer.connection_rejected(reason)
+
+    async def ping(self, data: Any = None) -> Any:
+        # Keepalive pings carry their send time: the pong returns it, so the
+        # round trip is measured with a fine clock at no cost per connection
+        # (the loop's clock may tick in milliseconds, too coarse for loopback).
+        if data is None:
+            data = _PING_STAMP.pack(time.monotonic())
+        return await super().ping(data)
+
+    def acknowledge_pings(self, data: bytes) -> None:
+        solicited = data in self.pending_pings
+        super().acknowledge_pings(data)
+        if solicited and len(data) == _PING_STAMP.size:
+            self.observer.ping_rtt(time.monotonic() - _PING_STAMP.unpack(data)[0])
 
 
 class _Writer:
     """The one task that writes to one connection."""
 
-    __slots__ = ("conn", "frames_sent", "observer", "outbox", "waiter")
+    __slots__ = ("conn", "frames_sent", "node", "outbox", "queued_at", "raw", "waiter")
 
-    def __init__(self, conn: _Connection, outbox: Outbox, node: Node) -> None:
+    def __init__(self, conn: _Connection, outbox: Outbox, node: Node, raw: bool) -> None:
         self.conn = conn
         self.outbox = outbox
-        self.observer = node.observer
+        self.node = node
+        self.raw = raw
         self.waiter: asyncio.Future[None] | None = None
         self.frames_sent = 0
+        self.queued_at = 0.0
+        """When the oldest frame now queued was published (or queued, for replies)."""
         outbox.wake = self.wake
 
     def wake(self) -> None:
+        """Called by the outbox when it stops being empty, or closes."""
+        since = self.node.publishing_since
+        self.queued_at = since if since is not None else self.node.clock()
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -70,19 +116,20 @@ class _Writer:
     async def run(self, close_timeout: float) -> None:
         conn = self.conn
         outbox = self.outbox
+        observer = self.node.observer
+        clock = self.node.clock
         transport = conn.transport
         compressed = bool(conn.protocol.extensions)
         loop = asyncio.get_running_loop()
         while True:
             if len(outbox):
+                queued_at = self.queued_at
                 missed = outbox.take_missed() if outbox.missed else 0
                 frames = outbox.take()
                 if conn.protocol.state is not OPEN:
                     break
                 if missed:
-                    frames.insert(0, missed_frame(missed))
-                    self.observer.slow_consumer("drop_oldest")
-                    _log.warning("slow_consumer.drop", client=conn.id.hex, missed=missed)
+                    self._report_missed(missed, frames)
                 if compressed:
                     for frame in frames:
                         await conn.send(frame_payload(frame), text=True)
@@ -92,7 +139,7 @@ class _Writer:
                     transport.write(data)
                     nbytes = len(data)
                 self.frames_sent += len(frames)
-                self.observer.written(len(frames), nbytes)
+                observer.written(len(frames), nbytes, clock() - queued_at)
                 if conn.paused:
                     await conn.drain()
                 continue
@@ -113,6 +160,20 @@ class _Writer:
             except TimeoutError:
                 transport.abort()
 
+    def _report_missed(self, missed: int, frames: list[bytes]) -> None:
+        observer = self.node.observer
+        observer.dropped("drop_oldest", missed)
+        observer.slow_consumer("drop_oldest")
+        if not self.raw:
+            frames.insert(0, missed_frame(missed))
+        if _throttle.allow("slow_consumer.drop"):
+            _log.warning(
+                "slow_consumer.drop",
+                client=self.conn.id.hex,
+                missed=missed,
+                suppressed=_throttle.suppressed("slow_consumer.drop"),
+            )
+
 
 class WsServer:
     """Accepts subscribers and runs their reader loops and writer tasks."""
@@ -122,7 +183,17 @@ class WsServer:
         self.node = node
         self._server: Server | None = None
         self._sessions: dict[Session, _Connection] = {}
-        self._handshaking = 0
+        self._connection_class = cast(
+            type[_Connection],
+            type(
+                "Connection",
+                (_Connection,),
+                {
+                    "observer": node.observer,
+                    "draining": staticmethod(lambda: node.draining),
+                },
+            ),
+        )
 
     @property
     def port(self) -> int:
@@ -137,6 +208,9 @@ class WsServer:
     def sessions(self) -> list[Session]:
         return list(self._sessions)
 
+    def connections(self) -> list[tuple[Session, ServerConnection]]:
+        return list(self._sessions.items())
+
     async def start(self) -> None:
         s = self.settings
         self._server = await serve(
@@ -144,7 +218,7 @@ class WsServer:
             s.host,
             s.port,
             process_request=self._process_request,
-            create_connection=_Connection,
+            create_connection=self._connection_class,
             compression="deflate" if s.compression else None,
             max_size=s.max_message_bytes,
             max_queue=s.inbound_queue,
@@ -178,19 +252,24 @@ class WsServer:
             for conn in list(self._sessions.values()):
                 conn.transport.abort()
                 aborted += 1
+            for task in list(server.handler_tasks):  # handshakes that never finished
+                task.cancel()
             await server.wait_closed()
         return aborted
 
     # Handshake
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        assert isinstance(conn, _Connection)
         s = self.settings
         if self.node.draining:
-            return self._reject(
+            conn.reject_reason = "draining"
+            return _refusal(
                 http.HTTPStatus.SERVICE_UNAVAILABLE, "draining", "the server is shutting down"
             )
         if len(self._sessions) >= s.max_clients:
-            return self._reject(
+            conn.reject_reason = "cap"
+            return _refusal(
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
                 "cap",
                 "the server has reached its connection limit",
@@ -198,30 +277,15 @@ class WsServer:
         if s.allowed_origins is not None:
             origin = request.headers.get("Origin")
             if origin is not None and origin not in s.allowed_origins:
-                return self._reject(http.HTTPStatus.FORBIDDEN, "origin", "origin not allowed")
+                conn.reject_reason = "origin"
+                return _refusal(http.HTTPStatus.FORBIDDEN, "origin", "origin not allowed")
         try:
             route = parse_route(request.path, s.max_channels_per_client)
         except ClientError as exc:
-            return self._reject(http.HTTPStatus.BAD_REQUEST, "bad_request", exc.message, exc.code)
-        assert isinstance(conn, _Connection)
+            conn.reject_reason = "bad_request"
+            return _refusal(http.HTTPStatus.BAD_REQUEST, exc.code, exc.message)
         conn.route = route
         return None
-
-    def _reject(
-        self, status: http.HTTPStatus, reason: str, message: str, code: str | None = None
-    ) -> Response:
-        self.node.observer.connection_rejected(reason)
-        body = orjson.dumps({"error": {"code": code or reason, "message": message}})
-        headers = Headers(
-            [
-                ("Connection", "close"),
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body))),
-            ]
-        )
-        if status is http.HTTPStatus.SERVICE_UNAVAILABLE:
-            headers["Retry-After"] = "5"
-        return Response(status.value, status.phrase, headers, body)
 
     # Connection
 
@@ -240,7 +304,7 @@ class WsServer:
             max_channels=s.max_channels_per_client,
             max_errors=s.max_command_errors,
         )
-        writer = _Writer(conn, outbox, node)
+        writer = _Writer(conn, outbox, node, route.raw)
         writer_task = asyncio.get_running_loop().create_task(writer.run(s.close_timeout))
         self._sessions[session] = conn
         started = time.monotonic()
@@ -280,10 +344,20 @@ class WsServer:
             await conn.wait_closed()
             del self._sessions[session]
             code, reason, initiator = _how_closed(conn, outbox)
-            node.observer.connection_closed(code, initiator)
+            observer = node.observer
+            observer.connection_closed(code, initiator)
+            if outbox.missed:
+                observer.dropped("drop_oldest", outbox.missed)
             if outbox.closed is CloseReason.SLOW_CONSUMER:
-                node.observer.slow_consumer("disconnect")
-                _log.warning("slow_consumer.disconnect", client=session.id)
+                observer.slow_consumer("disconnect")
+                observer.dropped("slow_consumer", outbox.discarded)
+                if _throttle.allow("slow_consumer.disconnect"):
+                    _log.warning(
+                        "slow_consumer.disconnect",
+                        client=session.id,
+                        discarded=outbox.discarded,
+                        suppressed=_throttle.suppressed("slow_consumer.disconnect"),
+                    )
             _log.info(
                 "connection.close",
                 client=session.id,
@@ -295,6 +369,21 @@ class WsServer:
                 messages_sent=writer.frames_sent,
                 duration_s=round(time.monotonic() - started, 3),
             )
+
+
+def _refusal(status: http.HTTPStatus, code: str, message: str) -> Response:
+    """A handshake refusal with the same JSON error body as the control port."""
+    body = orjson.dumps({"error": {"code": code, "message": message}})
+    headers = Headers(
+        [
+            ("Connection", "close"),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+        ]
+    )
+    if status is http.HTTPStatus.SERVICE_UNAVAILABLE:
+        headers["Retry-After"] = "5"
+    return Response(status.value, status.phrase, headers, body)
 
 
 def _address(conn: ServerConnection) -> str:

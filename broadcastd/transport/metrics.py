@@ -1,0 +1,336 @@
+"""Prometheus metrics: the Observer that counts, and the collector that exposes.
+
+Counting happens on the hot path, so it is plain integer arithmetic on one
+object, bumped once per fan-out and once per writer wake-up, never once per
+delivery; the two latency histograms are exact (every writer wake-up and every
+keepalive pong is observed) because a bucket increment costs less than a
+sampling decision would save. Gauges that describe the current state - clients,
+channels, queue depths - are computed from the daemon's own structures at
+scrape time. Everything lives in a per-daemon registry, so several daemons in
+one process (the tests) never share a series.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+from websockets.version import version as websockets_version
+
+from broadcastd import __version__
+from broadcastd.core.hub import FanOut
+
+if TYPE_CHECKING:
+    from broadcastd.node import Node
+    from broadcastd.transport.ws import WsServer
+
+NAMESPACE = "broadcastd"
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class Histogram:
+    """Cumulative-on-export bucket counts; observe() is a bisect and two adds."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        buckets = []
+        running = 0
+        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            running += count
+            buckets.append((_le(bound), running))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
+class Metrics:
+    """The Observer behind /metrics: every event the daemon reports, counted."""
+
+    def __init__(self) -> None:
+        self.published_by_form: Counter[str] = Counter()
+        self.deliveries = 0
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.writes = 0
+        self.dropped_by_reason: Counter[str] = Counter()
+        self.slow_consumers: Counter[str] = Counter()
+        self.accepted = 0
+        self.rejected: Counter[str] = Counter()
+        self.closed: Counter[tuple[str, str]] = Counter()
+        self.control: Counter[tuple[str, str]] = Counter()
+        self.delivery_latency = Histogram(LATENCY_BUCKETS)
+        self.ping_latency = Histogram(LATENCY_BUCKETS)
+
+    # Observer
+
+    def published(self, form: str, fan_out: FanOut) -> None:
+        self.published_by_form[form] += 1
+        self.deliveries += fan_out.queued
+        if fan_out.refused:
+            self.dropped_by_reason["slow_consumer"] += fan_out.refused
+
+    def written(self, frames: int, nbytes: int, waited: float) -> None:
+        self.frames_sent += frames
+        self.bytes_sent += nbytes
+        self.writes += 1
+        self.delivery_latency.observe(waited)
+
+    def dropped(self, reason: str, count: int) -> None:
+        self.dropped_by_reason[reason] += count
+
+    def slow_consumer(self, policy: str) -> None:
+        self.slow_consumers[policy] += 1
+
+    def ping_rtt(self, seconds: float) -> None:
+        self.ping_latency.observe(seconds)
+
+    def connection_opened(self) -> None:
+        self.accepted += 1
+
+    def connection_closed(self, code: int, initiator: str) -> None:
+        self.closed[(str(code), initiator)] += 1
+
+    def connection_rejected(self, reason: str) -> None:
+        self.rejected[reason] += 1
+
+    def control_request(self, endpoint: str, status: int) -> None:
+        self.control[(endpoint, str(status))] += 1
+
+
+PUBLISH_FORMS = ("channel", "json", "batch")
+DROP_REASONS = ("drop_oldest", "slow_consumer")
+POLICIES = ("disconnect", "drop_oldest")
+REJECT_REASONS = ("cap", "origin", "bad_request", "handshake_timeout", "draining")
+
+
+class DaemonCollector(Collector):
+    """Turns the Metrics counters and the daemon's live state into metric families."""
+
+    def __init__(self, metrics: Metrics, node: Node, ws: WsServer) -> None:
+        self.metrics = metrics
+        self.node = node
+        self.ws = ws
+        bound = ws.settings.outbox_messages
+        depth_bounds = [0]
+        while depth_bounds[-1] < bound:
+            depth_bounds.append(min(bound, max(1, depth_bounds[-1] * 2)))
+        self.depth_bounds = tuple(depth_bounds)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._state()
+        yield from self._queues()
+        yield from self._counters()
+        m = self.metrics
+        yield m.delivery_latency.family(
+            f"{NAMESPACE}_delivery_latency_seconds",
+            "Time from a publish being accepted to its frame being handed to the socket, "
+            "observed once per writer wake-up for the oldest frame written (so it is the "
+            "worst case of each write, with no sampling).",
+        )
+        yield m.ping_latency.family(
+            f"{NAMESPACE}_ping_latency_seconds",
+            "Round-trip time of keepalive pings, one observation per pong.",
+        )
+
+    def _state(self) -> Iterator[Metric]:
+        node = self.node
+        info = GaugeMetricFamily(
+            f"{NAMESPACE}_build_info",
+            "broadcastd build, always 1.",
+            labels=["version", "python", "websockets"],
+        )
+        info.add_metric([__version__, platform.python_version(), websockets_version], 1)
+        yield info
+        yield _gauge("clients", "Subscriber connections open.", self.ws.client_count)
+        yield _gauge(
+            "channels", "Channels remembered (with or without subscribers).", len(node.hub)
+        )
+        yield _gauge(
+            "subscriptions", "Channel subscriptions over all clients.", node.hub.subscriptions
+        )
+        yield _gauge(
+            "ready", "1 when every listener is up and the daemon is not draining.", int(node.ready)
+        )
+        yield _gauge("draining", "1 while a SIGTERM/SIGINT drain is under way.", int(node.draining))
+
+    def _queues(self) -> Iterator[Metric]:
+        bounds = self.depth_bounds
+        counts = [0] * (len(bounds) + 1)
+        total_frames = total_bytes = deepest = write_buffers = 0
+        fullest = 0.0
+        s = self.ws.settings
+        for session, conn in self.ws.connections():
+            outbox = session.outbox
+            depth = len(outbox)
+            size = outbox.size
+            counts[bisect_left(bounds, depth)] += 1
+            total_frames += depth
+            total_bytes += size
+            deepest = max(deepest, depth)
+            fullest = max(fullest, depth / s.outbox_messages, size / s.outbox_bytes)
+            write_buffers += conn.transport.get_write_buffer_size()
+        buckets = []
+        running = 0
+        for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+            running += count
+            buckets.append((_le(bound), running))
+        yield GaugeHistogramMetricFamily(
+            f"{NAMESPACE}_outbox_depth_frames",
+            "Clients by the number of frames waiting in their outbox, at scrape time.",
+            buckets=buckets,
+            gsum_value=total_frames,
+        )
+        yield _gauge("outbox_depth_max_frames", "Frames waiting in the fullest outbox.", deepest)
+        yield _gauge(
+            "outbox_fill_ratio_max",
+            "Fullest outbox as a fraction of its bound (frames or bytes, whichever is "
+            "nearer); at 1 the slow-consumer policy acts.",
+            fullest,
+        )
+        yield _gauge("outbox_bytes", "Bytes waiting in all outboxes.", total_bytes)
+        yield _gauge(
+            "write_buffer_bytes",
+            "Bytes handed to sockets but not yet taken by the kernel, all clients.",
+            write_buffers,
+        )
+        yield _gauge(
+            "outbox_limit_frames", "Configured bound of each outbox, in frames.", s.outbox_messages
+        )
+        yield _gauge(
+            "outbox_limit_bytes", "Configured bound of each outbox, in bytes.", s.outbox_bytes
+        )
+
+    def _counters(self) -> Iterator[Metric]:
+        m = self.metrics
+        yield _counter(
+            "messages_published",
+            "Messages accepted for publishing, by API form.",
+            ["form"],
+            _complete(m.published_by_form, PUBLISH_FORMS),
+        )
+        yield _counter(
+            "deliveries",
+            "Messages queued for a subscriber (one per subscriber per message).",
+            [],
+            {(): m.deliveries},
+        )
+        yield _counter(
+            "frames_sent",
+            "Frames handed to sockets (messages and replies).",
+            [],
+            {(): m.frames_sent},
+        )
+        yield _counter("bytes_sent", "Bytes handed to sockets.", [], {(): m.bytes_sent})
+        yield _counter(
+            "writes", "Socket writes (each carries every frame queued).", [], {(): m.writes}
+        )
+        yield _counter(
+            "messages_dropped",
+            "Messages not delivered to a subscriber, by reason.",
+            ["reason"],
+            _complete(m.dropped_by_reason, DROP_REASONS),
+        )
+        yield _counter(
+            "slow_consumer_actions",
+            "Times the slow-consumer policy acted, by "
+            "policy (disconnect: per client; drop_oldest: per gap reported).",
+            ["policy"],
+            _complete(m.slow_consumers, POLICIES),
+        )
+        yield _counter(
+            "connections_accepted", "Subscriber connections accepted.", [], {(): m.accepted}
+        )
+        yield _counter(
+            "connections_rejected",
+            "Subscriber handshakes refused, by reason.",
+            ["reason"],
+            _complete(m.rejected, REJECT_REASONS),
+        )
+        yield _counter(
+            "connections_closed",
+            "Subscriber connections ended, by close code and "
+            "by who closed (server, client, abnormal).",
+            ["code", "initiator"],
+            {k: v for k, v in m.closed.items()},
+        )
+        yield _counter(
+            "control_requests",
+            "Control-port requests, by endpoint and status.",
+            ["endpoint", "status"],
+            {k: v for k, v in m.control.items()},
+        )
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{NAMESPACE}_{name}", documentation, value=value)
+
+
+def _counter(
+    name: str, documentation: str, labels: list[str], values: dict[tuple[str, ...], int]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(f"{NAMESPACE}_{name}", documentation, labels=labels)
+    for key, value in values.items():
+        family.add_metric(list(key), value)
+    return family
+
+
+def _complete(counts: Counter[str], known: Iterable[str]) -> dict[tuple[str, ...], int]:
+    """Every known label value, zero when nothing happened yet, so rates start at 0."""
+    values: dict[tuple[str, ...], int] = {(label,): counts.get(label, 0) for label in known}
+    values.update({(label,): count for label, count in counts.items()})
+    return values
+
+
+def build_registry(metrics: Metrics, node: Node, ws: WsServer) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DaemonCollector(metrics, node, ws))
+    ProcessCollector(namespace="", registry=registry)
+    if sys.platform != "win32":
+        PlatformCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
