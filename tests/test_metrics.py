@@ -13,7 +13,7 @@ from prometheus_client.samples import Sample
 from websockets.exceptions import InvalidStatus
 from websockets.frames import Opcode
 
-from .conftest import Running, recv_json, subscribed
+from .conftest import ROOT, Running, recv_json, subscribed
 from .rawclient import RawClient
 
 
@@ -289,3 +289,11 @@ async def test_readiness_and_drain_in_metrics_and_handshakes_under_way_get_503(
         close = await holder.read_until_closed()
         assert close is not None
         assert close.code == 1001
+
+
+async def test_readme_lists_every_broadcastd_metric(daemon: Running) -> None:
+    readme = (ROOT / "README.md").read_text()
+    for name in await scrape(daemon):
+        if name.startswith("broadcastd_") and not name.endswith(("_gcount", "_gsum")):
+            documented = f"`{name}`" in readme or f"`{name}_total`" in readme
+            assert documented, f"README does not document {name}"
