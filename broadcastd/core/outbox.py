@@ -14,7 +14,6 @@ so an idle writer costs no wake-ups and a busy one at most one per drain.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 
 from broadcastd.errors import CloseReason
@@ -53,7 +52,9 @@ class Outbox:
         max_bytes: int,
         policy: SlowConsumerPolicy = SlowConsumerPolicy.DISCONNECT,
     ) -> None:
-        self._queue: deque[bytes] = deque()
+        self._queue: list[bytes] = []
+        """A list, not a deque: an empty deque costs 760 bytes per idle client, and
+        take() hands the whole list over instead of copying it."""
         self._bytes = 0
         self.max_messages = max_messages
         self.max_bytes = max_bytes
@@ -94,9 +95,16 @@ class Outbox:
     def _drop_for(self, frame: bytes) -> int:
         queue = self._queue
         size = len(frame)
-        while queue and (len(queue) >= self.max_messages or self._bytes + size > self.max_bytes):
-            self._bytes -= len(queue.popleft())
-            self.missed += 1
+        drop = 0
+        kept = self._bytes
+        while drop < len(queue) and (
+            len(queue) - drop >= self.max_messages or kept + size > self.max_bytes
+        ):
+            kept -= len(queue[drop])
+            drop += 1
+        del queue[:drop]
+        self._bytes = kept
+        self.missed += drop
         if size > self.max_bytes:
             self.missed += 1
             return REFUSED
@@ -108,8 +116,8 @@ class Outbox:
 
     def take(self) -> list[bytes]:
         """Everything queued, oldest first, leaving the outbox empty."""
-        frames = list(self._queue)
-        self._queue.clear()
+        frames = self._queue
+        self._queue = []
         self._bytes = 0
         return frames
 
