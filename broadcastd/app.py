@@ -75,6 +75,7 @@ class Daemon:
         """Set once every listener accepts connections (tests wait on it)."""
         self._shutdown = asyncio.Event()
         self._signals = 0
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         _log.info("daemon.start", version=__version__, pid=os.getpid())
@@ -96,7 +97,17 @@ class Daemon:
             ),
         )
         self.notifier.ready()
+        self._pet_watchdog()
         self.started.set()
+
+    def _pet_watchdog(self) -> None:
+        """WATCHDOG=1 every half WatchdogSec from the event loop itself, so a wedged
+        loop gets the service restarted. A timer chain, not a sleeping task."""
+        interval = self.notifier.watchdog_interval
+        if interval is None:
+            return
+        self.notifier.watchdog()
+        self._watchdog = asyncio.get_running_loop().call_later(interval, self._pet_watchdog)
 
     def shutdown(self) -> None:
         """Begin the drain (what SIGTERM does)."""
@@ -113,6 +124,8 @@ class Daemon:
             await self._shutdown.wait()
             await self.drain()
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             if install_signals:
                 for signum in SIGNALS:
                     loop.remove_signal_handler(signum)

@@ -129,6 +129,7 @@ class CloseReason(Enum):
     POLICY = (1008, "too many invalid commands", "server")
     TOO_BIG = (1009, "message too big", "server")
     INTERNAL_ERROR = (1011, "internal error", "server")
+    KEEPALIVE_TIMEOUT = (1011, "keepalive ping timeout", "server")
     SLOW_CONSUMER = (1013, "slow consumer", "server")
 
     def __init__(self, code: int, reason: str, initiator: str) -> None:

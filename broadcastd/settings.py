@@ -19,7 +19,15 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -51,6 +59,14 @@ class SlowConsumerPolicy(StrEnum):
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _none_means_unset(cls, value: Any) -> Any:
+        """TOML has no null: ``"none"`` unsets an optional setting there (and in env)."""
+        if isinstance(value, str) and value.strip().lower() in ("none", "null"):
+            return None
+        return value
+
 
 class WebSocketSettings(_Section):
     """The subscriber port."""
@@ -64,9 +80,9 @@ class WebSocketSettings(_Section):
     max_channels_per_client: int = Field(100, ge=1)
     """Most channels one connection may subscribe to."""
     max_message_bytes: int = Field(8 * KiB, ge=64)
-    """Largest frame a client may send (commands are small); larger closes with 1009."""
-    inbound_queue: int = Field(16, ge=1)
-    """Client frames buffered before the server stops reading that socket."""
+    """Largest message a client may send (commands are small); larger closes with 1009.
+    Commands are handled as they are read, so this is also all that a client can
+    have waiting inbound."""
     outbox_messages: int = Field(1024, ge=1)
     """Most frames waiting for one client before the slow-consumer policy applies."""
     outbox_bytes: int = Field(1 * MiB, ge=1 * KiB)

@@ -210,7 +210,9 @@ class DaemonCollector(Collector):
             total_bytes += size
             deepest = max(deepest, depth)
             fullest = max(fullest, depth / s.outbox_messages, size / s.outbox_bytes)
-            write_buffers += conn.transport.get_write_buffer_size()
+            transport = conn.transport
+            if transport is not None:
+                write_buffers += transport.get_write_buffer_size()
         buckets = []
         running = 0
         for bound, count in zip((*bounds, float("inf")), counts, strict=True):
