@@ -26,6 +26,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 unit: $(STAMP)
+	@sh scripts/bootstrap-system.sh
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck unit

@@ -37,7 +37,7 @@ from broadcastd.transport.control import (
     control_listener,
     metrics_listener,
 )
-from broadcastd.transport.metrics import Metrics, build_registry, render
+from broadcastd.transport.metrics import LoopLagProbe, Metrics, build_registry, render
 from broadcastd.transport.ws import WsServer
 
 _log = log.get("broadcastd.app")
@@ -61,7 +61,9 @@ class Daemon:
         self.ws = WsServer(settings.ws, self.node)
         scrape = None
         self.metrics_listener: HttpListener | None = None
+        self.lag_probe: LoopLagProbe | None = None
         if self.metrics is not None:
+            self.lag_probe = LoopLagProbe(self.metrics.loop_lag)
             registry = build_registry(self.metrics, self.node, self.ws)
             scrape = lambda: render(registry)  # noqa: E731
             if settings.metrics.port is not None:
@@ -85,6 +87,8 @@ class Daemon:
             await self.metrics_listener.start()
         await self.ws.start()
         self.node.ready = True
+        if self.lag_probe is not None:
+            self.lag_probe.start()
         _log.info(
             "daemon.ready",
             ws=f"{self.settings.ws.host}:{self.ws.port}",
@@ -126,6 +130,8 @@ class Daemon:
         finally:
             if self._watchdog is not None:
                 self._watchdog.cancel()
+            if self.lag_probe is not None:
+                self.lag_probe.stop()
             if install_signals:
                 for signum in SIGNALS:
                     loop.remove_signal_handler(signum)

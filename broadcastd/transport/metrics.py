@@ -12,8 +12,10 @@ one process (the tests) never share a series.
 
 from __future__ import annotations
 
+import asyncio
 import platform
 import sys
+import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -102,6 +104,7 @@ class Metrics:
         self.control: Counter[tuple[str, str]] = Counter()
         self.delivery_latency = Histogram(LATENCY_BUCKETS)
         self.ping_latency = Histogram(LATENCY_BUCKETS)
+        self.loop_lag = Histogram(LATENCY_BUCKETS)
 
     # Observer
 
@@ -139,6 +142,33 @@ class Metrics:
         self.control[(endpoint, str(status))] += 1
 
 
+class LoopLagProbe:
+    """Measures how late the event loop runs a timer: the one number that says the
+    daemon's single core is saturated. A timer chain, four ticks a second."""
+
+    INTERVAL = 0.25
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0
+
+    def start(self) -> None:
+        self._due = time.monotonic() + self.INTERVAL
+        self._handle = asyncio.get_running_loop().call_later(self.INTERVAL, self._tick)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        self.histogram.observe(max(0.0, now - self._due))
+        self._due = now + self.INTERVAL
+        self._handle = asyncio.get_running_loop().call_later(self.INTERVAL, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 PUBLISH_FORMS = ("channel", "json", "batch")
 DROP_REASONS = ("drop_oldest", "slow_consumer")
 POLICIES = ("disconnect", "drop_oldest")
@@ -173,6 +203,11 @@ class DaemonCollector(Collector):
             f"{NAMESPACE}_ping_latency_seconds",
             "Round-trip time of keepalive pings, one observation per pong.",
         )
+        yield m.loop_lag.family(
+            f"{NAMESPACE}_event_loop_lag_seconds",
+            "How late the event loop ran a timer, sampled four times a second: high "
+            "values mean the daemon's one core is saturated.",
+        )
 
     def _state(self) -> Iterator[Metric]:
         node = self.node
@@ -185,7 +220,17 @@ class DaemonCollector(Collector):
         yield info
         yield _gauge("clients", "Subscriber connections open.", self.ws.client_count)
         yield _gauge(
+            "clients_limit",
+            "Configured most subscriber connections (ws.max_clients).",
+            self.ws.settings.max_clients,
+        )
+        yield _gauge(
             "channels", "Channels remembered (with or without subscribers).", len(node.hub)
+        )
+        yield _gauge(
+            "channels_limit",
+            "Configured most channels remembered (channels.max_channels).",
+            node.hub.max_channels,
         )
         yield _gauge(
             "subscriptions", "Channel subscriptions over all clients.", node.hub.subscriptions
