@@ -100,9 +100,19 @@ class Daemon:
                 else ""
             ),
         )
-        self.notifier.ready()
+        self.notifier.notify("READY=1", f"STATUS={self._status()}")
         self._pet_watchdog()
         self.started.set()
+
+    def _status(self) -> str:
+        """One line for ``systemctl status``: where the daemon listens."""
+        parts = [
+            f"ws {self.settings.ws.host}:{self.ws.port}",
+            f"control {self.settings.control.host}:{self.control.port}",
+        ]
+        if self.metrics_listener is not None:
+            parts.append(f"metrics {self.settings.metrics.host}:{self.metrics_listener.port}")
+        return "serving: " + ", ".join(parts)
 
     def _pet_watchdog(self) -> None:
         """WATCHDOG=1 every half WatchdogSec from the event loop itself, so a wedged

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -246,6 +247,13 @@ def test_daemon_reports_ready_then_stopping(path_socket: NotifySocket) -> None:
             message, pid = path_socket.receive_with_pid()
             assert "READY=1" in message.splitlines()
             assert pid == proc.pid  # NotifyAccess=main would accept it
+            # READY=1 comes only once every listener accepts connections: the
+            # ports it reports take a connection at once.
+            status = next(line for line in message.splitlines() if line.startswith("STATUS="))
+            ports = [int(m) for m in re.findall(r":(\d+)", status)]
+            assert len(ports) == 3, status
+            for port in ports:
+                socket.create_connection(("127.0.0.1", port), timeout=RECV_TIMEOUT).close()
             proc.send_signal(signal.SIGTERM)
             assert "STOPPING=1" in path_socket.receive().splitlines()
             _, stderr = proc.communicate(timeout=RECV_TIMEOUT)

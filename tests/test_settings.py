@@ -157,3 +157,16 @@ def test_readme_documents_every_setting_with_its_default() -> None:
             shown = oct(default)
         assert f"`{shown}`" in rows[name] or shown == "unset", f"{name}: default {shown}"
         assert "BROADCASTD_" + name.replace(".", "__").upper() in rows[name]
+
+
+def test_none_unsets_optional_settings_in_file_and_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "b.toml"
+    config.write_text('[ws]\nping_interval = "none"\n')
+    monkeypatch.setenv("BROADCASTD_METRICS__PORT", "none")
+    s = load_settings(config)
+    assert s.ws.ping_interval is None
+    assert s.metrics.port is None
+    with pytest.raises(ConfigError, match=r"ws\.port"):
+        load_settings(overrides={"ws.port": "none"})
