@@ -126,11 +126,14 @@ async def subscribed(ws: ClientConnection, *channels: str) -> dict[str, int]:
 class DaemonProcess:
     """``broadcastd serve`` as a subprocess; ports read from its daemon.ready log line."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, wrapper: tuple[str, ...] = ()
+    ) -> None:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("BROADCASTD_")}
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [
+                *wrapper,
                 sys.executable,
                 "-m",
                 "broadcastd",

@@ -57,6 +57,17 @@ async def eventually(daemon: Running, check: Any, attempts: int = 500) -> dict[s
     raise AssertionError("the metrics never reached the expected state")
 
 
+async def publish_until(daemon: Running, channel: str, check: Any) -> dict[str, Any]:
+    """Publish 80 KB batches to ``channel`` until ``check(families)`` holds; a client
+    that does not read fills the kernel's buffers, then its outbox."""
+    for _ in range(200):
+        await daemon.http.post("/batch", json=[{"channel": channel, "data": "x" * 8000}] * 10)
+        families = await scrape(daemon)
+        if check(families):
+            return families
+    raise AssertionError("the condition never held")
+
+
 async def test_every_family_parses_with_help_and_type(daemon: Running) -> None:
     listener = daemon.daemon.metrics_listener
     assert listener is not None
@@ -182,13 +193,9 @@ async def test_a_stalled_client_shows_in_the_queue_depth_distribution(
     ) as daemon:
         slow = await RawClient.connect(daemon.ws_url + "/q")
         await slow.handshake()
-        for _ in range(200):
-            await daemon.http.post("/batch", json=[{"channel": "q", "data": "x" * 8000}] * 10)
-            m = await scrape(daemon)
-            if value(m, "broadcastd_outbox_depth_max_frames") > 0:
-                break
-        else:
-            raise AssertionError("the stalled client's outbox never filled")
+        m = await publish_until(
+            daemon, "q", lambda m: value(m, "broadcastd_outbox_depth_max_frames") > 0
+        )
         depth = value(m, "broadcastd_outbox_depth_max_frames")
         family = m["broadcastd_outbox_depth_frames"]
         buckets = {
@@ -216,13 +223,9 @@ async def test_slow_consumer_disconnects_and_drops_are_counted(daemon_factory: A
         ) as daemon:
             slow = await RawClient.connect(daemon.ws_url + "/s")
             await slow.handshake()
-            for _ in range(200):
-                await daemon.http.post("/batch", json=[{"channel": "s", "data": "y" * 8000}] * 10)
-                m = await scrape(daemon)
-                if value(m, "broadcastd_messages_dropped_total") > 0:
-                    break
-            else:
-                raise AssertionError(f"{policy}: nothing was ever dropped")
+            m = await publish_until(
+                daemon, "s", lambda m: value(m, "broadcastd_messages_dropped_total") > 0
+            )
             if policy == "disconnect":
                 await slow.read_until_closed()
                 m = await eventually(

@@ -13,14 +13,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from .conftest import ROOT, subscribed
+from .conftest import DaemonProcess, subscribed
 
 
 def _can_unshare() -> bool:
@@ -44,55 +43,19 @@ def _child_of(pid: int) -> int:
 
 
 async def test_pid_1_drains_on_sigterm_and_exits_0() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BROADCASTD_")}
-    proc = subprocess.Popen(
-        [
-            "unshare",
-            "--pid",
-            "--fork",
-            "--mount-proc",
-            "--kill-child",
-            sys.executable,
-            "-c",
-            "import os, sys; assert os.getpid() == 1, os.getpid();"
-            "from broadcastd.cli import main; sys.exit(main(sys.argv[1:]))",
-            "serve",
-            "--ws-host",
-            "127.0.0.1",
-            "--ws-port",
-            "0",
-            "--control-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--log-format",
-            "json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=ROOT,
-    )
-    assert proc.stdout is not None
+    process = DaemonProcess(wrapper=("unshare", "--pid", "--fork", "--mount-proc", "--kill-child"))
     try:
-        events = []
-        for raw in proc.stdout:
-            events.append(event := json.loads(raw))
-            if event["event"] == "daemon.ready":
-                break
-        else:
-            raise AssertionError("the daemon never became ready")
-        assert events[0]["event"] == "daemon.start"
-        assert events[0]["pid"] == 1
-        ws_port = int(event["ws"].rsplit(":", 1)[1])
-        control_port = int(event["control"].rsplit(":", 1)[1])
-        daemon_pid = _child_of(proc.pid)  # the namespace's PID 1, as the host sees it
+        process.wait_ready()
+        assert process.lines[0]["event"] == "daemon.start"
+        assert process.lines[0]["pid"] == 1
+        daemon_pid = _child_of(process.proc.pid)  # the namespace's PID 1, as the host sees it
 
-        async with connect(f"ws://127.0.0.1:{ws_port}/news", compression=None) as ws:
+        url = f"ws://127.0.0.1:{process.ws_port}/news"
+        async with connect(url, compression=None) as ws:
             await subscribed(ws, "news")
             async with httpx.AsyncClient() as client:
                 published = await client.post(
-                    f"http://127.0.0.1:{control_port}/publish/news", json={"last": True}
+                    f"http://127.0.0.1:{process.control_port}/publish/news", json={"last": True}
                 )
             assert published.status_code == 200
             os.kill(daemon_pid, signal.SIGTERM)
@@ -100,10 +63,7 @@ async def test_pid_1_drains_on_sigterm_and_exits_0() -> None:
             assert message["data"] == {"last": True}
             with pytest.raises(Exception, match="1001"):
                 await ws.recv()
-        rest = [json.loads(line) for line in proc.stdout]
-        assert proc.wait(timeout=60) == 0
-        assert "drain.done" in [e.get("event") for e in rest]
+        assert process.finish() == 0
+        assert "drain.done" in [e.get("event") for e in process.lines]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        process.kill()

@@ -75,16 +75,19 @@ class Histogram:
         self.total += value
 
     def family(self, name: str, documentation: str) -> HistogramMetricFamily:
-        buckets = []
-        running = 0
-        for bound, count in zip((*self.bounds, float("inf")), self.counts, strict=True):
-            running += count
-            buckets.append((_le(bound), running))
+        buckets = _cumulative(self.bounds, self.counts)
         return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=self.total)
 
 
-def _le(bound: float) -> str:
-    return "+Inf" if bound == float("inf") else repr(float(bound))
+def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts (the last one above every bound) as Prometheus ``le`` buckets."""
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip((*bounds, float("inf")), counts, strict=True):
+        running += count
+        le = "+Inf" if bound == float("inf") else repr(float(bound))
+        buckets.append((le, running))
+    return buckets
 
 
 class Metrics:
@@ -258,11 +261,7 @@ class DaemonCollector(Collector):
             transport = conn.transport
             if transport is not None:
                 write_buffers += transport.get_write_buffer_size()
-        buckets = []
-        running = 0
-        for bound, count in zip((*bounds, float("inf")), counts, strict=True):
-            running += count
-            buckets.append((_le(bound), running))
+        buckets = _cumulative(bounds, counts)
         yield GaugeHistogramMetricFamily(
             f"{NAMESPACE}_outbox_depth_frames",
             "Clients by the number of frames waiting in their outbox, at scrape time.",
