@@ -1,0 +1,276 @@
+"""Publishers: keep-alive HTTP/1.1 with pipelining, on raw asyncio.
+
+A request/response round trip per message would measure the loopback RTT and
+the publisher's own overhead, not the server; pipelining (write K requests,
+then read K responses) keeps the server's control port busy with one
+connection, as a real backend with a connection pool would. Responses are
+parsed with httptools (llhttp), so chunked or unusual responses (Nchan answers
+201/202 with a text body) are still read correctly.
+
+Every payload is exactly ``PAYLOAD_BYTES`` long and carries its send time,
+``{"t":<monotonic_ns>,"pad":"xxx..."}``, for the subscribers' latency samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import cast
+
+import httptools
+
+PAYLOAD_BYTES = 64
+RESPONSE_TIMEOUT = 30.0
+"""Longest wait for the responses to one burst of requests."""
+GET_TIMEOUT = 5.0
+
+
+def payload(t_ns: int, size: int = PAYLOAD_BYTES) -> bytes:
+    """A JSON object of exactly ``size`` bytes holding the send time."""
+    head = b'{"t":%d,"pad":"' % t_ns
+    return head + b"x" * max(0, size - len(head) - 2) + b'"}'
+
+
+def request(method: str, path: str, body: bytes = b"", content_type: str | None = None) -> bytes:
+    """One HTTP/1.1 keep-alive request, ready to be written."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    if content_type is not None:
+        head += f"Content-Type: {content_type}\r\n"
+    if body or method in ("POST", "PUT"):
+        head += f"Content-Length: {len(body)}\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def publish_request(channel: str, t_ns: int) -> bytes:
+    return request("POST", f"/publish/{channel}", payload(t_ns), "application/json")
+
+
+def batch_request(channels: Sequence[str], t_ns: int) -> bytes:
+    """``POST /batch`` with one 64-byte payload per channel (built by hand: no
+    JSON encoder in the publisher's hot loop)."""
+    data = payload(t_ns)
+    items = b",".join(b'{"channel":"%s","data":%s}' % (c.encode(), data) for c in channels)
+    return request("POST", "/batch", b"[" + items + b"]", "application/json")
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes
+
+
+class HttpPipe(asyncio.Protocol):
+    """One keep-alive connection; requests are written in bursts, responses are
+    matched to them in order (HTTP/1.1 pipelining)."""
+
+    def __init__(self, keep_bodies: bool) -> None:
+        self.keep_bodies = keep_bodies
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.sent = 0
+        self.received = 0
+        self.ok = 0
+        self.statuses: dict[int, int] = {}
+        self.responses: list[Response] = []
+        self._body: list[bytes] = []
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self.lost: Exception | None = None
+
+    @classmethod
+    async def open(cls, host: str, port: int, keep_bodies: bool = False) -> HttpPipe:
+        loop = asyncio.get_running_loop()
+        _, pipe = await loop.create_connection(lambda: cls(keep_bodies), host, port)
+        return pipe
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = exc or ConnectionResetError("the server closed the control connection")
+        while self._waiters:
+            _, waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(self.lost)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.lost = exc
+            if self.transport is not None:
+                self.transport.abort()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._body = []
+
+    def on_body(self, body: bytes) -> None:
+        if self.keep_bodies:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        status = self.parser.get_status_code()
+        self.received += 1
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if 200 <= status < 300:
+            self.ok += 1
+        if self.keep_bodies:
+            self.responses.append(Response(status, b"".join(self._body)))
+        waiters = self._waiters
+        while waiters and waiters[0][0] <= self.received:
+            _, waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # API
+
+    def send(self, data: bytes, count: int) -> None:
+        """Write ``count`` requests at once without waiting for their responses."""
+        if self.lost is not None or self.transport is None:
+            raise ConnectionResetError("control connection lost") from self.lost
+        self.transport.write(data)
+        self.sent += count
+
+    async def drain(self) -> None:
+        """Wait until every request sent so far has its response (callers bound the
+        wait with ``asyncio.timeout``)."""
+        if self.received >= self.sent:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((self.sent, waiter))
+        await waiter
+
+    async def exchange(self, data: bytes, count: int) -> None:
+        """Write ``count`` requests and wait for their responses, at most RESPONSE_TIMEOUT."""
+        self.send(data, count)
+        async with asyncio.timeout(RESPONSE_TIMEOUT):
+            await self.drain()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+async def http_get(
+    host: str, port: int, path: str, headers: dict[str, str] | None = None
+) -> Response:
+    """One GET on a fresh connection (readiness probes, channel info), at most GET_TIMEOUT."""
+    async with asyncio.timeout(GET_TIMEOUT):
+        pipe = await HttpPipe.open(host, port, keep_bodies=True)
+        try:
+            extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+            pipe.send(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode(), 1)
+            await pipe.drain()
+            return pipe.responses[0]
+        finally:
+            pipe.close()
+
+
+@dataclass
+class PublishStats:
+    """What one publishing run achieved, as the publisher saw it."""
+
+    requests: int = 0
+    ok: int = 0
+    messages: int = 0
+    """Messages accepted by the server (one per ok publish; ``published`` per batch)."""
+    seconds: float = 0.0
+    statuses: dict[int, int] = field(default_factory=dict)
+
+
+async def flat_out(
+    pipe: HttpPipe,
+    channels: Sequence[str],
+    *,
+    depth: int,
+    duration: float,
+    max_messages: int,
+) -> PublishStats:
+    """Publish round-robin over ``channels`` as fast as the server answers, ``depth``
+    requests per burst, until ``duration`` seconds or ``max_messages`` elapse."""
+    started = time.monotonic()
+    deadline = started + duration
+    sent = 0
+    index = 0
+    nch = len(channels)
+    while sent < max_messages and time.monotonic() < deadline:
+        k = min(depth, max_messages - sent)
+        now = time.monotonic_ns()
+        burst = []
+        for _ in range(k):
+            burst.append(publish_request(channels[index], now))
+            index = (index + 1) % nch
+        await pipe.exchange(b"".join(burst), k)
+        sent += k
+    return PublishStats(
+        pipe.sent, pipe.ok, pipe.ok, time.monotonic() - started, dict(pipe.statuses)
+    )
+
+
+async def paced(pipe: HttpPipe, channel: str, *, rate: float, count: int) -> PublishStats:
+    """Publish ``count`` messages at ``rate`` per second on an absolute schedule
+    (``loop.call_at``), so a late tick does not push every later one back."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    first = loop.time() + 0.05
+    started = time.monotonic()
+
+    def tick(i: int) -> None:
+        if done.done():
+            return
+        if i >= count:
+            done.set_result(None)
+            return
+        try:
+            pipe.send(publish_request(channel, time.monotonic_ns()), 1)
+        except ConnectionError as exc:
+            done.set_exception(exc)
+            return
+        loop.call_at(first + (i + 1) / rate, tick, i + 1)
+
+    loop.call_at(first, tick, 0)
+    async with asyncio.timeout(count / rate + RESPONSE_TIMEOUT):
+        await done
+        await pipe.drain()
+    return PublishStats(
+        pipe.sent, pipe.ok, pipe.ok, time.monotonic() - started, dict(pipe.statuses)
+    )
+
+
+async def batch_flat_out(
+    pipe: HttpPipe,
+    channels: Sequence[str],
+    *,
+    items: int,
+    depth: int,
+    duration: float,
+    max_messages: int,
+) -> PublishStats:
+    """``POST /batch`` of ``items`` messages each (round-robin channels), ``depth``
+    batches per burst; counts the ``published`` field of each response."""
+    started = time.monotonic()
+    deadline = started + duration
+    index = 0
+    nch = len(channels)
+    planned = 0
+    published = 0
+    while planned < max_messages and time.monotonic() < deadline:
+        now = time.monotonic_ns()
+        burst = []
+        for _ in range(depth):
+            group = [channels[(index + j) % nch] for j in range(items)]
+            index = (index + items) % nch
+            burst.append(batch_request(group, now))
+        planned += depth * items
+        await pipe.exchange(b"".join(burst), depth)
+        for response in pipe.responses:
+            if response.status == 200:
+                published += int(json.loads(response.body).get("published", 0))
+        pipe.responses.clear()
+    seconds = time.monotonic() - started
+    return PublishStats(pipe.sent, pipe.ok, published, seconds, dict(pipe.statuses))

@@ -1,0 +1,6 @@
+"""Servers under test: how to start each one and how its protocol differs."""
+
+from benchmarks.servers.adapters import SERVERS, Broadcastd, Naive, Nchan
+from benchmarks.servers.base import HOST, Server, ServerError
+
+__all__ = ["HOST", "SERVERS", "Broadcastd", "Naive", "Nchan", "Server", "ServerError"]

@@ -1,0 +1,174 @@
+"""What the runner needs from a server under test, and how servers are launched.
+
+Each server runs as a subprocess on free loopback ports, pinned to core 0 with
+``taskset -c 0`` (the load client stays on core 1), in its own session so that
+stopping it reaches its children (nginx's worker), with its output in a log
+file in the run's temp dir. The runner raises its own RLIMIT_NOFILE soft limit
+before launching, and children inherit it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+from benchmarks.publisher import http_get
+
+HOST = "127.0.0.1"
+READY_TIMEOUT = 30.0
+STOP_GRACE = 15.0
+SUBSCRIBERS_TIMEOUT = 5.0
+REPO = Path(__file__).resolve().parents[2]
+
+
+class ServerError(Exception):
+    """The server did not start, or died."""
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on right now (bound to port 0, then released)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind((HOST, 0))
+            socks.append(sock)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+class Server:
+    """A server under test: start, stop, and the few ways servers differ."""
+
+    name: ClassVar[str]
+    envelope: ClassVar[bool] = True
+    """Has the JSON envelope mode with ``subscribed`` replies (else raw frames only)."""
+    batch: ClassVar[bool] = True
+    """Has ``POST /batch``."""
+    log_noise: ClassVar[tuple[str, ...]] = ()
+    """Log lines containing one of these are expected and not reported."""
+
+    def __init__(self, workdir: Path, pin_core: int | None) -> None:
+        self.workdir = workdir
+        self.pin_core = pin_core
+        self.ws_port, self.control_port = free_ports(2)
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log_path = workdir / f"{self.name}-{self.ws_port}.log"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this server cannot run here (None if it can)."""
+        return None
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self) -> None:
+        argv = self.argv()
+        if self.pin_core is not None and shutil.which("taskset"):
+            argv = ["taskset", "-c", str(self.pin_core), *argv]
+        with self.log_path.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                env=self.env(),
+                cwd=REPO,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        await self._wait_ready()
+
+    async def _wait_ready(self) -> None:
+        """Poll ``GET /readyz``: a subprocess offers no event to wait on, so this is a
+        bounded poll (every 50 ms, at most READY_TIMEOUT seconds)."""
+        assert self.proc is not None
+        for _ in range(int(READY_TIMEOUT / 0.05)):
+            if self.proc.returncode is not None:
+                raise ServerError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
+            with contextlib.suppress(OSError, TimeoutError):
+                response = await http_get(HOST, self.control_port, "/readyz")
+                if response.status == 200:
+                    return
+            await asyncio.sleep(0.05)
+        raise ServerError(f"{self.name} not ready after {READY_TIMEOUT:.0f}s: {self.tail()}")
+
+    async def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL to the whole session after STOP_GRACE seconds."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return None if proc is None else proc.returncode
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(proc.wait(), STOP_GRACE)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            return await proc.wait()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def tail(self, lines: int = 20) -> str:
+        """The last lines of the server's output, expected noise left out."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        kept = [
+            line
+            for line in text.splitlines()
+            if line.strip() and not any(noise in line for noise in self.log_noise)
+        ]
+        return "\n".join(kept[-lines:])
+
+    # protocol differences
+
+    def ws_path(self, channels: Sequence[str], raw: bool) -> str:
+        """The subscriber URL path (path form ``/a,b``, which all servers accept)."""
+        return "/" + ",".join(channels) + ("?format=raw" if raw else "")
+
+    async def subscribers(self, channel: str) -> int | None:
+        """Subscriber count of a channel as the server reports it (None if unknown)."""
+        try:
+            response = await http_get(HOST, self.control_port, f"/channels/{channel}")
+        except (OSError, TimeoutError):
+            return None
+        if response.status != 200:
+            return None
+        return int(json.loads(response.body)["subscribers"])
+
+    async def wait_subscribers(self, channel: str, count: int, acknowledged: bool) -> int | None:
+        """The server's own subscriber count, waiting for it to reach ``count``.
+
+        When clients waited for ``subscribed`` replies (``acknowledged``), the
+        server registered them before they counted themselves: one look
+        suffices. A bare 101 (raw mode, Nchan) may precede registration and
+        offers no event to wait on: poll every 20 ms, at most SUBSCRIBERS_TIMEOUT.
+        """
+        seen = await self.subscribers(channel)
+        for _ in range(int(SUBSCRIBERS_TIMEOUT / 0.02)):
+            if acknowledged or seen is None or seen >= count:
+                break
+            await asyncio.sleep(0.02)
+            seen = await self.subscribers(channel)
+        return seen

@@ -1,0 +1,427 @@
+"""Cheap WebSocket subscribers: raw asyncio Protocols that count frames.
+
+A load client that parses every frame with a full WebSocket library (and every
+message with a JSON parser) becomes the bottleneck long before a server does,
+so these subscribers do the RFC 6455 handshake themselves and then only walk
+frame headers. The hot path in ``data_received`` goes further: when a chunk
+holds a run of equally long message frames (the common case when one channel
+is flooded), three strided slices checked with ``bytes.count`` (C speed)
+prove the framing of the whole run, and the frames are counted without a
+Python-level loop. Anything else (pings, replies, a length change, a partial
+frame) falls back to a plain header walk.
+
+Latency is sampled, not measured for every frame: the publisher puts its
+``time.monotonic_ns()`` in the payload as ``{"t":...}``; every Nth message
+(across all connections) the digits after ``"t":`` are read with a regex and
+subtracted from the arrival time. CLOCK_MONOTONIC is system-wide on Linux, so
+the publisher may live in another process.
+
+All connections of one test share one :class:`Pool`, which holds the counters,
+so the hot path touches one object and never allocates per frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import hashlib
+import os
+import re
+import socket
+import struct
+import time
+from array import array
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_T_FIELD = re.compile(rb'"t": ?(\d+)')
+_MAX_HANDSHAKE = 16 * 1024
+_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING = 0x0, 0x1, 0x2, 0x8, 0x9
+_OP_PONG = 0xA
+_C = ord("c")  # third byte of b'{"channel"...': envelope frames, as opposed to replies
+_NEVER = 1 << 62
+_LINGER_RST = struct.pack("ii", 1, 0)
+OPEN_TIMEOUT = 30.0
+"""Seconds one connection may take from connect() to subscribed."""
+
+
+class HandshakeError(Exception):
+    """The server answered the upgrade request with something other than a valid 101."""
+
+
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked, unfragmented client frame (RFC 6455 5.3): used only for pongs and closes,
+    so the small-payload XOR below is fast enough."""
+    n = len(payload)
+    if n > 125:
+        raise ValueError("control frames carry at most 125 bytes")
+    mask = os.urandom(4)
+    if n:
+        key = (mask * (n // 4 + 1))[:n]
+        payload = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
+    return bytes((0x80 | opcode, 0x80 | n)) + mask + payload
+
+
+def upgrade_request(host: str, port: int, path: str) -> tuple[bytes, bytes]:
+    """The GET that opens a WebSocket, and the Sec-WebSocket-Accept it must be answered with."""
+    key = base64.b64encode(os.urandom(16))
+    accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())  # RFC 6455 mandates SHA-1
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    return request, accept
+
+
+class Pool:
+    """Counters shared by every subscriber connection of one test."""
+
+    def __init__(self, *, json_mode: bool, sample_every: int = 0) -> None:
+        self.json_mode = json_mode
+        """Frames are envelopes; frames not starting with ``{"c`` are replies."""
+        self.sample_every = sample_every
+        """Sample the latency of every Nth message (0: never)."""
+        self.countdown = sample_every
+        self.latencies_ns: array[int] = array("q")
+        self.messages = 0
+        self.replies = 0
+        self.handshakes = 0
+        self.open = 0
+        self.closed_by_server: Counter[int] = Counter()
+        self.lost_connections = 0
+        """Connections that ended while the test still wanted them."""
+        self.aborting = False
+        self.errors: Counter[str] = Counter()
+        self.last_message_at = 0.0
+        self.target = _NEVER
+        self.target_reached = asyncio.Event()
+        self.subscribers: list[Subscriber] = []
+
+    def expect(self, total_messages: int) -> None:
+        """Arm :meth:`wait_for_messages` to wake once ``messages`` reaches the total."""
+        self.target = total_messages
+        self.target_reached.clear()
+        if self.messages >= total_messages:
+            self.target_reached.set()
+
+    async def wait_for_messages(self, deadline: float) -> bool:
+        """Wait (event-driven) until the expected total arrived or the loop time
+        ``deadline`` passed; False if it passed first."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self.target_reached.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def reset_counts(self) -> None:
+        """Zero the message counters between phases of one test."""
+        self.messages = 0
+        self.latencies_ns = array("q")
+        self.countdown = self.sample_every
+        self.target = _NEVER
+        self.target_reached.clear()
+
+    def abort_all(self) -> None:
+        """Drop every connection with a TCP RST (SO_LINGER 0): no closing handshake
+        and no TIME_WAIT, so the next test finds its ephemeral ports free."""
+        self.aborting = True
+        for sub in self.subscribers:
+            transport = sub.transport
+            if transport is None or transport.is_closing():
+                continue
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+            transport.abort()
+        self.subscribers.clear()
+
+    async def connect(
+        self,
+        host: str,
+        port: int,
+        paths: Sequence[str],
+        *,
+        replies_expected: int,
+        concurrency: int,
+        deadline: float,
+    ) -> ConnectResult:
+        """Open one connection per path with at most ``concurrency`` handshakes in flight.
+
+        A connection counts as subscribed once it got its 101 and then
+        ``replies_expected`` ``subscribed`` replies (0 in raw mode). Each
+        connection gets OPEN_TIMEOUT seconds, the whole phase ends at the loop
+        time ``deadline``. Failures are counted by reason in ``errors``, not
+        raised: a benchmark reports them.
+        """
+        loop = asyncio.get_running_loop()
+        work = iter(paths)
+        ok = 0
+
+        async def worker() -> None:
+            nonlocal ok
+            for path in work:
+                request, accept = upgrade_request(host, port, path)
+                ready: asyncio.Future[None] = loop.create_future()
+                sub = Subscriber(self, request, accept, replies_expected, ready)
+                try:
+                    async with asyncio.timeout(OPEN_TIMEOUT):
+                        await loop.create_connection(functools.partial(_same, sub), host, port)
+                        await ready
+                except TimeoutError:
+                    self.errors["timeout"] += 1
+                    sub.abort()
+                except HandshakeError as exc:
+                    self.errors[str(exc)[:60]] += 1
+                except OSError as exc:
+                    self.errors[type(exc).__name__] += 1
+                else:
+                    ok += 1
+
+        started = time.monotonic()
+        workers = [loop.create_task(worker()) for _ in range(max(1, min(concurrency, len(paths))))]
+        try:
+            async with asyncio.timeout_at(deadline):
+                await asyncio.gather(*workers)
+        except TimeoutError:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            self.errors["connect phase timeout"] += 1
+        return ConnectResult(ok, len(paths), time.monotonic() - started)
+
+
+def _same(protocol: Subscriber) -> Subscriber:
+    """A protocol factory returning a protocol made beforehand."""
+    return protocol
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectResult:
+    subscribed: int
+    attempted: int
+    seconds: float
+
+
+class Subscriber(asyncio.Protocol):
+    """One subscriber connection: handshake, then counting frames into the pool."""
+
+    __slots__ = (
+        "accept",
+        "handshaking",
+        "pending",
+        "pool",
+        "ready",
+        "replies_left",
+        "request",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        pool: Pool,
+        request: bytes,
+        accept: bytes,
+        replies_expected: int,
+        ready: asyncio.Future[None],
+    ) -> None:
+        self.pool = pool
+        self.request = request
+        self.accept = accept
+        self.replies_left = replies_expected
+        self.ready = ready
+        self.transport: asyncio.Transport | None = None
+        self.handshaking = True
+        self.pending = b""
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.pool.subscribers.append(self)
+        self.transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pool = self.pool
+        if self.handshaking:
+            self._fail("closed during handshake")
+            return
+        pool.open -= 1
+        if not pool.aborting:
+            pool.lost_connections += 1
+        if not self.ready.done():
+            self._fail("closed before subscribed")
+
+    def data_received(self, data: bytes) -> None:
+        if self.pending:
+            data = self.pending + data
+            self.pending = b""
+        if self.handshaking:
+            data = self._handshake(data)
+            if not data:
+                return
+        pool = self.pool
+        n = len(data)
+        pos = 0
+        # Fast path: a run of equal message frames, validated by strided slices.
+        if n >= 8:
+            b0 = data[0]
+            length = data[1]
+            if length < 126 and (b0 == 0x81 or b0 == 0x82):
+                stride = length + 2
+                full = n // stride
+                end = full * stride
+                if (
+                    full > 1
+                    and data[0:end:stride].count(b0) == full
+                    and data[1:end:stride].count(length) == full
+                    and (not pool.json_mode or data[4:end:stride].count(_C) == full)
+                ):
+                    pool.messages += full
+                    pool.last_message_at = time.monotonic()
+                    if pool.sample_every:
+                        self._sample_run(data, stride, full)
+                    if pool.messages >= pool.target:
+                        pool.target_reached.set()
+                    if end == n:
+                        return
+                    pos = end
+        self._walk(data, pos)
+
+    # internals
+
+    def _handshake(self, data: bytes) -> bytes:
+        """Check the 101 response; return the bytes after it (frames already sent)."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0:
+            if len(data) > _MAX_HANDSHAKE:
+                self._fail("handshake response too large")
+            else:
+                self.pending = data
+            return b""
+        head = data[:end].decode("latin-1")
+        status_line, _, headers = head.partition("\r\n")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or parts[1] != "101":
+            self._fail(f"HTTP {parts[1] if len(parts) > 1 else '?'}")
+            return b""
+        accept = None
+        for line in headers.split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "sec-websocket-accept":
+                accept = value.strip().encode()
+        if accept != self.accept:
+            self._fail("bad Sec-WebSocket-Accept")
+            return b""
+        self.handshaking = False
+        pool = self.pool
+        pool.handshakes += 1
+        pool.open += 1
+        if self.replies_left == 0:
+            self.ready.set_result(None)
+        return data[end + 4 :]
+
+    def _fail(self, reason: str) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(HandshakeError(reason))
+        self.abort()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+    def _walk(self, data: bytes, pos: int) -> None:
+        """Walk frame headers one by one: the general (slow) path."""
+        pool = self.pool
+        json_mode = pool.json_mode
+        n = len(data)
+        count = 0
+        while n - pos >= 2:
+            b0 = data[pos]
+            b1 = data[pos + 1]
+            length = b1 & 0x7F
+            head = 2
+            if length == 126:
+                if n - pos < 4:
+                    break
+                length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+                head = 4
+            elif length == 127:
+                if n - pos < 10:
+                    break
+                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                head = 10
+            if b1 & 0x80:
+                pool.errors["masked server frame"] += 1
+                self.abort()
+                return
+            start = pos + head
+            end = start + length
+            if end > n:
+                break
+            opcode = b0 & 0x0F
+            if opcode in (_OP_TEXT, _OP_BINARY) or (opcode == _OP_CONT and b0 & 0x80):
+                if json_mode and (length < 3 or data[start + 2] != _C):
+                    self._reply(data[start:end])
+                else:
+                    count += 1
+                    if pool.sample_every:
+                        pool.countdown -= 1
+                        if pool.countdown <= 0:
+                            pool.countdown = pool.sample_every
+                            self._sample(data, start, end, time.monotonic_ns())
+            elif opcode == _OP_PING:
+                if self.transport is not None:
+                    self.transport.write(client_frame(_OP_PONG, data[start:end]))
+            elif opcode == _OP_CLOSE:
+                self._closed_by_server(data[start:end])
+                return
+            pos = end
+        if pos < n:
+            self.pending = data[pos:]
+        if count:
+            pool.messages += count
+            pool.last_message_at = time.monotonic()
+            if pool.messages >= pool.target:
+                pool.target_reached.set()
+
+    def _reply(self, payload: bytes) -> None:
+        pool = self.pool
+        pool.replies += 1
+        if self.replies_left and b'"subscribed"' in payload:
+            self.replies_left -= 1
+            if self.replies_left == 0 and not self.ready.done():
+                self.ready.set_result(None)
+
+    def _closed_by_server(self, payload: bytes) -> None:
+        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+        self.pool.closed_by_server[code] += 1
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(client_frame(_OP_CLOSE, payload[:2]))
+            self.transport.close()
+        if not self.ready.done():
+            self._fail(f"closed {code} before subscribed")
+
+    def _sample_run(self, data: bytes, stride: int, full: int) -> None:
+        pool = self.pool
+        now = time.monotonic_ns()
+        if pool.sample_every == 1:
+            for k in range(full):
+                self._sample(data, k * stride + 2, (k + 1) * stride, now)
+            return
+        pool.countdown -= full
+        if pool.countdown <= 0:
+            pool.countdown = pool.sample_every
+            self._sample(data, (full - 1) * stride + 2, full * stride, now)
+
+    def _sample(self, data: bytes, start: int, end: int, now_ns: int) -> None:
+        match = _T_FIELD.search(data, start, end)
+        if match is not None:
+            self.pool.latencies_ns.append(now_ns - int(match.group(1)))
