@@ -16,9 +16,10 @@ class Observer(Protocol):
     def published(self, form: str, fan_out: FanOut) -> None:
         """A message was accepted through API ``form`` and fanned out locally."""
 
-    def written(self, frames: int, nbytes: int, waited: float) -> None:
-        """A writer handed ``frames`` frames (``nbytes`` bytes) to one socket; the oldest
-        had waited ``waited`` seconds since its publish was accepted."""
+    def written(self, frames: int, nbytes: int, writes: int, waited: float) -> None:
+        """One pass of the writers handed ``frames`` frames (``nbytes`` bytes) to the
+        sockets in ``writes`` writes; the oldest had waited ``waited`` seconds since
+        its publish was accepted."""
 
     def dropped(self, reason: str, count: int) -> None:
         """``count`` frames were not delivered: ``drop_oldest`` dropped them, or a
@@ -47,7 +48,7 @@ class NullObserver:
     def published(self, form: str, fan_out: FanOut) -> None:
         return None
 
-    def written(self, frames: int, nbytes: int, waited: float) -> None:
+    def written(self, frames: int, nbytes: int, writes: int, waited: float) -> None:
         return None
 
     def dropped(self, reason: str, count: int) -> None:

@@ -71,6 +71,7 @@ class HttpProtocol(asyncio.Protocol):
         "_last_active",
         "_limits",
         "_loop",
+        "_out",
         "_parser",
         "_transport",
         "_url",
@@ -94,6 +95,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body_size = 0
         self._header_bytes = 0
         self._closing = False
+        self._out: list[bytes] = []
         self._last_active = 0.0
         self._idle: asyncio.TimerHandle | None = None
 
@@ -114,6 +116,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_active = self._loop.time()
+        out: list[bytes] = []
+        self._out = out
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -126,6 +130,12 @@ class HttpProtocol(asyncio.Protocol):
             )
         except httptools.HttpParserError as exc:
             self._respond(self.on_error(ClientError(f"malformed HTTP request: {exc}")), close=True)
+        # Every response to the requests in this read goes out in one write.
+        transport = self._transport
+        if out and transport is not None:
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+            if self._closing:
+                transport.close()
 
     def close(self) -> None:
         """Close the connection (at shutdown), whatever it is doing."""
@@ -205,8 +215,8 @@ class HttpProtocol(asyncio.Protocol):
         return PayloadTooLarge(f"request body exceeds {self._limits.max_body} bytes")
 
     def _respond(self, response: Response, *, close: bool) -> None:
-        transport = self._transport
-        if transport is None or self._closing:
+        """Queue a response; data_received writes them all at its end."""
+        if self._transport is None or self._closing:
             return
         head = [
             _STATUS_LINES[response.status],
@@ -219,10 +229,9 @@ class HttpProtocol(asyncio.Protocol):
             head.append(b"Connection: close\r\n")
         head.append(b"\r\n")
         head.append(response.body)
-        transport.write(b"".join(head))
+        self._out.append(b"".join(head))
         if close:
             self._closing = True
-            transport.close()
 
 
 @dataclass(frozen=True, slots=True)

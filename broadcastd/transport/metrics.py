@@ -117,10 +117,10 @@ class Metrics:
         if fan_out.refused:
             self.dropped_by_reason["slow_consumer"] += fan_out.refused
 
-    def written(self, frames: int, nbytes: int, waited: float) -> None:
+    def written(self, frames: int, nbytes: int, writes: int, waited: float) -> None:
         self.frames_sent += frames
         self.bytes_sent += nbytes
-        self.writes += 1
+        self.writes += writes
         self.delivery_latency.observe(waited)
 
     def dropped(self, reason: str, count: int) -> None:
@@ -199,8 +199,8 @@ class DaemonCollector(Collector):
         yield m.delivery_latency.family(
             f"{NAMESPACE}_delivery_latency_seconds",
             "Time from a publish being accepted to its frame being handed to the socket, "
-            "observed once per writer wake-up for the oldest frame written (so it is the "
-            "worst case of each write, with no sampling).",
+            "observed once per pass of the writers (one per event-loop turn with frames to "
+            "write) for the oldest frame written in it: the worst case of each pass.",
         )
         yield m.ping_latency.family(
             f"{NAMESPACE}_ping_latency_seconds",

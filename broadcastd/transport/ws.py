@@ -81,6 +81,9 @@ class WsServer:
         self._open: dict[Session, Connection] = {}
         self._all: set[Connection] = set()
         self._dirty: list[Connection] = []
+        self._pass_since = 0.0
+        self.pass_frames = 0
+        self.pass_bytes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gone: asyncio.Event | None = None
 
@@ -138,14 +141,29 @@ class WsServer:
 
     def schedule_flush(self, conn: Connection) -> None:
         if not self._dirty:
+            since = self.node.publishing_since
+            self._pass_since = since if since is not None else self.node.clock()
             assert self._loop is not None
             self._loop.call_soon(self._flush)
         self._dirty.append(conn)
 
     def _flush(self) -> None:
+        """One pass of the writers: every client that has frames queued gets one write.
+
+        Metrics are reported once per pass; its delivery latency is that of the
+        oldest frame written in it (the first queued, the last written).
+        """
         dirty, self._dirty = self._dirty, []
+        self.pass_frames = self.pass_bytes = 0
         for conn in dirty:
             conn.flush()
+        if self.pass_frames:
+            self.node.observer.written(
+                self.pass_frames,
+                self.pass_bytes,
+                len(dirty),
+                self.node.clock() - self._pass_since,
+            )
 
     def check(self, conn: Connection, request: Request) -> Response | None:
         """Admission: a refusal, or None (and the route stored on ``conn``)."""
@@ -193,12 +211,13 @@ class Connection(asyncio.Protocol):
         "_fragments",
         "_ping_sent",
         "closing",
+        "compressed",
         "dirty",
         "frames_sent",
+        "open",
         "outbox",
         "paused",
         "protocol",
-        "queued_at",
         "reject_reason",
         "remote",
         "route",
@@ -226,7 +245,10 @@ class Connection(asyncio.Protocol):
         self.dirty = False
         self.closing = False
         self.frames_sent = 0
-        self.queued_at = 0.0
+        self.open = False
+        """The protocol is OPEN: frames may be written (kept here, not read off the
+        protocol, because the writer asks on every write)."""
+        self.compressed = False
         self.started = 0.0
         self.remote = ""
         self._fragments: list[bytes] | None = None
@@ -250,6 +272,8 @@ class Connection(asyncio.Protocol):
                 self._on_frame(event)
             elif isinstance(event, Request):
                 self._on_request(event)
+        if self.open and protocol.state is not OPEN:
+            self.open = False
         if protocol.close_expected() and not self.closing:
             self._expect_close()
 
@@ -260,6 +284,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.protocol.receive_eof()  # idempotent; the state is now CLOSED
+        self.open = False
         self._cancel_timer()
         self.transport = None
         self.server.closed(self)
@@ -313,6 +338,8 @@ class Connection(asyncio.Protocol):
         route = self.route
         assert route is not None
         self.route = None
+        self.open = True
+        self.compressed = bool(self.protocol.extensions)
         outbox = self.outbox = Outbox(s.outbox_messages, s.outbox_bytes, s.slow_consumer_policy)
         outbox.wake = self.wake
         session = self.session = Session(
@@ -385,9 +412,6 @@ class Connection(asyncio.Protocol):
 
     def wake(self) -> None:
         """Called by the outbox when it stops being empty, or closes."""
-        node = self.server.node
-        since = node.publishing_since
-        self.queued_at = since if since is not None else node.clock()
         if not self.dirty:
             self.dirty = True
             self.server.schedule_flush(self)
@@ -396,35 +420,36 @@ class Connection(asyncio.Protocol):
         """Write everything queued in one write; close when the outbox says so."""
         self.dirty = False
         outbox = self.outbox
-        transport = self.transport
-        if outbox is None or transport is None or self.protocol.state is not OPEN:
+        if outbox is None or not self.open:
             return
-        if len(outbox) and not self.paused:
-            self._write(outbox, transport)
+        if not self.paused and len(outbox):
+            self._write(outbox)
         reason = outbox.closed
         if reason is not None and not len(outbox) and not self.closing:
             if self.paused and reason is not CloseReason.SLOW_CONSUMER:
                 return  # resume_writing() flushes again, then closes
+            self.open = False
             self.protocol.send_close(reason.code, reason.reason)
             self._send_protocol_data()
             self._expect_close()
 
-    def _write(self, outbox: Outbox, transport: asyncio.Transport) -> None:
-        observer = self.server.node.observer
-        queued_at = self.queued_at
-        missed = outbox.take_missed() if outbox.missed else 0
+    def _write(self, outbox: Outbox) -> None:
         frames = outbox.take()
-        if missed:
-            self._report_missed(missed, frames)
-        if self.protocol.extensions:
+        if outbox.missed:
+            self._report_missed(outbox.take_missed(), frames)
+        if self.compressed:
             for frame in frames:
                 self.protocol.send_text(frame_payload(frame))
             data = b"".join(self.protocol.data_to_send())
         else:
             data = frames[0] if len(frames) == 1 else b"".join(frames)
-        transport.write(data)
-        self.frames_sent += len(frames)
-        observer.written(len(frames), len(data), self.server.node.clock() - queued_at)
+        assert self.transport is not None
+        self.transport.write(data)
+        n = len(frames)
+        self.frames_sent += n
+        server = self.server
+        server.pass_frames += n
+        server.pass_bytes += len(data)
 
     def _send_protocol_data(self) -> None:
         """Write what the protocol produced (handshake response, pongs, close frames)."""
@@ -503,6 +528,7 @@ class Connection(asyncio.Protocol):
 
     def _expect_close(self) -> None:
         """The closing handshake is under way: bound it, then cut the connection."""
+        self.open = False
         self.closing = True
         self._set_timer(self.server.settings.close_timeout, self.abort)
 
