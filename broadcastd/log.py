@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 import structlog
 
 LEVELS = {
@@ -24,35 +25,40 @@ LEVELS = {
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
-    """Install the renderer on the root logger. Safe to call again (tests do)."""
-    if fmt == "auto":
-        fmt = "console" if sys.stdout.isatty() else "json"
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
-    )
+    """Set up structlog for our events and route stdlib logging through the same
+    renderer. Safe to call again (tests do).
+
+    Our own events take structlog's direct path (orjson, one write per line,
+    level filtering before any work): a connection storm logs two events per
+    client, so the cost per event matters.
+    """
+    as_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
+        structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    if as_json:
+        events_renderer: Any = structlog.processors.JSONRenderer(serializer=_json_bytes)
+        stdlib_renderer: Any = structlog.processors.JSONRenderer(serializer=_json_str)
+        factory: Any = structlog.BytesLoggerFactory(sys.stdout.buffer)
+    else:
+        events_renderer = stdlib_renderer = structlog.dev.ConsoleRenderer(
+            colors=sys.stdout.isatty()
+        )
+        factory = structlog.PrintLoggerFactory(sys.stdout)
     structlog.configure(
-        processors=[
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, structlog.processors.format_exc_info, events_renderer],
+        logger_factory=factory,
+        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
         cache_logger_on_first_use=True,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             structlog.processors.format_exc_info,
-            renderer,
+            stdlib_renderer,
         ],
     )
     handler = logging.StreamHandler(sys.stdout)
@@ -60,14 +66,21 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(LEVELS[level])
-    # websockets logs every failed handshake at INFO/ERROR with tracebacks; we log
-    # our own connection events instead.
+    # websockets logs every connection at INFO; we log our own connection events.
     logging.getLogger("websockets").setLevel(max(LEVELS[level], logging.WARNING))
 
 
+def _json_bytes(event: dict[str, Any], **_: Any) -> bytes:
+    return orjson.dumps(event, default=repr)
+
+
+def _json_str(event: dict[str, Any], **_: Any) -> str:
+    return orjson.dumps(event, default=repr).decode()
+
+
 def get(name: str) -> Any:
-    """A bound structlog logger for module ``name``."""
-    return structlog.stdlib.get_logger(name)
+    """A structlog logger whose events carry ``logger=name``."""
+    return structlog.get_logger().bind(logger=name)
 
 
 class Throttle:
