@@ -339,3 +339,21 @@ async def test_every_bad_input_gets_its_documented_error(strict_daemon: Running)
         assert (await daemon.http.get("/healthz")).status_code == 200
         stats = (await daemon.http.get("/stats", headers=AUTH)).json()
         assert stats["clients"] == 1
+
+
+async def test_a_batch_item_with_an_unhashable_channel_is_its_own_error(
+    strict_daemon: Running,
+) -> None:
+    await strict_daemon.http.post("/publish/known", json=1, headers=AUTH)
+    response = await strict_daemon.http.post(
+        "/batch",
+        headers=AUTH,
+        json=[
+            {"channel": ["known"], "data": 1},
+            {"channel": {"a": 1}, "data": 2},
+            {"channel": "known", "data": 3},
+        ],
+    )
+    results = response.json()["results"]
+    assert [r.get("error", {}).get("code") for r in results] == ["bad_channel", "bad_channel", None]
+    assert results[2]["offset"] == 2

@@ -68,6 +68,9 @@ class Hub:
     def __len__(self) -> int:
         return len(self._channels)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._channels
+
     def __iter__(self) -> Iterator[Channel]:
         return iter(self._channels.values())
 

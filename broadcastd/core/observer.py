@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from broadcastd.core.hub import FanOut
-
 
 class Observer(Protocol):
-    def published(self, form: str, fan_out: FanOut) -> None:
-        """A message was accepted through API ``form`` and fanned out locally."""
+    def published(self, form: str, messages: int, queued: int, refused: int) -> None:
+        """``messages`` were accepted through API ``form`` and fanned out locally:
+        queued for ``queued`` subscribers, refused by ``refused`` overflowing ones."""
 
     def written(self, frames: int, nbytes: int, writes: int, waited: float) -> None:
         """One pass of the writers handed ``frames`` frames (``nbytes`` bytes) to the
@@ -45,7 +44,7 @@ class Observer(Protocol):
 class NullObserver:
     """Reports to nobody."""
 
-    def published(self, form: str, fan_out: FanOut) -> None:
+    def published(self, form: str, messages: int, queued: int, refused: int) -> None:
         return None
 
     def written(self, frames: int, nbytes: int, writes: int, waited: float) -> None:

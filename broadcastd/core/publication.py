@@ -15,6 +15,7 @@ Three forms reach the same ``Node.publish``:
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 import orjson
@@ -65,8 +66,14 @@ def parse_publish(body: bytes, max_channels: int) -> tuple[list[str], Payload, b
     return list(dict.fromkeys(checked)), Payload.from_value(doc["data"]), True
 
 
-def parse_batch(body: bytes, max_items: int) -> list[tuple[str, Payload] | ClientError]:
-    """``POST /batch``: one (channel, payload) or one error per item, in order."""
+def parse_batch(
+    body: bytes, max_items: int, known: Container[str] = ()
+) -> list[tuple[str, Payload] | ClientError]:
+    """``POST /batch``: one (channel, payload) or one error per item, in order.
+
+    Names in ``known`` (the channels the hub already holds) were checked when
+    they were created and are not checked again.
+    """
     doc = load_json(body)
     if not isinstance(doc, list):
         raise BadCommand('body must be a JSON array of {"channel": …, "data": …} objects')
@@ -77,7 +84,10 @@ def parse_batch(body: bytes, max_items: int) -> list[tuple[str, Payload] | Clien
         try:
             if not isinstance(item, dict) or "data" not in item or "channel" not in item:
                 raise BadCommand('each item must be an object with "channel" and "data"')
-            items.append((check_channel(item["channel"]), Payload.from_value(item["data"])))
+            channel = item["channel"]
+            if not (isinstance(channel, str) and channel in known):
+                channel = check_channel(channel)
+            items.append((channel, Payload.from_value(item["data"])))
         except ClientError as exc:
             items.append(exc)
     return items

@@ -151,25 +151,21 @@ class ControlApi:
         self._require_json(request)
         if self.node.draining:  # refuse the whole batch, not item by item
             raise Draining("the server is shutting down")
-        items = parse_batch(request.body, self.settings.max_batch_items)
+        items = parse_batch(request.body, self.settings.max_batch_items, self.node.hub)
         results: list[dict[str, Any]] = []
         failed = 0
-        publish = self.node.publish
-        for item in items:
-            if isinstance(item, ClientError):
+        for result in self.node.publish_many(items, "batch"):
+            if isinstance(result, ClientError):
                 failed += 1
-                results.append({"error": {"code": item.code, "message": item.message}})
-                continue
-            channel, payload = item
-            try:
-                fan_out = publish(channel, payload, "batch")
-            except ClientError as exc:
-                failed += 1
-                results.append({"error": {"code": exc.code, "message": exc.message}})
-                continue
-            results.append(
-                {"channel": channel, "offset": fan_out.offset, "subscribers": fan_out.queued}
-            )
+                results.append({"error": {"code": result.code, "message": result.message}})
+            else:
+                results.append(
+                    {
+                        "channel": result.channel,
+                        "offset": result.offset,
+                        "subscribers": result.queued,
+                    }
+                )
         return json_response(
             200, {"published": len(items) - failed, "failed": failed, "results": results}
         )

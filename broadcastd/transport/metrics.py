@@ -35,7 +35,6 @@ from prometheus_client.registry import Collector
 from websockets.version import version as websockets_version
 
 from broadcastd import __version__
-from broadcastd.core.hub import FanOut
 
 if TYPE_CHECKING:
     from broadcastd.node import Node
@@ -111,11 +110,11 @@ class Metrics:
 
     # Observer
 
-    def published(self, form: str, fan_out: FanOut) -> None:
-        self.published_by_form[form] += 1
-        self.deliveries += fan_out.queued
-        if fan_out.refused:
-            self.dropped_by_reason["slow_consumer"] += fan_out.refused
+    def published(self, form: str, messages: int, queued: int, refused: int) -> None:
+        self.published_by_form[form] += messages
+        self.deliveries += queued
+        if refused:
+            self.dropped_by_reason["slow_consumer"] += refused
 
     def written(self, frames: int, nbytes: int, writes: int, waited: float) -> None:
         self.frames_sent += frames
