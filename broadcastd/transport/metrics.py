@@ -18,7 +18,7 @@ import sys
 import time
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -93,7 +93,8 @@ class Metrics:
     """The Observer behind /metrics: every event the daemon reports, counted."""
 
     def __init__(self) -> None:
-        self.published_by_form: Counter[str] = Counter()
+        self.published_by_form: dict[str, int] = dict.fromkeys(PUBLISH_FORMS, 0)
+        """A plain dict of the known forms: bumped on every publish, so no Counter."""
         self.deliveries = 0
         self.frames_sent = 0
         self.bytes_sent = 0
@@ -361,7 +362,7 @@ def _counter(
     return family
 
 
-def _complete(counts: Counter[str], known: Iterable[str]) -> dict[tuple[str, ...], int]:
+def _complete(counts: Mapping[str, int], known: Iterable[str]) -> dict[tuple[str, ...], int]:
     """Every known label value, zero when nothing happened yet, so rates start at 0."""
     values: dict[tuple[str, ...], int] = {(label,): counts.get(label, 0) for label in known}
     values.update({(label,): count for label, count in counts.items()})
