@@ -52,10 +52,24 @@ class Node:
 
     def publish(self, channel: str, payload: Payload, form: str) -> FanOut:
         """Publish one message; raise a ClientError (nothing published) if it is refused."""
-        (result,) = self.publish_many(((channel, payload),), form)
-        if isinstance(result, ClientError):
-            raise result
-        return result
+        if self.draining:
+            raise Draining("the server is shutting down")
+        self._check(channel, payload)
+        self.publishing_since = self.clock()
+        try:
+            fan_out = self.broker.publish(channel, payload)
+        finally:
+            self.publishing_since = None
+        self.observer.published(form, 1, fan_out.queued, fan_out.refused)
+        return fan_out
+
+    def _check(self, channel: str, payload: Payload) -> None:
+        if channel not in self.hub:  # known channels were checked when created
+            check_channel(channel)
+        if len(payload.json) > self.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload is {len(payload.json)} bytes; the limit is {self.max_payload_bytes}"
+            )
 
     def publish_many(
         self, items: Iterable[tuple[str, Payload] | ClientError], form: str
@@ -68,9 +82,8 @@ class Node:
         """
         if self.draining:
             raise Draining("the server is shutting down")
-        hub = self.hub
         publish = self.broker.publish
-        limit = self.max_payload_bytes
+        check = self._check
         results: list[FanOut | ClientError] = []
         published = queued = refused = 0
         self.publishing_since = self.clock()
@@ -81,12 +94,7 @@ class Node:
                     continue
                 channel, payload = item
                 try:
-                    if channel not in hub:  # known channels were checked when created
-                        check_channel(channel)
-                    if len(payload.json) > limit:
-                        raise PayloadTooLarge(
-                            f"payload is {len(payload.json)} bytes; the limit is {limit}"
-                        )
+                    check(channel, payload)
                     fan_out = publish(channel, payload)
                 except ClientError as exc:
                     results.append(exc)

@@ -88,7 +88,7 @@ class WebSocketSettings(_Section):
     outbox_bytes: int = Field(1 * MiB, ge=1 * KiB)
     """Most bytes waiting for one client before the slow-consumer policy applies."""
     write_limit: int = Field(64 * KiB, ge=1 * KiB)
-    """Kernel-side write buffer high-water mark per connection; the writer pauses above it."""
+    """Unsent bytes per connection above which its writer pauses."""
     slow_consumer_policy: SlowConsumerPolicy = SlowConsumerPolicy.DISCONNECT
     """`disconnect` closes a client that falls behind with 1013; `drop_oldest` drops
     its oldest queued messages and tells it how many it missed."""

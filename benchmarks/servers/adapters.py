@@ -22,7 +22,7 @@ class Broadcastd(Server):
     """The daemon, started through its own console script."""
 
     name = "broadcastd"
-    log_noise = ('"level": "info"',)
+    log_noise = ('"level":"info"',)
 
     @classmethod
     def unavailable(cls) -> str | None:

@@ -104,7 +104,7 @@ class Metrics:
         self.accepted = 0
         self.rejected: Counter[str] = Counter()
         self.closed: Counter[tuple[str, str]] = Counter()
-        self.control: Counter[tuple[str, str]] = Counter()
+        self.control: dict[tuple[str, int], int] = {}
         self.delivery_latency = Histogram(LATENCY_BUCKETS)
         self.ping_latency = Histogram(LATENCY_BUCKETS)
         self.loop_lag = Histogram(LATENCY_BUCKETS)
@@ -142,7 +142,8 @@ class Metrics:
         self.rejected[reason] += 1
 
     def control_request(self, endpoint: str, status: int) -> None:
-        self.control[(endpoint, str(status))] += 1
+        key = (endpoint, status)
+        self.control[key] = self.control.get(key, 0) + 1
 
 
 class LoopLagProbe:
@@ -345,7 +346,7 @@ class DaemonCollector(Collector):
             "control_requests",
             "Control-port requests, by endpoint and status.",
             ["endpoint", "status"],
-            {k: v for k, v in m.control.items()},
+            {(endpoint, str(status)): n for (endpoint, status), n in m.control.items()},
         )
 
 

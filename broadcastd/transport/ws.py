@@ -82,8 +82,8 @@ class WsServer:
         self._all: set[Connection] = set()
         self._dirty: list[Connection] = []
         self._pass_since = 0.0
-        self.pass_frames = 0
         self.pass_bytes = 0
+        """Bytes written in the current pass of the writers (the writers add to it)."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gone: asyncio.Event | None = None
 
@@ -154,15 +154,13 @@ class WsServer:
         oldest frame written in it (the first queued, the last written).
         """
         dirty, self._dirty = self._dirty, []
-        self.pass_frames = self.pass_bytes = 0
+        self.pass_bytes = 0
+        frames = 0
         for conn in dirty:
-            conn.flush()
-        if self.pass_frames:
+            frames += conn.flush()
+        if frames:
             self.node.observer.written(
-                self.pass_frames,
-                self.pass_bytes,
-                len(dirty),
-                self.node.clock() - self._pass_since,
+                frames, self.pass_bytes, len(dirty), self.node.clock() - self._pass_since
             )
 
     def check(self, conn: Connection, request: Request) -> Response | None:
@@ -416,40 +414,46 @@ class Connection(asyncio.Protocol):
             self.dirty = True
             self.server.schedule_flush(self)
 
-    def flush(self) -> None:
-        """Write everything queued in one write; close when the outbox says so."""
+    def flush(self) -> int:
+        """Write everything queued in one write; close when the outbox says so.
+        Returns how many frames were written."""
         self.dirty = False
         outbox = self.outbox
         if outbox is None or not self.open:
-            return
-        if not self.paused and len(outbox):
-            self._write(outbox)
-        reason = outbox.closed
-        if reason is not None and not len(outbox) and not self.closing:
-            if self.paused and reason is not CloseReason.SLOW_CONSUMER:
-                return  # resume_writing() flushes again, then closes
-            self.open = False
-            self.protocol.send_close(reason.code, reason.reason)
-            self._send_protocol_data()
-            self._expect_close()
+            return 0
+        written = 0
+        if not self.paused:
+            frames = outbox.take()
+            if frames:
+                if outbox.missed:
+                    self._report_missed(outbox.take_missed(), frames)
+                if self.compressed:
+                    data = self._compress(frames)
+                else:
+                    data = frames[0] if len(frames) == 1 else b"".join(frames)
+                assert self.transport is not None
+                self.transport.write(data)
+                written = len(frames)
+                self.frames_sent += written
+                self.server.pass_bytes += len(data)
+        if outbox.closed is not None:
+            self._close_if_flushed(outbox, outbox.closed)
+        return written
 
-    def _write(self, outbox: Outbox) -> None:
-        frames = outbox.take()
-        if outbox.missed:
-            self._report_missed(outbox.take_missed(), frames)
-        if self.compressed:
-            for frame in frames:
-                self.protocol.send_text(frame_payload(frame))
-            data = b"".join(self.protocol.data_to_send())
-        else:
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-        assert self.transport is not None
-        self.transport.write(data)
-        n = len(frames)
-        self.frames_sent += n
-        server = self.server
-        server.pass_frames += n
-        server.pass_bytes += len(data)
+    def _compress(self, frames: list[bytes]) -> bytes:
+        for frame in frames:
+            self.protocol.send_text(frame_payload(frame))
+        return b"".join(self.protocol.data_to_send())
+
+    def _close_if_flushed(self, outbox: Outbox, reason: CloseReason) -> None:
+        if len(outbox) or self.closing:
+            return
+        if self.paused and reason is not CloseReason.SLOW_CONSUMER:
+            return  # resume_writing() flushes again, then closes
+        self.open = False
+        self.protocol.send_close(reason.code, reason.reason)
+        self._send_protocol_data()
+        self._expect_close()
 
     def _send_protocol_data(self) -> None:
         """Write what the protocol produced (handshake response, pongs, close frames)."""
