@@ -288,58 +288,45 @@ async def s3_channels(server: Server, p: Params) -> dict[str, Any]:
             "single": {**single, "published": stats.ok, "publish_statuses": stats.statuses},
         }
         if server.batch:
-            pool.reset_counts()
-            pipe = await HttpPipe.open(HOST, server.control_port, keep_bodies=True)
-            meter = _Meter(server)
-            batch = await batch_flat_out(
-                pipe,
-                channels,
-                items=p.s3_batch_items,
-                depth=p.s3_batch_depth,
-                duration=p.s3_duration,
-                max_messages=p.s3_max_messages,
+            label = f"S3 /batch ingest ({p.s3_batch_items}/request)"
+            metrics["batch_ingest_per_s"], details["batch"] = await _batch_phase(
+                server, pool, channels, p.s3_batch_items, label, p
             )
-            delivered = await _deliveries(pool, batch.messages, meter, p)
-            pipe.close()
-            ingest = batch.messages / batch.seconds
-            metrics["batch_ingest_per_s"] = metric(
-                f"S3 /batch ingest ({p.s3_batch_items}/request)", "msg/s", "higher", ingest
-            )
-            details["batch"] = {**delivered, "published": batch.messages, "ingest_per_s": ingest}
-
             # The same batches over a few hot channels: every subscriber then gets
             # many messages per pass of the writers, so one socket write carries
             # many of them and the figure shows the ingest path itself rather than
             # one write system call per message.
             hot = channels[: p.s3_hot_channels]
-            pool.reset_counts()
-            pipe = await HttpPipe.open(HOST, server.control_port, keep_bodies=True)
-            meter = _Meter(server)
-            batch = await batch_flat_out(
-                pipe,
-                hot,
-                items=p.s3_hot_batch_items,
-                depth=p.s3_batch_depth,
-                duration=p.s3_duration,
-                max_messages=p.s3_max_messages,
+            label = f"S3 /batch ingest ({p.s3_hot_batch_items}/request, {len(hot)} channels)"
+            metrics["hot_batch_ingest_per_s"], details["hot_batch"] = await _batch_phase(
+                server, pool, hot, p.s3_hot_batch_items, label, p
             )
-            delivered = await _deliveries(pool, batch.messages, meter, p)
-            pipe.close()
-            ingest = batch.messages / batch.seconds
-            metrics["hot_batch_ingest_per_s"] = metric(
-                f"S3 /batch ingest ({p.s3_hot_batch_items}/request, {len(hot)} channels)",
-                "msg/s",
-                "higher",
-                ingest,
-            )
-            details["hot_batch"] = {
-                **delivered,
-                "published": batch.messages,
-                "ingest_per_s": ingest,
-            }
         return {"metrics": metrics, "details": details}
     finally:
         pool.abort_all()
+
+
+async def _batch_phase(
+    server: Server, pool: Pool, channels: list[str], items: int, label: str, p: Params
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Flat-out ``POST /batch`` of ``items`` messages round-robin over ``channels``:
+    the ingest metric and the details behind it."""
+    pool.reset_counts()
+    pipe = await HttpPipe.open(HOST, server.control_port, keep_bodies=True)
+    meter = _Meter(server)
+    batch = await batch_flat_out(
+        pipe,
+        channels,
+        items=items,
+        depth=p.s3_batch_depth,
+        duration=p.s3_duration,
+        max_messages=p.s3_max_messages,
+    )
+    delivered = await _deliveries(pool, batch.messages, meter, p)
+    pipe.close()
+    ingest = batch.messages / batch.seconds
+    details = {**delivered, "published": batch.messages, "ingest_per_s": ingest}
+    return metric(label, "msg/s", "higher", ingest), details
 
 
 async def s4_memory(server: Server, p: Params) -> dict[str, Any]:
