@@ -193,6 +193,9 @@ CASES = [
     Case("ws: bad id", ws_command('{"op": "ping", "id": [1]}'), "bad_command"),
     Case("ws: oversized frame", ws_close(lambda c: c.protocol.send_text(b"x" * 2000)), 1009),
     Case("ws: invalid UTF-8", ws_close(lambda c: c.send_raw(masked_text_frame(b"\xff\xfe"))), 1007),
+    Case(
+        "ws: unmasked client frame", ws_close(lambda c: c.send_raw(bytes((0x81, 2)) + b"{}")), 1002
+    ),
     Case("ws: binary command frame", ws_close(lambda c: c.protocol.send_binary(b"{}")), 1003),
     Case("ws: repeated invalid commands", ws_close(too_many_errors), 1008),
     Case("ws handshake: bad channel in path", ws_handshake("/a%20b"), (400, "bad_channel")),
