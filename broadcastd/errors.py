@@ -114,25 +114,21 @@ class Draining(ClientError):
 
 
 class CloseReason(Enum):
-    """How a subscriber connection ends: (RFC 6455 close code, reason text, who).
+    """Every close broadcastd itself initiates: (RFC 6455 close code, reason text).
 
-    ``initiator`` is "server" when broadcastd chose to close, "client" when the
-    peer did, "abnormal" when no close frame was exchanged.
+    Closes the peer starts, and the ones websockets' parser makes on protocol
+    errors (1002, 1009), are read off the protocol; ABNORMAL names a connection
+    that ended with no close frame at all.
     """
 
-    NORMAL = (1000, "", "client")
-    GOING_AWAY = (1001, "going away", "client")
-    SHUTDOWN = (1001, "server shutting down", "server")
-    UNSUPPORTED_DATA = (1003, "binary frames are not accepted", "server")
-    ABNORMAL = (1006, "connection lost", "abnormal")
-    INVALID_UTF8 = (1007, "invalid UTF-8", "server")
-    POLICY = (1008, "too many invalid commands", "server")
-    TOO_BIG = (1009, "message too big", "server")
-    INTERNAL_ERROR = (1011, "internal error", "server")
-    KEEPALIVE_TIMEOUT = (1011, "keepalive ping timeout", "server")
-    SLOW_CONSUMER = (1013, "slow consumer", "server")
+    SHUTDOWN = (1001, "server shutting down")
+    UNSUPPORTED_DATA = (1003, "binary frames are not accepted")
+    ABNORMAL = (1006, "connection lost")
+    INVALID_UTF8 = (1007, "invalid UTF-8")
+    POLICY = (1008, "too many invalid commands")
+    KEEPALIVE_TIMEOUT = (1011, "keepalive ping timeout")
+    SLOW_CONSUMER = (1013, "slow consumer")
 
-    def __init__(self, code: int, reason: str, initiator: str) -> None:
+    def __init__(self, code: int, reason: str) -> None:
         self.code = code
         self.reason = reason
-        self.initiator = initiator

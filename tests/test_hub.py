@@ -86,7 +86,7 @@ def test_offsets_survive_while_the_channel_is_remembered() -> None:
     hub = Hub(2)
     hub.publish("a", Payload.from_value(1))
     hub.publish("a", Payload.from_value(2))
-    assert hub.offset("a") == 2
+    assert hub.get("a").offset == 2
     assert hub.subscribe(Outbox(10, 10_000), "a") == 2
 
 
@@ -97,7 +97,7 @@ def test_idle_channels_are_forgotten_oldest_first_and_busy_ones_never() -> None:
     hub.publish("idle1", Payload.from_value(1))
     hub.publish("idle2", Payload.from_value(1))  # forgets idle1
     assert hub.get("idle1") is None
-    assert hub.offset("busy") == 0
+    assert hub.get("busy").offset == 0
     assert hub.get("idle2") is not None
     hub.subscribe(Outbox(10, 10_000), "idle2")
     with pytest.raises(ChannelTableFull):

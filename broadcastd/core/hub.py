@@ -77,10 +77,6 @@ class Hub:
     def get(self, name: str) -> Channel | None:
         return self._channels.get(name)
 
-    def offset(self, name: str) -> int:
-        channel = self._channels.get(name)
-        return 0 if channel is None else channel.offset
-
     def _channel(self, name: str) -> Channel:
         channel = self._channels.get(name)
         if channel is not None:

@@ -97,9 +97,6 @@ class WsServer:
     def client_count(self) -> int:
         return len(self._open)
 
-    def sessions(self) -> list[Session]:
-        return list(self._open)
-
     def connections(self) -> list[tuple[Session, Connection]]:
         return list(self._open.items())
 
