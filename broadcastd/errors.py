@@ -128,6 +128,7 @@ class CloseReason(Enum):
     POLICY = (1008, "too many invalid commands")
     KEEPALIVE_TIMEOUT = (1011, "keepalive ping timeout")
     SLOW_CONSUMER = (1013, "slow consumer")
+    NO_SUBSCRIPTION = (4000, "no subscription")
 
     def __init__(self, code: int, reason: str) -> None:
         self.code = code

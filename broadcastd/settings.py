@@ -79,6 +79,8 @@ class WebSocketSettings(_Section):
     """Most subscriber connections at once; the next handshake gets HTTP 503."""
     max_channels_per_client: int = Field(100, ge=1)
     """Most channels one connection may subscribe to."""
+    max_fragments: int = Field(64, ge=1)
+    """Most frames one fragmented message may arrive in; more closes with 1009."""
     max_message_bytes: int = Field(8 * KiB, ge=64)
     """Largest message a client may send (commands are small); larger closes with 1009.
     Commands are handled as they are read, so this is also all that a client can
@@ -96,6 +98,10 @@ class WebSocketSettings(_Section):
     """Invalid commands tolerated on one connection before it is closed with 1008."""
     open_timeout: float = Field(10.0, gt=0)
     """Seconds a client has to complete the opening handshake."""
+    subscribe_timeout: float | None = Field(30.0, gt=0)
+    """Seconds a connection may hold no subscription (after opening, or after its last
+    unsubscribe) before it is closed with 4000; unset lets it idle for as long as it
+    answers pings."""
     ping_interval: float | None = Field(20.0, gt=0)
     """Seconds between keepalive pings (unset disables keepalive)."""
     ping_timeout: float | None = Field(20.0, gt=0)
@@ -132,6 +138,16 @@ class ControlSettings(_Section):
     """Largest request line plus headers (431 above it)."""
     idle_timeout: float = Field(60.0, gt=0)
     """Seconds an idle keep-alive control connection stays open."""
+    header_timeout: float = Field(10.0, gt=0)
+    """Seconds a client has to send a complete request line and headers, however
+    slowly the bytes trickle in (nginx's client_header_timeout)."""
+    linger_timeout: float = Field(2.0, gt=0)
+    """After an error answer that ends a connection mid-request (413, say), seconds
+    the rest of the request is read and discarded so that the client sees the
+    answer instead of a reset."""
+    write_limit: int = Field(256 * KiB, ge=1 * KiB)
+    """Unread response bytes per control connection above which the server stops
+    reading (and answering) its pipelined requests."""
 
 
 class ChannelSettings(_Section):
@@ -161,6 +177,9 @@ class LogSettings(_Section):
     """Lowest level written."""
     format: Literal["auto", "json", "console"] = "auto"
     """`auto` writes JSON lines unless stdout is a terminal."""
+    buffer_bytes: int = Field(1 * MiB, ge=4 * KiB)
+    """Log bytes held while stdout cannot take them (a stuck log shipper); lines
+    beyond this are dropped and counted, never waited for."""
 
 
 class Settings(BaseSettings):
