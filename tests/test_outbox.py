@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from broadcastd.core.envelope import Reply
 from broadcastd.core.outbox import DROPPED, QUEUED, REFUSED, Outbox
 from broadcastd.errors import CloseReason
 from broadcastd.settings import SlowConsumerPolicy
@@ -73,7 +76,48 @@ def test_drop_oldest_refuses_a_frame_larger_than_the_whole_bound() -> None:
     outbox = Outbox(100, 4, SlowConsumerPolicy.DROP_OLDEST)
     outbox.push(b"ab")
     assert outbox.push(b"too large") == REFUSED
-    assert outbox.take_missed() == 2
+    assert outbox.take_missed() == 1  # only the frame that cannot fit
+    assert outbox.take() == [b"ab"]
+
+
+def test_drop_oldest_never_drops_replies_nor_counts_them() -> None:
+    outbox = Outbox(3, 1000, SlowConsumerPolicy.DROP_OLDEST)
+    outbox.push(Reply(b"r1"))
+    outbox.push(b"m1")
+    outbox.push(Reply(b"r2"))
+    assert outbox.push(b"m2") == DROPPED
+    assert outbox.take() == [b"r1", b"r2", b"m2"]
+    assert outbox.take_missed() == 1
+
+
+def test_replies_nobody_reads_end_a_drop_oldest_client() -> None:
+    outbox = Outbox(2, 1000, SlowConsumerPolicy.DROP_OLDEST)
+    outbox.push(Reply(b"r1"))
+    outbox.push(Reply(b"r2"))
+    assert outbox.push(b"m") == REFUSED  # a message that cannot fit is missed
+    assert outbox.missed == 1
+    assert outbox.closed is None
+    assert outbox.push(Reply(b"r3")) == REFUSED
+    assert outbox.closed is CloseReason.SLOW_CONSUMER
+
+
+@pytest.mark.parametrize("policy", list(SlowConsumerPolicy))
+def test_a_full_outbox_first_drains_to_a_socket_that_can_take_more(
+    policy: SlowConsumerPolicy,
+) -> None:
+    outbox = Outbox(2, 1000, policy)
+    written: list[bytes] = []
+
+    def drain() -> bool:
+        written.extend(outbox.take())
+        return True
+
+    outbox.drain = drain
+    for frame in (b"a", b"b", b"c", b"d", b"e"):
+        assert outbox.push(frame) == QUEUED
+    assert written + outbox.take() == [b"a", b"b", b"c", b"d", b"e"]
+    assert outbox.closed is None
+    assert outbox.missed == 0
 
 
 def test_shutdown_keeps_pending_frames_for_the_final_flush() -> None:

@@ -96,11 +96,19 @@ def raw_frame(payload: Payload) -> bytes:
     return text_frame(payload.raw)
 
 
-def reply_frame(reply: dict[str, Any]) -> bytes:
+class Reply(bytes):
+    """The frame of a reply or event to one client: never dropped by a slow-consumer
+    policy, never counted as a message. A bytes subclass, so writers join it like
+    any frame and only the outbox's overflow path looks at the type."""
+
+    __slots__ = ()
+
+
+def reply_frame(reply: dict[str, Any]) -> Reply:
     """A reply or event to one client (``{"type": …}``)."""
-    return text_frame(orjson.dumps(reply))
+    return Reply(text_frame(orjson.dumps(reply)))
 
 
-def missed_frame(count: int) -> bytes:
+def missed_frame(count: int) -> Reply:
     """Told to a drop_oldest client before the messages that follow a gap."""
     return reply_frame({"type": "missed", "count": count})

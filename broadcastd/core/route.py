@@ -10,7 +10,9 @@ repeat ``channel`` and may set ``format`` to ``json`` (the default: each message
 is a JSON envelope) or ``raw`` (the payload alone). Channel names follow the
 grammar in broadcastd.core.channels and are never percent-decoded in the path,
 so each channel has exactly one spelling. Unknown query parameters are refused
-rather than ignored, so a typo such as ``chanel=`` fails loudly.
+rather than ignored, so a typo such as ``chanel=`` fails loudly. The query is
+parsed whole (the request line is bounded at 8 KiB before it gets here), so too
+many channels is told as ``too_many_channels``, not as a malformed query.
 """
 
 from __future__ import annotations
@@ -49,7 +51,6 @@ def parse_route(target: str, max_channels: int) -> Route:
             keep_blank_values=True,
             strict_parsing=bool(query),
             errors="strict",
-            max_num_fields=max_channels + 2,
         )
     except (ValueError, UnicodeDecodeError) as exc:
         raise ClientError(f"malformed query string: {exc}") from None

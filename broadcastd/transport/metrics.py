@@ -35,6 +35,7 @@ from prometheus_client.registry import Collector
 from websockets.version import version as websockets_version
 
 from broadcastd import __version__
+from broadcastd.errors import CloseReason
 
 if TYPE_CHECKING:
     from broadcastd.node import Node
@@ -136,7 +137,9 @@ class Metrics:
         self.accepted += 1
 
     def connection_closed(self, code: int, initiator: str) -> None:
-        self.closed[(str(code), initiator)] += 1
+        # Clients choose their close codes: undocumented ones share one series.
+        label = str(code) if code in CLOSE_CODES else "other"
+        self.closed[(label, initiator)] += 1
 
     def connection_rejected(self, reason: str) -> None:
         self.rejected[reason] += 1
@@ -176,7 +179,9 @@ class LoopLagProbe:
 PUBLISH_FORMS = ("channel", "json", "batch")
 DROP_REASONS = ("drop_oldest", "slow_consumer")
 POLICIES = ("disconnect", "drop_oldest")
-REJECT_REASONS = ("cap", "origin", "bad_request", "handshake_timeout", "draining")
+REJECT_REASONS = ("cap", "origin", "bad_request", "handshake_timeout", "draining", "fd_limit")
+CLOSE_CODES = frozenset({1000, 1002, 1005} | {reason.code for reason in CloseReason})
+"""Close codes with a series of their own (README, "How connections end")."""
 
 
 class DaemonCollector(Collector):
@@ -191,6 +196,8 @@ class DaemonCollector(Collector):
         while depth_bounds[-1] < bound:
             depth_bounds.append(min(bound, max(1, depth_bounds[-1] * 2)))
         self.depth_bounds = tuple(depth_bounds)
+        self._unsent_missed = 0
+        """Drops not yet told to their clients, summed by _queues() for _counters()."""
 
     def collect(self) -> Iterator[Metric]:
         yield from self._state()
@@ -247,13 +254,19 @@ class DaemonCollector(Collector):
     def _queues(self) -> Iterator[Metric]:
         bounds = self.depth_bounds
         counts = [0] * (len(bounds) + 1)
-        total_frames = total_bytes = deepest = write_buffers = 0
+        total_frames = total_bytes = deepest = write_buffers = unsent_missed = stuck = 0
         fullest = 0.0
+        oldest = now = self.node.clock()
         s = self.ws.settings
         for session, conn in self.ws.connections():
             outbox = session.outbox
             depth = len(outbox)
             size = outbox.size
+            unsent_missed += outbox.missed
+            if depth and conn.waiting_since:
+                oldest = min(oldest, conn.waiting_since)
+            if outbox.closed is not None and not conn.closing:
+                stuck += 1
             counts[bisect_left(bounds, depth)] += 1
             total_frames += depth
             total_bytes += size
@@ -262,6 +275,7 @@ class DaemonCollector(Collector):
             transport = conn.transport
             if transport is not None:
                 write_buffers += transport.get_write_buffer_size()
+        self._unsent_missed = unsent_missed
         buckets = _cumulative(bounds, counts)
         yield GaugeHistogramMetricFamily(
             f"{NAMESPACE}_outbox_depth_frames",
@@ -277,6 +291,19 @@ class DaemonCollector(Collector):
             fullest,
         )
         yield _gauge("outbox_bytes", "Bytes waiting in all outboxes.", total_bytes)
+        yield _gauge(
+            "outbox_oldest_age_seconds",
+            "Age of the oldest frame waiting in any outbox (0 when none waits): what a "
+            "client that cannot drain its queue has been kept waiting.",
+            now - oldest,
+        )
+        yield _gauge(
+            "outboxes_closed_pending",
+            "Connections whose outbox is closed (slow consumer, shutdown, error) but whose "
+            "closing handshake has not begun: normally brief; a lasting value means "
+            "connections are held without being written.",
+            stuck,
+        )
         yield _gauge(
             "write_buffer_bytes",
             "Bytes handed to sockets but not yet taken by the kernel, all clients.",
@@ -313,11 +340,14 @@ class DaemonCollector(Collector):
         yield _counter(
             "writes", "Socket writes (each carries every frame queued).", [], {(): m.writes}
         )
+        dropped = Counter(m.dropped_by_reason)
+        dropped["drop_oldest"] += self._unsent_missed
         yield _counter(
             "messages_dropped",
-            "Messages not delivered to a subscriber, by reason.",
+            "Messages not delivered to a subscriber, by reason (drop_oldest counts them "
+            "when they are dropped, before the client is told).",
             ["reason"],
-            _complete(m.dropped_by_reason, DROP_REASONS),
+            _complete(dropped, DROP_REASONS),
         )
         yield _counter(
             "slow_consumer_actions",

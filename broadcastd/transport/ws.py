@@ -24,10 +24,24 @@ never while the transport is above ``ws.write_limit`` (the client's outbox
 absorbs the difference until the slow-consumer policy acts). With compression
 negotiated, frames go through the protocol instead, compressed per client.
 
+Backpressure both ways: a fan-out that finds a client's outbox full first
+writes out what is queued if the socket can take it (the client is slow only
+when it cannot); while a connection is above its write limit its input is not
+read either, so pings and commands cannot make the server buffer answers
+without bound; and at most ``READ_SLICE`` input bytes are parsed per connection
+per event-loop turn, so a flood of tiny frames delays nobody else for long.
+
+Containment: whether frames may be written is read off the protocol state (and
+the transport), never kept in sync by hand; every callback that serves several
+connections (the writer pass) catches per connection, and an exception while
+reading from, writing to or closing one connection aborts that connection
+alone, with one throttled log line.
+
 Timers, not tasks: one TimerHandle per connection serves, in turn, the opening
 handshake timeout, the keepalive ping interval (websockets' ping frames; the
 pong echoes the send time, so the round trip needs no state), the pong timeout
-and the closing-handshake timeout.
+and the closing-handshake timeout; a second one, armed only while the
+connection holds no subscription, enforces ``ws.subscribe_timeout``.
 """
 
 from __future__ import annotations
@@ -41,11 +55,11 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import orjson
-from websockets.datastructures import Headers
+from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request, Response
+from websockets.http11 import Request
 from websockets.protocol import SEND_EOF, State
 from websockets.server import ServerProtocol
 
@@ -62,10 +76,78 @@ _log = log.get("broadcastd.ws")
 _throttle = log.Throttle(per_second=10)
 """Floods of identical warnings (thousands of slow consumers at once) are summarised."""
 _protocol_log = logging.getLogger("websockets.server")
-OPEN = State.OPEN
+OPEN, CONNECTING = State.OPEN, State.CONNECTING
 TEXT, CONT, BINARY, PONG = Opcode.TEXT, Opcode.CONT, Opcode.BINARY, Opcode.PONG
 BACKLOG = 4096
+READ_SLICE = 16 * 1024
+"""Most input bytes parsed per connection per event-loop turn (about 2700 of the
+smallest frames): the rest waits, with reading paused, for the next turn."""
 _PING_STAMP = struct.Struct("!d")
+_WRITE_FULL, _BACKLOG = 1, 2
+"""Why reading is paused: the socket is above its write limit; input is waiting."""
+
+
+class Refusal(ClientError):
+    """A handshake answered with an HTTP error instead of 101 (JSON body)."""
+
+    def __init__(
+        self,
+        status: http.HTTPStatus,
+        code: str,
+        message: str,
+        reason: str = "bad_request",
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        super().__init__(message, code)
+        self.status = status
+        self.reason = reason
+        """The label of the rejected-connections metric."""
+        self.headers = headers
+
+    def serialize(self) -> bytes:
+        body = orjson.dumps({"error": {"code": self.code, "message": self.message}})
+        head = [
+            f"HTTP/1.1 {self.status.value} {self.status.phrase}",
+            "Server: broadcastd",
+            "Connection: close",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+        ]
+        if self.status is http.HTTPStatus.SERVICE_UNAVAILABLE:
+            head.append("Retry-After: 5")
+        head.extend(f"{name}: {value}" for name, value in self.headers)
+        return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+_STATUS_CODES = {
+    http.HTTPStatus.METHOD_NOT_ALLOWED: ("method_not_allowed", (("Allow", "GET"),)),
+    http.HTTPStatus.UPGRADE_REQUIRED: (
+        "upgrade_required",
+        (("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")),
+    ),
+    http.HTTPStatus.HTTP_VERSION_NOT_SUPPORTED: ("http_version_not_supported", ()),
+    http.HTTPStatus.INTERNAL_SERVER_ERROR: ("internal", ()),
+}
+
+
+def _accept_refusal(status: int, exc: Exception | None) -> Refusal:
+    """websockets refused the handshake (plain text): the same refusal in JSON."""
+    code = http.HTTPStatus(status)
+    name, headers = _STATUS_CODES.get(code, ("bad_request", ()))
+    if code not in _STATUS_CODES:
+        code = http.HTTPStatus.BAD_REQUEST
+    return Refusal(code, name, str(exc) if exc is not None else code.phrase, headers=headers)
+
+
+def _parse_refusal(exc: Exception) -> Refusal:
+    """The request could not be parsed: too long, too many headers, or not HTTP."""
+    if isinstance(exc, RequestLineTooLong):
+        return Refusal(http.HTTPStatus.REQUEST_URI_TOO_LONG, "uri_too_long", str(exc))
+    if isinstance(exc, HeaderLineTooLong | TooManyHeaders):
+        return Refusal(
+            http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", str(exc)
+        )
+    return Refusal(http.HTTPStatus.BAD_REQUEST, "bad_request", "malformed HTTP request")
 
 
 class WsServer:
@@ -81,9 +163,12 @@ class WsServer:
         self._open: dict[Session, Connection] = {}
         self._all: set[Connection] = set()
         self._dirty: list[Connection] = []
-        self._pass_since = 0.0
+        self.pass_frames = 0
         self.pass_bytes = 0
-        """Bytes written in the current pass of the writers (the writers add to it)."""
+        self.pass_writes = 0
+        self.pass_oldest = _NEVER
+        """What the writers did since the last report (they add to these): frames,
+        bytes, writes, and when the oldest frame written was queued."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gone: asyncio.Event | None = None
 
@@ -114,8 +199,17 @@ class WsServer:
 
     async def drain(self, deadline: float) -> int:
         """Flush every outbox, close each connection with 1001; abort what remains
-        at loop time ``deadline``. Returns how many connections had to be aborted."""
+        at loop time ``deadline``. Returns how many connections had to be aborted.
+
+        Connections that have not completed a handshake (a load balancer's TCP
+        check, a client that never speaks) are cut at once: they hold nothing
+        that must be flushed."""
         self._gone = asyncio.Event()
+        for conn in list(self._all):
+            if conn.session is None:
+                if not conn.closing:
+                    self.node.observer.connection_rejected("draining")
+                conn.abort()
         for session in list(self._open):
             session.outbox.close(CloseReason.SHUTDOWN)
         aborted = 0
@@ -136,10 +230,14 @@ class WsServer:
 
     # Connections report here
 
+    def now(self) -> float:
+        """When the frames being queued now were accepted: the publish under way,
+        else the present (a reply)."""
+        since = self.node.publishing_since
+        return since if since is not None else self.node.clock()
+
     def schedule_flush(self, conn: Connection) -> None:
         if not self._dirty:
-            since = self.node.publishing_since
-            self._pass_since = since if since is not None else self.node.clock()
             assert self._loop is not None
             self._loop.call_soon(self._flush)
         self._dirty.append(conn)
@@ -147,42 +245,53 @@ class WsServer:
     def _flush(self) -> None:
         """One pass of the writers: every client that has frames queued gets one write.
 
-        Metrics are reported once per pass; its delivery latency is that of the
-        oldest frame written in it (the first queued, the last written).
+        Each connection is served on its own: an exception writing to one ends that
+        connection alone, and the rest of the pass goes on. Metrics are reported
+        once per pass; its delivery latency is that of the oldest frame written
+        since the last report (the first queued, the last written).
         """
         dirty, self._dirty = self._dirty, []
-        self.pass_bytes = 0
-        frames = 0
         for conn in dirty:
-            frames += conn.flush()
-        if frames:
+            try:
+                conn.flush()
+            except Exception as exc:
+                conn.crash(exc, "write")
+        if self.pass_frames:
             self.node.observer.written(
-                frames, self.pass_bytes, len(dirty), self.node.clock() - self._pass_since
+                self.pass_frames,
+                self.pass_bytes,
+                self.pass_writes,
+                self.node.clock() - self.pass_oldest,
             )
+            self.pass_frames = self.pass_bytes = self.pass_writes = 0
+            self.pass_oldest = _NEVER
 
-    def check(self, conn: Connection, request: Request) -> Response | None:
+    def check(self, conn: Connection, request: Request) -> Refusal | None:
         """Admission: a refusal, or None (and the route stored on ``conn``)."""
         s = self.settings
         if self.node.draining:
-            conn.reject_reason = "draining"
-            return _refusal(
-                http.HTTPStatus.SERVICE_UNAVAILABLE, "draining", "the server is shutting down"
+            return Refusal(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                "draining",
+                "the server is shutting down",
+                "draining",
             )
         if len(self._open) >= s.max_clients:
-            conn.reject_reason = "cap"
-            return _refusal(
-                http.HTTPStatus.SERVICE_UNAVAILABLE, "cap", "the server is at its connection limit"
+            return Refusal(
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                "cap",
+                "the server is at its connection limit",
+                "cap",
             )
-        if s.allowed_origins is not None:
-            origin = request.headers.get("Origin")
-            if origin is not None and origin not in s.allowed_origins:
-                conn.reject_reason = "origin"
-                return _refusal(http.HTTPStatus.FORBIDDEN, "origin", "origin not allowed")
+        origins = request.headers.get_all("Origin")
+        if len(origins) > 1:
+            return Refusal(http.HTTPStatus.BAD_REQUEST, "bad_request", "more than one Origin")
+        if s.allowed_origins is not None and origins and origins[0] not in s.allowed_origins:
+            return Refusal(http.HTTPStatus.FORBIDDEN, "origin", "origin not allowed", "origin")
         try:
             conn.route = parse_route(request.path, s.max_channels_per_client)
         except ClientError as exc:
-            conn.reject_reason = "bad_request"
-            return _refusal(http.HTTPStatus.BAD_REQUEST, exc.code, exc.message)
+            return Refusal(http.HTTPStatus.BAD_REQUEST, exc.code, exc.message)
         return None
 
     def connected(self, conn: Connection) -> None:
@@ -199,21 +308,26 @@ class WsServer:
             self._gone.set()
 
 
+_NEVER = float("inf")
+
+
 class Connection(asyncio.Protocol):
     """One subscriber connection: its protocol state, its session, its writer."""
 
     __slots__ = (
         "_fragments",
+        "_pending",
         "_ping_sent",
+        "_read_paused",
+        "channels",
         "closing",
         "compressed",
         "dirty",
         "frames_sent",
-        "open",
+        "idle_timer",
         "outbox",
         "paused",
         "protocol",
-        "reject_reason",
         "remote",
         "route",
         "server",
@@ -221,6 +335,7 @@ class Connection(asyncio.Protocol):
         "started",
         "timer",
         "transport",
+        "waiting_since",
     )
 
     def __init__(self, server: WsServer) -> None:
@@ -234,22 +349,26 @@ class Connection(asyncio.Protocol):
         self.session: Session | None = None
         self.outbox: Outbox | None = None
         self.route: Route | None = None
-        self.reject_reason: str | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.idle_timer: asyncio.TimerHandle | None = None
         self.paused = False
+        """The transport is above its write limit: the writer waits for resume_writing."""
         self.dirty = False
         self.closing = False
         self.frames_sent = 0
-        self.open = False
-        """The protocol is OPEN: frames may be written (kept here, not read off the
-        protocol, because the writer asks on every write)."""
         self.compressed = False
         self.started = 0.0
+        self.waiting_since = 0.0
+        """When the oldest frame in the outbox was queued (0: nothing waits)."""
         self.remote = ""
+        self.channels: list[str] = []
+        """The channels held when the connection left them (for the close log line)."""
         self._fragments: list[bytes] | None = None
         self._ping_sent: bytes | None = None
+        self._pending = b""
+        self._read_paused = 0
 
-    # asyncio callbacks
+    # asyncio callbacks: each serves this connection only, and contains its failures
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
@@ -258,69 +377,185 @@ class Connection(asyncio.Protocol):
         self._set_timer(self.server.settings.open_timeout, self._handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
-        protocol = self.protocol
-        protocol.receive_data(data)
-        events = protocol.events_received()
-        self._send_protocol_data()
-        for event in events:
-            if isinstance(event, Frame):
-                self._on_frame(event)
-            elif isinstance(event, Request):
-                self._on_request(event)
-        if self.open and protocol.state is not OPEN:
-            self.open = False
-        if protocol.close_expected() and not self.closing:
-            self._expect_close()
+        try:
+            self._receive(data)
+        except Exception as exc:
+            self.crash(exc, "read")
 
     def eof_received(self) -> bool:
-        self.protocol.receive_eof()
-        self._send_protocol_data()
+        try:
+            self.protocol.receive_eof()
+            self._send_protocol_data()
+            self._leave()
+        except Exception as exc:
+            self.crash(exc, "eof")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.protocol.receive_eof()  # idempotent; the state is now CLOSED
-        self.open = False
-        self._cancel_timer()
-        self.transport = None
-        self.server.closed(self)
-        if self.session is not None:
-            self._report_close()
+        try:
+            self.protocol.receive_eof()  # idempotent; the state is now CLOSED
+            self._cancel_timer()
+            if self.idle_timer is not None:
+                self.idle_timer.cancel()
+                self.idle_timer = None
+            self.transport = None
+            self._pending = b""
+            self._leave()
+            self.server.closed(self)
+            if self.session is not None:
+                self._report_close()
+        except Exception as error:
+            self.crash(error, "close")
 
     def pause_writing(self) -> None:
         self.paused = True
+        self._pause_reading(_WRITE_FULL)
 
     def resume_writing(self) -> None:
         self.paused = False
+        self._resume_reading(_WRITE_FULL)
         if self.outbox is not None and not self.dirty:
             self.dirty = True
             self.server.schedule_flush(self)
 
     def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        transport = self.transport
+        if transport is not None:
+            self.transport = None
+            transport.abort()
+
+    def crash(self, exc: Exception, where: str) -> None:
+        """Something unexpected while serving this connection: end it, and only it."""
+        if _throttle.allow("connection.error"):
+            _log.error(
+                "connection.error",
+                client=self.session.id if self.session is not None else None,
+                remote=self.remote,
+                where=where,
+                exc_info=exc,
+                suppressed=_throttle.suppressed("connection.error"),
+            )
+        self.closing = True
+        self.abort()
+
+    # Reading
+
+    def _receive(self, data: bytes) -> None:
+        if len(data) > READ_SLICE:
+            self._pending = data[READ_SLICE:]
+            data = data[:READ_SLICE]
+            self._pause_reading(_BACKLOG)
+            asyncio.get_running_loop().call_soon(self._receive_pending)
+        if self.protocol.state is CONNECTING:
+            self._receive_handshake(data)
+        else:
+            self._receive_frames(data)
+
+    def _receive_pending(self) -> None:
+        data, self._pending = self._pending, b""
+        if not data or self.transport is None:
+            return
+        try:
+            self._receive(data)
+            if not self._pending:
+                self._resume_reading(_BACKLOG)
+        except Exception as exc:
+            self.crash(exc, "read")
+
+    def _pause_reading(self, why: int) -> None:
+        transport = self.transport
+        if not self._read_paused and transport is not None and not transport.is_closing():
+            transport.pause_reading()
+        self._read_paused |= why
+
+    def _resume_reading(self, why: int) -> None:
+        if not self._read_paused:
+            return
+        self._read_paused &= ~why
+        transport = self.transport
+        if not self._read_paused and transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def _receive_frames(self, data: bytes) -> None:
+        protocol = self.protocol
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        self._send_protocol_data()
+        for event in events:
+            if protocol.state is not OPEN:
+                break  # what a failing client says no longer matters
+            if isinstance(event, Frame):
+                self._on_frame(event)
+        if protocol.close_expected() and not self.closing:
+            self._expect_close()
 
     # Opening handshake
 
-    def _on_request(self, request: Request) -> None:
+    def _receive_handshake(self, data: bytes) -> None:
         protocol = self.protocol
-        response = self.server.check(self, request)
-        if response is None:
-            response = protocol.accept(request)
-            if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
-                self.reject_reason = "bad_request"
+        if self.closing:
+            return  # refused; waiting for the client to close
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        if not events:
+            if protocol.handshake_exc is not None:
+                self._refuse(_parse_refusal(protocol.handshake_exc))
+            return
+        if len(events) > 1 or protocol.data_to_send():
+            # RFC 6455 4.1: a client waits for the 101 before it sends frames.
+            self._refuse(
+                Refusal(
+                    http.HTTPStatus.BAD_REQUEST,
+                    "bad_request",
+                    "data arrived before the handshake completed",
+                )
+            )
+            return
+        request = events[0]
+        assert isinstance(request, Request)
+        refusal = self.server.check(self, request)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
+        response = protocol.accept(request)
+        if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
+            self._refuse(_accept_refusal(response.status_code, protocol.handshake_exc))
+            return
         response.headers["Server"] = "broadcastd"
         protocol.send_response(response)
         self._send_protocol_data()
-        if protocol.state is OPEN:
-            self._open()
-        else:
-            self.route = None
-            self.server.node.observer.connection_rejected(self.reject_reason or "bad_request")
-            self._expect_close()
+        self._open()
+
+    def _refuse(self, refusal: Refusal) -> None:
+        """Answer the handshake with a JSON error, then half-close and wait (bounded)
+        for the client to close. Whatever websockets wrote itself is discarded."""
+        self.protocol.data_to_send()
+        self.route = None
+        observer = self.server.node.observer
+        observer.connection_rejected(refusal.reason)
+        if refusal.reason == "bad_request" and _throttle.allow("handshake.refused"):
+            _log.warning(
+                "handshake.refused",
+                remote=_address(self._peer()),
+                status=refusal.status.value,
+                code=refusal.code,
+                suppressed=_throttle.suppressed("handshake.refused"),
+            )
+        transport = self.transport
+        if transport is not None:
+            transport.write(refusal.serialize())
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+        self._expect_close()
+
+    def _peer(self) -> Any:
+        return self.transport.get_extra_info("peername") if self.transport is not None else None
 
     def _handshake_timeout(self) -> None:
         self.timer = None
-        if self.protocol.state is State.CONNECTING:
+        if self.protocol.state is CONNECTING and not self.closing:
             self.server.node.observer.connection_rejected(
                 "draining" if self.server.node.draining else "handshake_timeout"
             )
@@ -333,10 +568,10 @@ class Connection(asyncio.Protocol):
         route = self.route
         assert route is not None
         self.route = None
-        self.open = True
         self.compressed = bool(self.protocol.extensions)
         outbox = self.outbox = Outbox(s.outbox_messages, s.outbox_bytes, s.slow_consumer_policy)
         outbox.wake = self.wake
+        outbox.drain = self.drain_now
         session = self.session = Session(
             self.protocol.id.hex,
             node.hub,
@@ -347,8 +582,7 @@ class Connection(asyncio.Protocol):
         )
         server.opened(self, session)
         self.started = time.monotonic()
-        assert self.transport is not None
-        self.remote = _address(self.transport.get_extra_info("peername"))
+        self.remote = _address(self._peer())
         if node.draining:
             outbox.close(CloseReason.SHUTDOWN)
         session.open(list(route.channels))
@@ -361,16 +595,21 @@ class Connection(asyncio.Protocol):
             format="raw" if route.raw else "json",
         )
         self._schedule_ping()
+        self._watch_subscriptions()
 
-    # Reading
+    # Frames
 
     def _on_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
         if opcode is TEXT or opcode is CONT:
             if not frame.fin:
-                if self._fragments is None:
-                    self._fragments = []
-                self._fragments.append(bytes(frame.data))
+                fragments = self._fragments
+                if fragments is None:
+                    fragments = self._fragments = []
+                elif len(fragments) + 1 >= self.server.settings.max_fragments:
+                    self._fail(CloseReason.TOO_MANY_FRAGMENTS)
+                    return
+                fragments.append(bytes(frame.data))
                 return
             data = bytes(frame.data)
             if self._fragments is not None:
@@ -390,52 +629,95 @@ class Connection(asyncio.Protocol):
         try:
             text = data.decode()
         except UnicodeDecodeError:
-            reason = CloseReason.INVALID_UTF8
-            self.protocol.fail(reason.code, reason.reason)
-            self._send_protocol_data()
+            self._fail(CloseReason.INVALID_UTF8)
             return
         close = session.handle(text)
         if close is not None:
             self._end(close)
+        else:
+            self._watch_subscriptions()
+
+    def _fail(self, reason: CloseReason) -> None:
+        """Close at once for a protocol violation (queued frames are not sent)."""
+        self.protocol.fail(reason.code, reason.reason)
+        self._send_protocol_data()
 
     def _end(self, reason: CloseReason) -> None:
         """Close after flushing what is queued (an error reply, say)."""
         assert self.outbox is not None
         self.outbox.close(reason)
 
+    def _watch_subscriptions(self) -> None:
+        """Arm the subscribe deadline while the connection holds no channel."""
+        timeout = self.server.settings.subscribe_timeout
+        session = self.session
+        if timeout is None or session is None:
+            return
+        if session.channels:
+            if self.idle_timer is not None:
+                self.idle_timer.cancel()
+                self.idle_timer = None
+        elif self.idle_timer is None:
+            self.idle_timer = asyncio.get_running_loop().call_later(timeout, self._no_subscription)
+
+    def _no_subscription(self) -> None:
+        self.idle_timer = None
+        if self.session is not None and not self.session.channels and self.outbox is not None:
+            self.outbox.close(CloseReason.NO_SUBSCRIPTION)
+
     # Writing
 
     def wake(self) -> None:
         """Called by the outbox when it stops being empty, or closes."""
+        if not self.waiting_since:
+            self.waiting_since = self.server.now()
         if not self.dirty:
             self.dirty = True
             self.server.schedule_flush(self)
 
-    def flush(self) -> int:
-        """Write everything queued in one write; close when the outbox says so.
-        Returns how many frames were written."""
+    def writable(self) -> bool:
+        """Frames may go out: the protocol is OPEN and the connection still there."""
+        return self.transport is not None and self.protocol.state is OPEN
+
+    def flush(self) -> None:
+        """Write everything queued in one write; close when the outbox says so."""
         self.dirty = False
         outbox = self.outbox
-        if outbox is None or not self.open:
-            return 0
-        written = 0
+        if outbox is None or not self.writable():
+            return
         if not self.paused:
-            frames = outbox.take()
-            if frames:
-                if outbox.missed:
-                    self._report_missed(outbox.take_missed(), frames)
-                if self.compressed:
-                    data = self._compress(frames)
-                else:
-                    data = frames[0] if len(frames) == 1 else b"".join(frames)
-                assert self.transport is not None
-                self.transport.write(data)
-                written = len(frames)
-                self.frames_sent += written
-                self.server.pass_bytes += len(data)
+            self._write_queued(outbox)
         if outbox.closed is not None:
             self._close_if_flushed(outbox, outbox.closed)
-        return written
+
+    def drain_now(self) -> bool:
+        """The outbox is full: write it out now if the socket can take more."""
+        outbox = self.outbox
+        if self.paused or outbox is None or not self.writable():
+            return False
+        self._write_queued(outbox)
+        return True
+
+    def _write_queued(self, outbox: Outbox) -> None:
+        frames = outbox.take()
+        since, self.waiting_since = self.waiting_since, 0.0
+        if not frames:
+            return
+        if outbox.missed:
+            self._report_missed(outbox.take_missed(), frames)
+        if self.compressed:
+            data = self._compress(frames)
+        else:
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+        assert self.transport is not None
+        self.transport.write(data)
+        server = self.server
+        self.frames_sent += len(frames)
+        server.pass_frames += len(frames)
+        server.pass_bytes += len(data)
+        server.pass_writes += 1
+        if since and since < server.pass_oldest:
+            server.pass_oldest = since
 
     def _compress(self, frames: list[bytes]) -> bytes:
         for frame in frames:
@@ -447,16 +729,15 @@ class Connection(asyncio.Protocol):
             return
         if self.paused and reason is not CloseReason.SLOW_CONSUMER:
             return  # resume_writing() flushes again, then closes
-        self.open = False
         self.protocol.send_close(reason.code, reason.reason)
         self._send_protocol_data()
         self._expect_close()
 
     def _send_protocol_data(self) -> None:
         """Write what the protocol produced (handshake response, pongs, close frames)."""
-        transport = self.transport
         for data in self.protocol.data_to_send():
-            if transport is None:
+            transport = self.transport
+            if transport is None or transport.is_closing():
                 return
             if data is SEND_EOF or not data:
                 if transport.can_write_eof():
@@ -502,11 +783,15 @@ class Connection(asyncio.Protocol):
 
     def _ping(self) -> None:
         self.timer = None
-        if self.protocol.state is not OPEN or self.closing:
+        if not self.writable() or self.closing:
             return
-        self._ping_sent = _PING_STAMP.pack(time.monotonic())
-        self.protocol.send_ping(self._ping_sent)
-        self._send_protocol_data()
+        try:
+            self._ping_sent = _PING_STAMP.pack(time.monotonic())
+            self.protocol.send_ping(self._ping_sent)
+            self._send_protocol_data()
+        except Exception as exc:
+            self.crash(exc, "ping")
+            return
         timeout = self.server.settings.ping_timeout
         if timeout is None:
             self._schedule_ping()
@@ -523,25 +808,33 @@ class Connection(asyncio.Protocol):
 
     def _pong_timeout(self) -> None:
         self.timer = None
-        self.protocol.fail(CloseReason.KEEPALIVE_TIMEOUT.code, CloseReason.KEEPALIVE_TIMEOUT.reason)
-        self._send_protocol_data()
-        self._expect_close()
+        try:
+            self._fail(CloseReason.KEEPALIVE_TIMEOUT)
+            self._expect_close()
+        except Exception as exc:
+            self.crash(exc, "ping")
 
     def _expect_close(self) -> None:
         """The closing handshake is under way: bound it, then cut the connection."""
-        self.open = False
         self.closing = True
+        self._leave()
         self._set_timer(self.server.settings.close_timeout, self.abort)
 
     # Closing
+
+    def _leave(self) -> None:
+        """Leave every channel as soon as the connection stops being open, so that
+        fan-out no longer queues for it. Idempotent."""
+        session = self.session
+        if session is not None and session.channels:
+            self.channels = list(session.channels)
+            session.close()
 
     def _report_close(self) -> None:
         session = self.session
         outbox = self.outbox
         assert session is not None
         assert outbox is not None
-        channels = list(session.channels)
-        session.close()
         code, reason, initiator = _how_closed(self.protocol, outbox)
         observer = self.server.node.observer
         observer.connection_closed(code, initiator)
@@ -561,28 +854,13 @@ class Connection(asyncio.Protocol):
             "connection.close",
             client=session.id,
             remote=self.remote,
-            channels=channels,
+            channels=self.channels,
             code=code,
             reason=reason,
             initiator=initiator,
             messages_sent=self.frames_sent,
             duration_s=round(time.monotonic() - self.started, 3),
         )
-
-
-def _refusal(status: http.HTTPStatus, code: str, message: str) -> Response:
-    """A handshake refusal with the same JSON error body as the control port."""
-    body = orjson.dumps({"error": {"code": code, "message": message}})
-    headers = Headers(
-        [
-            ("Connection", "close"),
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(body))),
-        ]
-    )
-    if status is http.HTTPStatus.SERVICE_UNAVAILABLE:
-        headers["Retry-After"] = "5"
-    return Response(status.value, status.phrase, headers, body)
 
 
 def _address(peer: Any) -> str:
