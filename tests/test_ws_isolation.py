@@ -48,6 +48,13 @@ async def http_answer(daemon: Running, request: bytes) -> tuple[int, dict[str, s
     return int(status_line.split()[1]), headers, json.loads(body)
 
 
+def half_close_now(client: RawClient) -> None:
+    """Send FIN at once (an event loop's write_eof may wait for its next turn)."""
+    sock = socket.socket(fileno=socket.dup(client.writer.get_extra_info("socket").fileno()))
+    sock.shutdown(socket.SHUT_WR)
+    sock.close()
+
+
 async def fill_until_paused(daemon: Running, channel: str, conn: Any) -> None:
     """Publish until the connection's transport is above its write limit."""
     while not conn.paused:
@@ -108,26 +115,34 @@ async def test_every_refused_handshake_gets_a_json_error(daemon: Running, case: 
 
 async def test_a_fin_in_the_same_turn_as_a_publish_silences_nobody(daemon_factory: Any) -> None:
     """FIN clients half-close while a batch fans out to them; the witnesses that
-    share their channel must receive every message, before and after."""
+    share their channel (and come after them in the fan-out) must receive every
+    message, before and after."""
+    rounds = 5
     async with daemon_factory(**{"ws.ping_interval": None}) as daemon:
+        finners = [await RawClient.connect(daemon.ws_url + "/c", rcvbuf=None) for _ in range(20)]
+        for client in finners:
+            await client.handshake()
+            while not client.text_frames():  # the subscribed reply
+                await client.read_events()
         witnesses = [await daemon.connect("/c").__aenter__() for _ in range(10)]
         for ws in witnesses:
             await subscribed(ws, "c")
-        for round_ in range(5):
-            finners = [await RawClient.connect(daemon.ws_url + "/c", rcvbuf=None) for _ in range(5)]
-            for client in finners:
-                await client.handshake()
-                while not client.text_frames():  # the subscribed reply
-                    await client.read_events()
-            # Half-close and publish in one burst: the daemon reads the FINs and the
-            # batch in the same event-loop turn.
-            for client in finners:
-                client.writer.write_eof()
-            batch = [{"channel": "c", "data": [round_, i]} for i in range(50)]
-            response = await daemon.http.post("/batch", json=batch)
-            assert response.status_code == 200
-            for client in finners:
-                client.close()
+        reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.control.port)
+        for round_ in range(rounds):
+            # Publish and half-close in one burst, with no await in between, so the
+            # daemon reads both in one event-loop turn: it fans out to the FIN
+            # clients, then reads their FINs, then its writers run.
+            body = json.dumps([{"channel": "c", "data": [round_, i]} for i in range(50)])
+            writer.write(
+                b"POST /batch HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode())
+            )
+            for client in finners[round_ * 4 : round_ * 4 + 4]:
+                half_close_now(client)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), head
+            await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
+        writer.close()
         await daemon.publish("c", "last")
         for ws in witnesses:
             got = []
@@ -136,8 +151,10 @@ async def test_a_fin_in_the_same_turn_as_a_publish_silences_nobody(daemon_factor
                 if message["data"] == "last":
                     break
                 got.append(message["data"])
-            assert got == [[r, i] for r in range(5) for i in range(50)]
+            assert got == [[r, i] for r in range(rounds) for i in range(50)]
             await ws.close()
+        for client in finners:
+            client.close()
 
 
 async def test_a_ping_flood_that_never_reads_is_not_buffered(daemon_factory: Any) -> None:
@@ -147,24 +164,34 @@ async def test_a_ping_flood_that_never_reads_is_not_buffered(daemon_factory: Any
     async with daemon_factory(**{"ws.write_limit": limit, "ws.ping_interval": None}) as daemon:
         client = await RawClient.connect(daemon.ws_url + "/p", rcvbuf=4096)
         await client.handshake()
+        ((_, conn),) = daemon.daemon.ws.connections()
+        assert conn.transport is not None
+        # A small kernel buffer on the server's side too, so that the daemon's own
+        # buffering shows after kilobytes instead of the megabytes loopback allows.
+        conn.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
         sock = client.writer.get_extra_info("socket")
         raw = socket.socket(fileno=socket.dup(sock.fileno()))
         raw.setblocking(False)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        ping = client_frame(0x9, b"p" * 120)
-        flood = ping * 512  # 64 KiB of pings per send
-        sent = 0
-        while sent < 64 * 1024 * 1024:  # without backpressure this never blocks
+        flood = client_frame(0x9, b"p" * 120) * 512  # 64 KiB of pings per send
+        sent = stalled = 0
+        pending = memoryview(flood)
+        # Flood until the server has stopped reading for two thousand loop turns in
+        # a row (or 16 MiB went out: then it never stopped, and the checks fail).
+        while sent < 16 * 1024 * 1024 and stalled < 2000:
             try:
-                sent += raw.send(flood)
+                n = raw.send(pending)  # partial sends resume mid-frame
+                sent += n
+                pending = pending[n:] or memoryview(flood)
+                stalled = 0
             except BlockingIOError:
-                break
-            await asyncio.sleep(0)  # let the daemon (same loop) read
-        else:
-            raise AssertionError("the server kept reading a client that never reads")
-        ((_, conn),) = daemon.daemon.ws.connections()
+                stalled += 1
+            await asyncio.sleep(0)  # the daemon runs in this loop: let it read
         assert conn.transport is not None
-        # One read slice of pings answered past the limit, at most.
+        # The server stopped reading because its answers are not read, not by chance,
+        # with at most one read slice of pings answered past the limit.
+        assert not conn.transport.is_reading()
         assert conn.transport.get_write_buffer_size() <= limit + 16 * 1024 + 4096
         raw.close()
         client.close()
@@ -234,10 +261,10 @@ async def test_a_connection_without_subscriptions_is_closed_after_the_deadline(
     daemon_factory: Any,
 ) -> None:
     async with daemon_factory(**{"ws.subscribe_timeout": 0.2}) as daemon:
-        async with daemon.connect("/") as idle:
+        async with daemon.connect("/") as idle, asyncio.timeout(30):
             await idle.wait_closed()
             assert idle.close_code == 4000
-        async with daemon.connect("/a") as leaver:
+        async with daemon.connect("/a") as leaver, asyncio.timeout(30):
             await subscribed(leaver, "a")
             await leaver.send(json.dumps({"op": "unsubscribe", "channel": "a"}))
             assert (await recv_json(leaver))["type"] == "unsubscribed"

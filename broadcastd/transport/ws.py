@@ -414,6 +414,8 @@ class Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.paused = False
         self._resume_reading(_WRITE_FULL)
+        if self._pending:
+            asyncio.get_running_loop().call_soon(self._receive_pending)
         if self.outbox is not None and not self.dirty:
             self.dirty = True
             self.server.schedule_flush(self)
@@ -452,9 +454,11 @@ class Connection(asyncio.Protocol):
             self._receive_frames(data)
 
     def _receive_pending(self) -> None:
-        data, self._pending = self._pending, b""
-        if not data or self.transport is None:
+        """Parse the next slice of input held back; while the socket is above its
+        write limit, wait for resume_writing instead."""
+        if self.paused or not self._pending or self.transport is None:
             return
+        data, self._pending = self._pending, b""
         try:
             self._receive(data)
             if not self._pending:
