@@ -159,6 +159,32 @@ class ChannelSettings(_Section):
     only when every remembered channel has subscribers."""
 
 
+class HistorySettings(_Section):
+    """Channel history: what a subscriber that reconnects can recover."""
+
+    size: int = Field(100, ge=0)
+    """Messages kept per channel for recovery (0 turns history and recovery off)."""
+    ttl: float = Field(300.0, gt=0)
+    """Seconds a message is kept. A channel without subscribers whose whole history
+    expired is forgotten: its offsets restart, in a new epoch."""
+    max_bytes: int = Field(64 * MiB, ge=1 * MiB)
+    """Memory all channels' histories may use together; beyond it the oldest
+    messages of any channel are evicted first."""
+    max_recover: int = Field(1000, ge=1)
+    """Most messages one recovery replays; a subscriber further behind is told it
+    cannot recover (`recovered: false`, reason `too_many`)."""
+
+
+class PublishSettings(_Section):
+    """Publishing."""
+
+    idempotency_ttl: float = Field(300.0, gt=0)
+    """Seconds an Idempotency-Key is remembered per channel: a repeat within it
+    publishes nothing and answers the first publish's position."""
+    idempotency_max_keys: int = Field(100_000, ge=1)
+    """Idempotency keys remembered at most; beyond it the oldest are forgotten first."""
+
+
 class MetricsSettings(_Section):
     """Prometheus metrics."""
 
@@ -196,6 +222,8 @@ class Settings(BaseSettings):
     ws: WebSocketSettings = WebSocketSettings()
     control: ControlSettings = ControlSettings()
     channels: ChannelSettings = ChannelSettings()
+    history: HistorySettings = HistorySettings()
+    publish: PublishSettings = PublishSettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     drain_timeout: float = Field(10.0, gt=0)
