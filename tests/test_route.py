@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broadcastd.core.route import Route, parse_route
+from broadcastd.core.stream import Last, Position
 from broadcastd.errors import ClientError
 
 
@@ -17,6 +18,11 @@ from broadcastd.errors import ClientError
         ("/a?channel=b&format=raw", Route(("a", "b"), True)),
         ("/a?channel=a&format=json", Route(("a",), False)),
         ("/?channel=room%3A1", Route(("room:1",), False)),
+        (
+            "/?since=room:1:ab3de:41&since=b:last:5",
+            Route(("room:1", "b"), False, (("room:1", Position("ab3de", 41)), ("b", Last(5)))),
+        ),
+        ("/a?since=a:e-_1:0", Route(("a",), False, (("a", Position("e-_1", 0)),))),
     ],
 )
 def test_good_targets(target: str, route: Route) -> None:
@@ -35,6 +41,13 @@ def test_good_targets(target: str, route: Route) -> None:
         ("/?format=xml", "bad_request"),
         ("/?channel", "bad_request"),
         ("/?channel=a&channel=b&channel=c", "too_many_channels"),
+        ("/?since=a:1", "bad_request"),
+        ("/?since=a:last:0", "bad_request"),
+        ("/?since=a:ep:-1", "bad_request"),
+        ("/?since=a:e%20p:1", "bad_request"),
+        ("/?since=:ep:1", "bad_request"),
+        ("/?since=a%20b:ep:1", "bad_channel"),
+        ("/?since=a:ep:1&since=b:ep:1&since=c:ep:1", "too_many_channels"),
     ],
 )
 def test_bad_targets(target: str, code: str) -> None:

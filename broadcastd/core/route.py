@@ -5,6 +5,9 @@ Two equivalent forms, which may be combined::
     ws://host:8765/?channel=news&channel=sports&format=raw
     ws://host:8765/news,sports?format=raw
 
+``since`` asks to recover a channel (and subscribes it): after the last position
+seen, ``since=news:EPOCH:OFFSET``, or from the last N kept, ``since=news:last:N``.
+
 The path is ``/`` or a comma-separated list of channel names; the query may
 repeat ``channel`` and may set ``format`` to ``json`` (the default: each message
 is a JSON envelope) or ``raw`` (the payload alone). Channel names follow the
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from broadcastd.core.channels import check_channel
+from broadcastd.core.stream import Since, parse_since_text
 from broadcastd.errors import BadChannel, ClientError, TooManyChannels
 
 FORMATS = ("json", "raw")
@@ -30,6 +34,7 @@ FORMATS = ("json", "raw")
 class Route:
     channels: tuple[str, ...]
     raw: bool
+    since: tuple[tuple[str, Since], ...] = ()
 
 
 def parse_route(target: str, max_channels: int) -> Route:
@@ -45,6 +50,7 @@ def parse_route(target: str, max_channels: int) -> Route:
             except BadChannel as exc:
                 raise BadChannel(f"path {path[:64]!r}: {exc.message}") from None
     raw = False
+    since: dict[str, Since] = {}
     try:
         pairs = parse_qsl(
             query,
@@ -57,6 +63,10 @@ def parse_route(target: str, max_channels: int) -> Route:
     for key, value in pairs:
         if key == "channel":
             channels[check_channel(value)] = None
+        elif key == "since":
+            name, where = parse_since_text(value)
+            channels[check_channel(name)] = None
+            since[name] = where
         elif key == "format":
             if value not in FORMATS:
                 raise ClientError(f"format must be one of {', '.join(FORMATS)}")
@@ -65,4 +75,4 @@ def parse_route(target: str, max_channels: int) -> Route:
             raise ClientError(f"unknown query parameter {key[:32]!r}")
     if len(channels) > max_channels:
         raise TooManyChannels(f"at most {max_channels} channels per connection")
-    return Route(tuple(channels), raw)
+    return Route(tuple(channels), raw, tuple(since.items()))

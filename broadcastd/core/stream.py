@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from broadcastd.core.envelope import Payload, channel_prefix, envelope_frame, raw_frame
-from broadcastd.errors import ChannelTableFull
+from broadcastd.errors import BadCommand, ChannelTableFull, ClientError
 
 ENTRY_OVERHEAD = 200
 """Bytes an entry costs besides its payload (objects, list and FIFO slots): counted
@@ -37,6 +37,62 @@ against the byte budget so that the budget bounds real memory."""
 class Position(NamedTuple):
     epoch: str
     offset: int
+
+
+class Last(NamedTuple):
+    """A new subscriber asks for the last ``number`` messages kept (a chat tail)."""
+
+    number: int
+
+
+Since = Position | Last
+"""Where a subscriber asks to start: after a position it saw, or the last N."""
+
+MAX_EPOCH_LENGTH = 64
+
+
+def parse_since(value: object) -> Since:
+    """The in-band form: ``{"epoch": "...", "offset": 41}`` or ``{"last": 5}``."""
+    if isinstance(value, dict):
+        if set(value) == {"last"} and _count(value["last"]):
+            return Last(value["last"])
+        if set(value) == {"epoch", "offset"}:
+            epoch, offset = value["epoch"], value["offset"]
+            if _epoch(epoch) and _offset(offset):
+                return Position(epoch, offset)
+    raise BadCommand('since must be {"epoch": "...", "offset": N} or {"last": N}')
+
+
+def parse_since_text(text: str) -> tuple[str, Since]:
+    """The URL form: ``CHANNEL:EPOCH:OFFSET`` or ``CHANNEL:last:N`` (a channel name
+    may hold ``:``; the last two fields never do)."""
+    channel, _, rest = text.rpartition(":")
+    channel, _, kind = channel.rpartition(":")
+    if channel and rest.isdigit():
+        number = int(rest)
+        if kind == "last":
+            if _count(number):
+                return channel, Last(number)
+        elif _epoch(kind):
+            return channel, Position(kind, number)
+    raise ClientError("since must be CHANNEL:EPOCH:OFFSET or CHANNEL:last:N")
+
+
+def _epoch(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_EPOCH_LENGTH
+        and value.isascii()
+        and value.replace("-", "").replace("_", "").isalnum()
+    )
+
+
+def _offset(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _count(value: object) -> bool:
+    return _offset(value) and value > 0  # type: ignore[operator]
 
 
 class Publication:
