@@ -14,16 +14,28 @@ injects) and drains:
    listener closes; ``run()`` returns 0.
 
 A second signal during the drain exits at once with status 128 + signal
-number (143 for SIGTERM, 130 for SIGINT), as a shell would report it.
+number (143 for SIGTERM, 130 for SIGINT), as a shell would report it. SIGHUP
+is logged and ignored: the settings are fixed at start, so there is nothing to
+reload, and a hang-up must not kill the daemon without a drain.
+
+A start-up that fails halfway (a port taken) closes what it had opened and
+re-raises after one ``daemon.start_failed`` line. While serving, the event
+loop's exception handler turns what escapes into the loop (a protocol bug, an
+``accept()`` out of file descriptors) into throttled one-line warnings.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
+import resource
 import signal
-import sys
 import time
+from collections.abc import Awaitable
+from types import TracebackType
+from typing import Any
 
 from broadcastd import __version__, log
 from broadcastd.broker import Broker
@@ -41,7 +53,14 @@ from broadcastd.transport.metrics import LoopLagProbe, Metrics, build_registry, 
 from broadcastd.transport.ws import WsServer
 
 _log = log.get("broadcastd.app")
+_throttle = log.Throttle(per_second=10)
+"""A fault repeated for every connection must cost one line a tenth of a second."""
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+FD_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE))
+FD_PROBE_INTERVAL = 1.0
+FD_RESERVE = 128
+"""File descriptors the daemon needs besides its subscribers (listeners, control
+connections, the loop's own): fewer than ``ws.max_clients`` plus this is warned of."""
 
 
 class Daemon:
@@ -78,14 +97,30 @@ class Daemon:
         self._shutdown = asyncio.Event()
         self._signals = 0
         self._watchdog: asyncio.TimerHandle | None = None
+        self._fd_probe: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
-        _log.info("daemon.start", version=__version__, pid=os.getpid())
-        await self.node.start()
-        await self.control.start()
-        if self.metrics_listener is not None:
-            await self.metrics_listener.start()
-        await self.ws.start()
+        """Open everything; if one step fails, close what the earlier ones opened
+        (so no listener outlives a failed start), log one line and re-raise."""
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        _log.info("daemon.start", version=__version__, pid=os.getpid(), nofile=nofile)
+        if nofile != resource.RLIM_INFINITY and nofile < self.settings.ws.max_clients + FD_RESERVE:
+            _log.warning(
+                "fd_limit.low",
+                nofile=nofile,
+                max_clients=self.settings.ws.max_clients,
+                hint=f"raise LimitNOFILE (ulimit -n) above ws.max_clients + {FD_RESERVE}",
+            )
+        async with contextlib.AsyncExitStack() as opened:
+            await _step("broker", self.node.start())
+            opened.push_async_callback(self.node.close)
+            await _step("control", self.control.start())
+            opened.push_async_callback(self.control.close)
+            if self.metrics_listener is not None:
+                await _step("metrics", self.metrics_listener.start())
+                opened.push_async_callback(self.metrics_listener.close)
+            await _step("ws", self.ws.start())
+            opened.pop_all()
         self.node.ready = True
         if self.lag_probe is not None:
             self.lag_probe.start()
@@ -102,6 +137,7 @@ class Daemon:
         )
         self.notifier.notify("READY=1", f"STATUS={self._status()}")
         self._pet_watchdog()
+        self._probe_fds()
         self.started.set()
 
     def _status(self) -> str:
@@ -123,6 +159,58 @@ class Daemon:
         self.notifier.watchdog()
         self._watchdog = asyncio.get_running_loop().call_later(interval, self._pet_watchdog)
 
+    def _probe_fds(self) -> None:
+        """Once a second, check that one more file descriptor can be opened.
+
+        uvloop reports nothing when ``accept()`` fails with EMFILE or ENFILE:
+        libuv closes a spare descriptor it keeps, accepts every waiting connection
+        and closes each at once, so those clients see their connection reset and
+        the daemon's listener survives, silently. This probe is what notices.
+        (asyncio reports the failure to the loop's exception handler instead.)
+        A timer chain, not a task.
+        """
+        try:
+            os.close(os.open(os.devnull, os.O_RDONLY))
+        except OSError as exc:
+            if exc.errno in FD_ERRNOS:
+                self._at_fd_limit(exc)
+        loop = asyncio.get_running_loop()
+        self._fd_probe = loop.call_later(FD_PROBE_INTERVAL, self._probe_fds)
+
+    def _at_fd_limit(self, exc: OSError) -> None:
+        """New connections are being turned away for want of file descriptors."""
+        self.node.observer.connection_rejected("fd_limit")
+        if _throttle.allow("fd_limit"):
+            _log.warning(
+                "connection.rejected",
+                reason="fd_limit",
+                error=os.strerror(exc.errno or 0),
+                nofile=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                clients=self.ws.client_count,
+                suppressed=_throttle.suppressed("fd_limit"),
+            )
+
+    def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """The event loop's exception handler: what escaped a callback or a
+        transport (``Fatal error on transport``, ``Exception in callback``) becomes
+        one throttled line naming the error and where it was raised, not a
+        traceback per connection; the full traceback is logged at debug level."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in FD_ERRNOS:
+            self._at_fd_limit(exc)  # asyncio: "socket.accept() out of system resource"
+            return
+        if not _throttle.allow("loop.error"):
+            return
+        _log.warning(
+            "loop.error",
+            message=str(context.get("message", ""))[:200],
+            error=None if exc is None else f"{type(exc).__name__}: {exc}"[:200],
+            where=_where(exc),
+            suppressed=_throttle.suppressed("loop.error"),
+        )
+        if exc is not None:
+            _log.debug("loop.error.traceback", exc_info=exc)
+
     def shutdown(self) -> None:
         """Begin the drain (what SIGTERM does)."""
         self._shutdown.set()
@@ -130,22 +218,30 @@ class Daemon:
     async def run(self, install_signals: bool = True) -> int:
         """Serve until shut down; drain; return the exit status."""
         loop = asyncio.get_running_loop()
+        previous_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._on_loop_error)
         if install_signals:
             for signum in SIGNALS:
                 loop.add_signal_handler(signum, self._on_signal, signum)
+            loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
         try:
             await self.start()
             await self._shutdown.wait()
             await self.drain()
         finally:
-            if self._watchdog is not None:
-                self._watchdog.cancel()
+            for timer in (self._watchdog, self._fd_probe):
+                if timer is not None:
+                    timer.cancel()
             if self.lag_probe is not None:
                 self.lag_probe.stop()
             if install_signals:
-                for signum in SIGNALS:
+                for signum in (*SIGNALS, signal.SIGHUP):
                     loop.remove_signal_handler(signum)
+            loop.set_exception_handler(previous_handler)
         return 0
+
+    def _on_hangup(self) -> None:
+        _log.info("signal.received", signal="SIGHUP", action="ignored")
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
@@ -155,7 +251,7 @@ class Daemon:
             self.shutdown()
             return
         _log.warning("signal.received", signal=name, action="exit_now", status=128 + signum)
-        sys.stdout.flush()
+        log.flush(timeout=0)
         os._exit(128 + signum)
 
     async def drain(self) -> None:
@@ -178,3 +274,28 @@ class Daemon:
             aborted=aborted,
             duration_s=round(time.monotonic() - started, 3),
         )
+
+
+async def _step(name: str, opening: Awaitable[None]) -> None:
+    """One step of the start-up; if it fails, say which in one line."""
+    try:
+        await opening
+    except Exception as exc:
+        _log.error(
+            "daemon.start_failed",
+            step=name,
+            error=str(exc) or type(exc).__name__,
+            exc_info=None if isinstance(exc, OSError) else exc,  # a bug: show where
+        )
+        raise
+
+
+def _where(exc: BaseException | None) -> str | None:
+    """``file.py:123 in function`` of the innermost frame of ``exc``'s traceback."""
+    tb: TracebackType | None = None if exc is None else exc.__traceback__
+    if tb is None:
+        return None
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"{os.path.basename(code.co_filename)}:{tb.tb_lineno} in {code.co_name}"

@@ -7,17 +7,21 @@ override the environment, which overrides the TOML file. ``publish`` and
 where the daemon runs they need no flags at all.
 
 Exit status: 0 success, 1 a runtime failure (the daemon refused or could not
-be reached), 2 a usage or configuration error.
+be reached, or could not start), 2 a usage or configuration error; 128 + the
+signal number when ``subscribe`` is ended by SIGINT (130) or SIGTERM (143).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import http.client
 import json
 import random
+import resource
+import signal
 import socket
 import sys
 import time
@@ -86,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     publish = commands.add_parser("publish", help="publish one message")
     publish.add_argument("channel")
     publish.add_argument(
-        "data", nargs="?", default="-", help="the payload; - (the default) reads standard input"
+        "data",
+        nargs="?",
+        default="-",
+        help="the payload; - (the default) reads standard input, less one trailing newline",
     )
     publish.add_argument(
         "--content-type", help="default: application/json when DATA is valid JSON, else text/plain"
@@ -137,16 +144,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def serve(settings: Settings) -> int:
-    log.configure(settings.log.level, settings.log.format)
+    """Run the daemon; 1 (after its one ``daemon.start_failed`` line) when it
+    cannot start, such as when a port is taken."""
+    log.configure(settings.log.level, settings.log.format, settings.log.buffer_bytes)
     from broadcastd.app import Daemon  # after logging is configured
 
     _tune_gc()
+    _raise_fd_limit()
 
     async def run() -> int:
-        return await Daemon(settings).run()
+        daemon = Daemon(settings)
+        try:
+            return await daemon.run()
+        except Exception:
+            if daemon.started.is_set():
+                raise
+            return EXIT_FAILURE
 
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(run())
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(run())
+    finally:
+        log.flush()
 
 
 def _tune_gc() -> None:
@@ -161,6 +180,20 @@ def _tune_gc() -> None:
     """
     gc.freeze()
     gc.set_threshold(10_000, 20, 100)
+
+
+def _raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard limit.
+
+    Every subscriber is a file descriptor. Soft limits stay low (1024) only for
+    programs that use select(); the event loop uses epoll, so the daemon takes
+    what the hard limit allows, as Go programs do at start. Sizing still comes
+    from the hard limit (systemd's LimitNOFILE, ``ulimit -Hn``, docker --ulimit).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _loop_factory() -> Any:
@@ -190,7 +223,7 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 def publish(settings: Settings, args: argparse.Namespace) -> int:
-    data = sys.stdin.buffer.read() if args.data == "-" else args.data.encode()
+    data = _stdin_message() if args.data == "-" else args.data.encode()
     content_type = args.content_type or ("application/json" if _is_json(data) else "text/plain")
     token = args.token or (
         settings.control.token.get_secret_value() if settings.control.token else None
@@ -210,7 +243,10 @@ def publish(settings: Settings, args: argparse.Namespace) -> int:
         )
         conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80, timeout=10)
     try:
-        conn.request("POST", f"/publish/{quote(args.channel, safe='')}", data, headers)
+        # ":" and "@" belong to channel names and are legal in a path: sent as they
+        # are (the daemon takes names literally). What a name cannot hold is
+        # percent-encoded, so the daemon answers bad_channel instead of bad_request.
+        conn.request("POST", f"/publish/{quote(args.channel, safe=':@')}", data, headers)
         response = conn.getresponse()
         body = response.read().decode("utf-8", "replace")
     except OSError as exc:
@@ -223,6 +259,15 @@ def publish(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     print(body)
     return 0
+
+
+def _stdin_message() -> bytes:
+    """Standard input without one trailing newline: ``echo hello | broadcastd
+    publish chat`` publishes "hello", as ``$(...)`` would give it."""
+    data = sys.stdin.buffer.read()
+    if data.endswith(b"\n"):
+        data = data[:-2] if data.endswith(b"\r\n") else data[:-1]
+    return data
 
 
 def _is_json(data: bytes) -> bool:
@@ -282,43 +327,81 @@ def subscribe(settings: Settings, args: argparse.Namespace) -> int:
     url = base.rstrip("/") + "/?" + urlencode(query)
     try:
         return asyncio.run(_subscribe(url, Backoff(cap=args.max_backoff), args.once))
-    except KeyboardInterrupt:
-        return 0
+    except KeyboardInterrupt:  # before the signal handlers were installed
+        return 128 + signal.SIGINT
 
 
 async def _subscribe(url: str, backoff: Backoff, once: bool) -> int:
-    """Print every frame, one per line; reconnect after ``backoff`` unless ``once``."""
-    from websockets.asyncio.client import connect
+    """Print every frame, one per line; reconnect after ``backoff`` unless ``once``.
+
+    SIGINT (Ctrl-C) or SIGTERM closes the connection normally (1000: the server
+    sees a client that left, not one that failed) and exits 128 + the signal
+    number, as a shell reports an interrupted command; a second signal, or one
+    while not connected, exits at once.
+    """
+    from websockets.asyncio.client import ClientConnection, connect
     from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-    while True:
-        try:
-            async with connect(url, compression=None, max_size=None) as ws:
-                backoff.opened(time.monotonic())
-                async for message in ws:
-                    text = message if isinstance(message, str) else message.decode()
-                    sys.stdout.write(text + "\n")
-                    sys.stdout.flush()
-            print(f"broadcastd: connection closed ({ws.close_code})", file=sys.stderr)
-        except InvalidStatus as exc:
-            status = exc.response.status_code
-            print(
-                f"broadcastd: handshake refused: HTTP {status} "
-                f"{exc.response.body.decode('utf-8', 'replace')}",
-                file=sys.stderr,
-            )
-            if 400 <= status < 500:
-                return EXIT_FAILURE
-        except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd is not None else 1006
-            print(f"broadcastd: connection closed ({code})", file=sys.stderr)
-            if code in GIVE_UP_CODES:
-                return EXIT_FAILURE
-        except OSError as exc:
-            print(f"broadcastd: cannot connect: {exc}", file=sys.stderr)
-        if once:
-            return 0
-        await asyncio.sleep(backoff.next_delay(time.monotonic()))
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    current: ClientConnection | None = None
+    closing: list[asyncio.Task[None]] = []
+    signalled = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signalled
+        first = not signalled
+        signalled = signum
+        if first and current is not None:
+            closing.append(loop.create_task(current.close()))  # ends the loop below
+        else:
+            main.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        while True:
+            try:
+                async with connect(url, compression=None, max_size=None) as ws:
+                    current = ws
+                    backoff.opened(time.monotonic())
+                    async for message in ws:
+                        text = message if isinstance(message, str) else message.decode()
+                        sys.stdout.write(text + "\n")
+                        sys.stdout.flush()
+                if not signalled:
+                    print(f"broadcastd: connection closed ({ws.close_code})", file=sys.stderr)
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                print(
+                    f"broadcastd: handshake refused: HTTP {status} "
+                    f"{exc.response.body.decode('utf-8', 'replace')}",
+                    file=sys.stderr,
+                )
+                if 400 <= status < 500:
+                    return EXIT_FAILURE
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd is not None else 1006
+                print(f"broadcastd: connection closed ({code})", file=sys.stderr)
+                if code in GIVE_UP_CODES:
+                    return EXIT_FAILURE
+            except OSError as exc:
+                print(f"broadcastd: cannot connect: {exc}", file=sys.stderr)
+            finally:
+                current = None
+            if signalled:
+                return 128 + signalled
+            if once:
+                return 0
+            await asyncio.sleep(backoff.next_delay(time.monotonic()))
+    except asyncio.CancelledError:
+        if signalled:
+            return 128 + signalled
+        raise
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +86,105 @@ def test_publish_and_subscribe_commands(process: Any) -> None:
     finally:
         subscriber.kill()
         subscriber.wait()
+
+
+def subscriber(process: Any, *channels: str) -> subprocess.Popen[bytes]:
+    """``broadcastd subscribe`` to ``channels``, past its ``subscribed`` lines."""
+    url = f"ws://127.0.0.1:{process.ws_port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broadcastd", "subscribe", "--url", url, *channels],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    assert proc.stdout is not None
+    replies = [json.loads(proc.stdout.readline()) for _ in channels]
+    assert [(r["type"], r["channel"]) for r in replies] == [("subscribed", c) for c in channels]
+    return proc
+
+
+def received(proc: subprocess.Popen[bytes]) -> Any:
+    assert proc.stdout is not None
+    return json.loads(proc.stdout.readline())
+
+
+def test_publish_sends_colon_and_at_in_channel_names_as_they_are(process: Any) -> None:
+    control = f"http://127.0.0.1:{process.control_port}"
+    sub = subscriber(process, "user:42", "ops@eu")
+    try:
+        for channel in ("user:42", "ops@eu"):
+            result = cli("publish", "--url", control, "--token", TOKEN, channel, "hi")
+            assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout)["channel"] == channel
+            assert received(sub) == {"channel": channel, "offset": 1, "data": "hi"}
+    finally:
+        sub.kill()
+        sub.wait()
+
+
+def test_publish_puts_the_channel_name_in_the_path_literally() -> None:
+    """``:`` and ``@`` are legal in a path: sent as typed, a daemon that does not
+    percent-decode (names are literal) still finds the channel."""
+    paths: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            paths.append(self.path)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"channel": "x", "offset": 1, "subscribers": 0}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with http.server.HTTPServer(("127.0.0.1", 0), Recorder) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            for name in ("user:42", "ops@eu", "a b"):
+                assert cli("publish", "--url", url, name, "hi").returncode == 0
+        finally:
+            server.shutdown()
+    assert paths == ["/publish/user:42", "/publish/ops@eu", "/publish/a%20b"]
+
+
+def test_publish_reports_a_name_that_is_not_a_channel(process: Any) -> None:
+    control = f"http://127.0.0.1:{process.control_port}"
+    for name in ("a b", "a/b", "a%3Ab"):
+        result = cli("publish", "--url", control, "--token", TOKEN, name, "hi")
+        assert result.returncode == 1
+        assert b"bad_channel" in result.stderr, result.stderr
+
+
+def test_publish_from_stdin_drops_one_trailing_newline(process: Any) -> None:
+    control = f"http://127.0.0.1:{process.control_port}"
+    sub = subscriber(process, "chat")
+    try:
+        for stdin, data in [(b"hello\n", "hello"), (b"two\n\n", "two\n"), (b"crlf\r\n", "crlf")]:
+            result = cli("publish", "--url", control, "--token", TOKEN, "chat", stdin=stdin)
+            assert result.returncode == 0, result.stderr
+            assert received(sub)["data"] == data
+        as_json = cli("publish", "--url", control, "--token", TOKEN, "chat", stdin=b'{"n": 1}\n')
+        assert as_json.returncode == 0, as_json.stderr
+        assert received(sub)["data"] == {"n": 1}
+    finally:
+        sub.kill()
+        sub.wait()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_subscribe_closes_normally(process: Any, signum: int) -> None:
+    sub = subscriber(process, "news")
+    sub.send_signal(signum)
+    _, errors = sub.communicate(timeout=60)
+    assert sub.returncode == 128 + signum
+    assert errors == b""  # no traceback, no "connection closed" notice
+    close = next(e for e in process.events() if e["event"] == "connection.close")
+    assert (close["code"], close["initiator"]) == (1000, "client")
 
 
 def test_subscribe_gives_up_on_a_refused_handshake(process: Any) -> None:

@@ -17,16 +17,38 @@ from .rawclient import RawClient
 
 SUBSCRIBERS = 50
 MESSAGES = 5000
+BATCH = 500
 
 
 @pytest.fixture
 def process() -> Iterator[DaemonProcess]:
-    proc = DaemonProcess("--drain-timeout", "60", "--ws-close-timeout", "30")
+    # Nothing here may depend on how fast a loaded machine runs: no keepalive (the
+    # holder below never answers a ping), and outboxes that hold every message
+    # (so no slow-consumer policy acts on a subscriber that falls behind).
+    proc = DaemonProcess(
+        "--drain-timeout",
+        "60",
+        "--ws-close-timeout",
+        "30",
+        "--ws-ping-interval",
+        "none",
+        "--ws-outbox-messages",
+        str(2 * MESSAGES),
+    )
     try:
         proc.wait_ready()
         yield proc
     finally:
         proc.kill()
+
+
+async def drain_started(process: DaemonProcess) -> None:
+    """Wait for the daemon to log drain.start (reading its stdout in a thread)."""
+    events = process.events()
+    found = await asyncio.to_thread(
+        lambda: next((e for e in events if e["event"] == "drain.start"), None)
+    )
+    assert found is not None, process.lines
 
 
 async def read_all(ws: Any) -> tuple[list[int], int | None]:
@@ -53,13 +75,14 @@ async def test_sigterm_flushes_everything_accepted_then_closes_1001(
     await holder.handshake()
     readers = [asyncio.create_task(read_all(ws)) for ws in subscribers]
 
-    for n in range(MESSAGES):
-        response = await control.post("/publish/drain", json={"n": n})
+    for start in range(0, MESSAGES, BATCH):
+        items = [{"channel": "drain", "data": {"n": n}} for n in range(start, start + BATCH)]
+        response = await control.post("/batch", json=items)
         assert response.status_code == 200
+        assert response.json()["published"] == BATCH
     process.proc.send_signal(signal.SIGTERM)
 
-    events = process.events()
-    await asyncio.to_thread(lambda: next(e for e in events if e["event"] == "drain.start"))
+    await drain_started(process)
     ready = await control.get("/readyz")
     assert (ready.status_code, ready.json()) == (503, {"ready": False, "reason": "draining"})
     refused = await control.post("/publish/drain", json="late")
@@ -92,8 +115,7 @@ async def test_a_second_signal_exits_at_once(process: DaemonProcess) -> None:
     async with httpx.AsyncClient() as client:
         await client.post(f"http://127.0.0.1:{process.control_port}/publish/x", json=1)
     process.proc.send_signal(signal.SIGTERM)
-    events = process.events()
-    await asyncio.to_thread(lambda: next(e for e in events if e["event"] == "drain.start"))
+    await drain_started(process)
     process.proc.send_signal(signal.SIGTERM)
     status = await asyncio.to_thread(process.finish)
     assert status == 128 + signal.SIGTERM

@@ -40,6 +40,10 @@ class Observer(Protocol):
 
     def control_request(self, endpoint: str, status: int) -> None: ...
 
+    def recovered(self, outcome: bool, reason: str | None, replayed: int) -> None:
+        """A subscriber asked to resume from a position: ``outcome`` and, when it
+        failed, ``reason``; ``replayed`` messages were queued for it."""
+
 
 class NullObserver:
     """Reports to nobody."""
@@ -69,4 +73,7 @@ class NullObserver:
         return None
 
     def control_request(self, endpoint: str, status: int) -> None:
+        return None
+
+    def recovered(self, outcome: bool, reason: str | None, replayed: int) -> None:
         return None

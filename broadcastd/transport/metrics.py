@@ -34,7 +34,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from websockets.version import version as websockets_version
 
-from broadcastd import __version__
+from broadcastd import __version__, log
 from broadcastd.errors import CloseReason
 
 if TYPE_CHECKING:
@@ -106,6 +106,8 @@ class Metrics:
         self.rejected: Counter[str] = Counter()
         self.closed: Counter[tuple[str, str]] = Counter()
         self.control: dict[tuple[str, int], int] = {}
+        self.recoveries: Counter[tuple[str, str]] = Counter()
+        self.replayed = 0
         self.delivery_latency = Histogram(LATENCY_BUCKETS)
         self.ping_latency = Histogram(LATENCY_BUCKETS)
         self.loop_lag = Histogram(LATENCY_BUCKETS)
@@ -147,6 +149,10 @@ class Metrics:
     def control_request(self, endpoint: str, status: int) -> None:
         key = (endpoint, status)
         self.control[key] = self.control.get(key, 0) + 1
+
+    def recovered(self, outcome: bool, reason: str | None, replayed: int) -> None:
+        self.recoveries[("true", "") if outcome else ("false", reason or "")] += 1
+        self.replayed += replayed
 
 
 class LoopLagProbe:
@@ -371,6 +377,13 @@ class DaemonCollector(Collector):
             "by who closed (server, client, abnormal).",
             ["code", "initiator"],
             {k: v for k, v in m.closed.items()},
+        )
+        yield _counter(
+            "log_lines_dropped",
+            "Log lines dropped because stdout could not take them (the daemon never "
+            "waits for its log).",
+            [],
+            {(): log.dropped_lines()},
         )
         yield _counter(
             "control_requests",
