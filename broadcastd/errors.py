@@ -126,6 +126,7 @@ class CloseReason(Enum):
     ABNORMAL = (1006, "connection lost")
     INVALID_UTF8 = (1007, "invalid UTF-8")
     POLICY = (1008, "too many invalid commands")
+    TOO_MANY_FRAGMENTS = (1009, "message in too many fragments")
     KEEPALIVE_TIMEOUT = (1011, "keepalive ping timeout")
     SLOW_CONSUMER = (1013, "slow consumer")
     NO_SUBSCRIPTION = (4000, "no subscription")

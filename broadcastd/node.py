@@ -1,23 +1,30 @@
-"""The node: hub + broker + observer, and the publish path between them.
+"""The node: hub + broker + observer, and every publish, subscribe and recovery
+decision between them.
 
-``publish()`` validates, hands the publication to the broker, and the broker
-calls back ``_on_message`` which fans out through the hub: the same path on
-one node (MemoryBroker) and on many. The node also holds the daemon's
-lifecycle state that both adapters consult (ready, draining).
+``publish()`` validates and hands the payload to the broker, which gives it the
+channel's next position and delivers it back through ``deliver`` (the hub's
+fan-out): the same path on one node (MemoryBroker, synchronously) and on many.
+Subscriptions go through the node so that the broker hears of a channel's first
+and last local subscriber, and recoveries are decided here from the broker's
+history. The node also holds the lifecycle state both adapters consult (ready,
+draining).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
-from broadcastd.broker import Broker
+from broadcastd.broker import Broker, History, Published
 from broadcastd.broker.memory import MemoryBroker
 from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import Payload
-from broadcastd.core.hub import FanOut, Hub
+from broadcastd.core.hub import Hub
 from broadcastd.core.observer import NullObserver, Observer
-from broadcastd.errors import ClientError, Draining, PayloadTooLarge
+from broadcastd.core.outbox import Outbox
+from broadcastd.core.publication import Item
+from broadcastd.core.stream import Last, Position, Publication, Recovery, Since, plan_recovery
+from broadcastd.errors import ChannelTableFull, ClientError, Draining, PayloadTooLarge
 from broadcastd.settings import Settings
 
 
@@ -33,10 +40,12 @@ class Node:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.hub = Hub(settings.channels.max_channels)
-        self.broker: Broker = broker if broker is not None else MemoryBroker()
+        self.hub = Hub()
+        self.broker: Broker = broker if broker is not None else MemoryBroker(settings, clock)
         self.observer: Observer = observer if observer is not None else NullObserver()
         self.max_payload_bytes = settings.control.max_payload_bytes
+        self.max_recover = settings.history.max_recover
+        self.history_on = settings.history.size > 0
         self.ready = False
         """Every listener accepts connections and the daemon is not draining."""
         self.draining = False
@@ -45,35 +54,57 @@ class Node:
         it measure delivery latency from here, at no cost per delivery."""
 
     async def start(self) -> None:
-        await self.broker.start(self._on_message)
+        await self.broker.start(self.hub.deliver)
 
     async def close(self) -> None:
         await self.broker.close()
 
-    def publish(self, channel: str, payload: Payload, form: str) -> FanOut:
+    # Publishing
+
+    def publish(
+        self, channel: str, payload: Payload, form: str, key: str | None = None
+    ) -> Published:
         """Publish one message; raise a ClientError (nothing published) if it is refused."""
         if self.draining:
             raise Draining("the server is shutting down")
         self._check(channel, payload)
         self.publishing_since = self.clock()
         try:
-            fan_out = self.broker.publish(channel, payload)
+            published = self.broker.publish(channel, payload, key)
         finally:
             self.publishing_since = None
-        self.observer.published(form, 1, fan_out.queued, fan_out.refused)
-        return fan_out
+        self._report(form, (published,))
+        return published
 
-    def _check(self, channel: str, payload: Payload) -> None:
-        if channel not in self.hub:  # known channels were checked when created
-            check_channel(channel)
-        if len(payload.json) > self.max_payload_bytes:
-            raise PayloadTooLarge(
-                f"payload is {len(payload.json)} bytes; the limit is {self.max_payload_bytes}"
+    def publish_all(
+        self, channels: list[str], payload: Payload, form: str, key: str | None = None
+    ) -> list[Published]:
+        """Publish one payload to every channel of ``channels`` (distinct names), or
+        to none: each channel, the payload and the room in the channel table are
+        checked before the first publish, so a refusal (a ClientError) leaves
+        nothing half done and a retry cannot duplicate a message.
+        """
+        if self.draining:
+            raise Draining("the server is shutting down")
+        for channel in channels:
+            self._check(channel, payload)
+        if not self.broker.has_room_for(channels):
+            raise ChannelTableFull(
+                f"the server holds {self.settings.channels.max_channels} channels, "
+                "all with subscribers"
             )
+        publish = self.broker.publish
+        self.publishing_since = self.clock()
+        try:
+            results = [publish(channel, payload, key) for channel in channels]
+        finally:
+            self.publishing_since = None
+        self._report(form, results)
+        return results
 
     def publish_many(
-        self, items: Iterable[tuple[str, Payload] | ClientError], form: str
-    ) -> list[FanOut | ClientError]:
+        self, items: Iterable[Item | ClientError], form: str
+    ) -> list[Published | ClientError]:
         """Publish each item in order; one result per item, so a bad item (or one
         already found bad, passed in as its ClientError) does not sink the rest.
 
@@ -84,33 +115,94 @@ class Node:
             raise Draining("the server is shutting down")
         publish = self.broker.publish
         check = self._check
-        results: list[FanOut | ClientError] = []
-        published = queued = refused = 0
+        results: list[Published | ClientError] = []
         self.publishing_since = self.clock()
         try:
             for item in items:
                 if isinstance(item, ClientError):
                     results.append(item)
                     continue
-                channel, payload = item
+                channel, payload, key = item
                 try:
                     check(channel, payload)
-                    fan_out = publish(channel, payload)
+                    results.append(publish(channel, payload, key))
                 except ClientError as exc:
                     results.append(exc)
-                    continue
-                published += 1
-                queued += fan_out.queued
-                refused += fan_out.refused
-                results.append(fan_out)
         finally:
             self.publishing_since = None
-        if published:
-            self.observer.published(form, published, queued, refused)
+        self._report(form, [r for r in results if not isinstance(r, ClientError)])
         return results
 
-    def _on_message(self, channel: str, payload: Payload) -> FanOut:
-        return self.hub.publish(channel, payload)
+    def _check(self, channel: str, payload: Payload) -> None:
+        if channel not in self.hub:  # channels with subscribers were checked already
+            check_channel(channel)
+        if len(payload.json) > self.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload is {len(payload.json)} bytes; the limit is {self.max_payload_bytes}"
+            )
+
+    def _report(self, form: str, results: Iterable[Published]) -> None:
+        messages = queued = refused = 0
+        for published in results:
+            fan_out = published.fan_out
+            if not published.duplicate:
+                messages += 1
+            if fan_out is not None:
+                queued += fan_out.queued
+                refused += fan_out.refused
+        if messages:
+            self.observer.published(form, messages, queued, refused)
+
+    # Subscribing and recovering (the session's Channels)
+
+    def subscribe(self, outbox: Outbox, name: str, raw: bool) -> Position:
+        hub = self.hub
+        channel = hub.get(name)
+        if channel is None:
+            channel = hub.add(name, self.broker.subscribe(name))
+        hub.join(channel, outbox, raw)
+        return channel.position
+
+    def unsubscribe(self, outbox: Outbox, name: str) -> None:
+        if self.hub.leave(outbox, name):
+            self.broker.unsubscribe(name)
+
+    def recover(self, name: str, since: Since, top: Position) -> Recovery:
+        """The messages after ``since``, decided against the channel's ``top``."""
+        if isinstance(since, Last):
+            count = min(since.number, self.max_recover)
+            latest = self.broker.latest(name, count).publications or []
+            return Recovery(True, None, [p for p in latest if p.offset <= top.offset])
+        broker = self.broker
+
+        def read(after: int, limit: int) -> list[Publication] | None:
+            return broker.history(name, after, limit).publications
+
+        recovery = plan_recovery(top, since, self.max_recover, read if self.history_on else None)
+        self.observer.recovered(recovery.recovered, recovery.reason, len(recovery.replay))
+        return recovery
+
+    # What the control API shows
+
+    def channel_names(self) -> Iterator[str]:
+        """Every channel this node knows: those with local subscribers and those
+        whose stream the broker keeps here."""
+        for channel in self.hub:
+            yield channel.name
+        for name in self.broker.channels():
+            if name not in self.hub:
+                yield name
+
+    def channel_state(self, name: str) -> tuple[Position, int] | None:
+        """A channel's latest position and its local subscriber count, if known."""
+        channel = self.hub.get(name)
+        if channel is not None:
+            return channel.position, channel.subscriber_count
+        position = self.broker.position(name)
+        return None if position is None else (position, 0)
+
+    def history(self, name: str, since: int, limit: int) -> History:
+        return self.broker.history(name, since, limit)
 
     def begin_drain(self) -> None:
         self.ready = False

@@ -61,14 +61,20 @@ async def test_100_subscribers_3_channels_1000_messages(daemon: Running) -> None
 
 async def test_envelope_matches_the_documented_example(daemon: Running) -> None:
     async with daemon.connect("/news") as ws:
-        offsets = await subscribed(ws, "news")
-        assert offsets == {"news": 0}
+        reply = await recv_json(ws)
+        epoch = reply["epoch"]
+        assert reply == {"type": "subscribed", "channel": "news", "epoch": epoch, "offset": 0}
         response = await daemon.http.post(
             "/publish/news",
             content=b'{"price": 42}',
             headers={"Content-Type": "application/json"},
         )
-        assert response.json() == {"channel": "news", "offset": 1, "subscribers": 1}
+        assert response.json() == {
+            "channel": "news",
+            "epoch": epoch,
+            "offset": 1,
+            "subscribers": 1,
+        }
         assert await recv_json(ws) == {"channel": "news", "offset": 1, "data": {"price": 42}}
 
 
@@ -101,15 +107,16 @@ async def test_unsubscribe_stops_delivery_in_order(daemon: Running) -> None:
 async def test_publish_forms_and_statistics(daemon: Running) -> None:
     async with daemon.connect("/x,y") as ws:
         await subscribed(ws, "x", "y")
-        one = await daemon.http.post("/publish", json={"channel": "x", "data": "a"})
-        assert one.json() == {"channel": "x", "offset": 1, "subscribers": 1}
+        one = (await daemon.http.post("/publish", json={"channel": "x", "data": "a"})).json()
+        ex = one.pop("epoch")
+        assert one == {"channel": "x", "offset": 1, "subscribers": 1}
         many = await daemon.http.post("/publish", json={"channels": ["x", "y"], "data": "b"})
-        assert many.json() == {
-            "results": [
-                {"channel": "x", "offset": 2, "subscribers": 1},
-                {"channel": "y", "offset": 1, "subscribers": 1},
-            ]
-        }
+        results = many.json()["results"]
+        ey = results[1]["epoch"]
+        assert results == [
+            {"channel": "x", "epoch": ex, "offset": 2, "subscribers": 1},
+            {"channel": "y", "epoch": ey, "offset": 1, "subscribers": 1},
+        ]
         batch = await daemon.http.post(
             "/batch",
             json=[
@@ -127,7 +134,7 @@ async def test_publish_forms_and_statistics(daemon: Running) -> None:
             ("x", 3, 2),
         ]
         channel = await daemon.http.get("/channels/x")
-        assert channel.json() == {"name": "x", "subscribers": 1, "offset": 3}
+        assert channel.json() == {"name": "x", "subscribers": 1, "epoch": ex, "offset": 3}
         listing = (await daemon.http.get("/channels")).json()
         assert {c["name"] for c in listing["channels"]} == {"x", "y"}
         stats = (await daemon.http.get("/stats")).json()

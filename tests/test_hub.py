@@ -1,33 +1,56 @@
-"""Hub: subscriptions, offsets, fan-out counts and the bounded channel table."""
+"""Node and hub without sockets: subscriptions, positions, fan-out counts, the
+bounded channel table, recovery and idempotent publishing (memory broker)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from broadcastd.core.envelope import Payload
-from broadcastd.core.hub import Hub
 from broadcastd.core.outbox import Outbox
+from broadcastd.core.stream import Last, Position
 from broadcastd.errors import ChannelTableFull
+from broadcastd.node import Node
 from broadcastd.settings import SlowConsumerPolicy
+
+from .conftest import make_settings
 
 
 def payloads(outbox: Outbox) -> list[bytes]:
     return [frame[2:] for frame in outbox.take()]  # small frames: 2-byte header
 
 
-def test_fan_out_reaches_each_subscriber_once_with_consecutive_offsets() -> None:
-    hub = Hub(10)
-    a, b, c = Outbox(10, 10_000), Outbox(10, 10_000), Outbox(10, 10_000)
-    assert hub.subscribe(a, "news") == 0
-    hub.subscribe(b, "news")
-    hub.subscribe(b, "news")  # twice is harmless
-    hub.subscribe(c, "sport")
-    first = hub.publish("news", Payload.from_value({"n": 1}))
-    second = hub.publish("news", Payload.from_value({"n": 2}))
-    assert (first.offset, first.queued, second.offset) == (1, 2, 2)
-    assert hub.subscriptions == 3
+@pytest.fixture
+async def node() -> AsyncIterator[Node]:
+    node = Node(make_settings(**{"channels.max_channels": 3}))
+    await node.start()
+    yield node
+    await node.close()
+
+
+def box() -> Outbox:
+    return Outbox(10, 10_000)
+
+
+def publish(node: Node, channel: str, value: Any, key: str | None = None) -> Any:
+    return node.publish(channel, Payload.from_value(value), "json", key)
+
+
+async def test_fan_out_reaches_each_subscriber_once_with_consecutive_offsets(node: Node) -> None:
+    a, b, c = box(), box(), box()
+    start = node.subscribe(a, "news", False)
+    assert start.offset == 0
+    node.subscribe(b, "news", False)
+    node.subscribe(b, "news", False)  # twice is harmless
+    node.subscribe(c, "sport", False)
+    first = publish(node, "news", {"n": 1})
+    second = publish(node, "news", {"n": 2})
+    assert (first.position, first.fan_out.queued) == (Position(start.epoch, 1), 2)
+    assert second.position.offset == 2
+    assert node.hub.subscriptions == 3
     expected = [
         {"channel": "news", "offset": 1, "data": {"n": 1}},
         {"channel": "news", "offset": 2, "data": {"n": 2}},
@@ -37,78 +60,90 @@ def test_fan_out_reaches_each_subscriber_once_with_consecutive_offsets() -> None
     assert payloads(c) == []
 
 
-def test_all_subscribers_share_one_encoded_frame() -> None:
-    hub = Hub(10)
-    outboxes = [Outbox(10, 10_000) for _ in range(5)]
+async def test_all_subscribers_share_one_encoded_frame(node: Node) -> None:
+    outboxes = [box() for _ in range(5)]
     for outbox in outboxes:
-        hub.subscribe(outbox, "x")
-    hub.publish("x", Payload.from_value("hello"))
+        node.subscribe(outbox, "x", False)
+    publish(node, "x", "hello")
     frames = [outbox.take()[0] for outbox in outboxes]
     assert all(frame is frames[0] for frame in frames)
 
 
-def test_raw_subscribers_get_the_payload_alone() -> None:
-    hub = Hub(10)
-    raw, enveloped = Outbox(10, 10_000), Outbox(10, 10_000)
-    hub.subscribe(raw, "x", raw=True)
-    hub.subscribe(enveloped, "x")
-    fan_out = hub.publish("x", Payload.from_value("hello"))
-    assert fan_out.queued == 2
+async def test_raw_subscribers_get_the_payload_alone(node: Node) -> None:
+    raw, enveloped = box(), box()
+    node.subscribe(raw, "x", True)
+    node.subscribe(enveloped, "x", False)
+    assert publish(node, "x", "hello").fan_out.queued == 2
     assert payloads(raw) == [b"hello"]
     assert json.loads(payloads(enveloped)[0])["data"] == "hello"
 
 
-def test_unsubscribe_stops_delivery_and_reports_unknown_pairs() -> None:
-    hub = Hub(10)
-    a = Outbox(10, 10_000)
-    hub.subscribe(a, "x")
-    assert hub.unsubscribe(a, "x")
-    assert not hub.unsubscribe(a, "x")
-    assert not hub.unsubscribe(a, "never")
-    assert hub.publish("x", Payload.from_value(1)).queued == 0
-    assert hub.subscriptions == 0
+async def test_unsubscribe_stops_delivery(node: Node) -> None:
+    a = box()
+    node.subscribe(a, "x", False)
+    node.unsubscribe(a, "x")
+    node.unsubscribe(a, "x")  # harmless
+    node.unsubscribe(a, "never")
+    assert publish(node, "x", 1).fan_out.queued == 0
+    assert node.hub.subscriptions == 0
+    assert "x" not in node.hub  # the broker keeps its stream
+    assert node.channel_state("x") == (Position(node.channel_state("x")[0].epoch, 1), 0)
 
 
-def test_fan_out_counts_drops_and_refusals_without_stopping() -> None:
-    hub = Hub(10)
+async def test_fan_out_counts_drops_and_refusals_without_stopping(node: Node) -> None:
     slow = Outbox(1, 10_000)
     dropping = Outbox(1, 10_000, SlowConsumerPolicy.DROP_OLDEST)
-    fine = Outbox(10, 10_000)
+    fine = box()
     for outbox in (slow, dropping, fine):
-        hub.subscribe(outbox, "x")
-    hub.publish("x", Payload.from_value(1))
-    second = hub.publish("x", Payload.from_value(2))
+        node.subscribe(outbox, "x", False)
+    publish(node, "x", 1)
+    second = publish(node, "x", 2).fan_out
     assert (second.queued, second.dropped, second.refused) == (2, 1, 1)
     assert len(payloads(fine)) == 2
 
 
-def test_offsets_survive_while_the_channel_is_remembered() -> None:
-    hub = Hub(2)
-    hub.publish("a", Payload.from_value(1))
-    hub.publish("a", Payload.from_value(2))
-    assert hub.get("a").offset == 2
-    assert hub.subscribe(Outbox(10, 10_000), "a") == 2
+async def test_positions_survive_while_the_channel_is_remembered(node: Node) -> None:
+    publish(node, "a", 1)
+    epoch = publish(node, "a", 2).position.epoch
+    assert node.subscribe(box(), "a", False) == Position(epoch, 2)
 
 
-def test_idle_channels_are_forgotten_oldest_first_and_busy_ones_never() -> None:
-    hub = Hub(2)
-    busy = Outbox(10, 10_000)
-    hub.subscribe(busy, "busy")
-    hub.publish("idle1", Payload.from_value(1))
-    hub.publish("idle2", Payload.from_value(1))  # forgets idle1
-    assert hub.get("idle1") is None
-    assert hub.get("busy").offset == 0
-    assert hub.get("idle2") is not None
-    hub.subscribe(Outbox(10, 10_000), "idle2")
+async def test_idle_channels_are_forgotten_oldest_first_and_busy_ones_never(node: Node) -> None:
+    node.subscribe(box(), "busy", False)
+    publish(node, "idle1", 1)
+    publish(node, "idle2", 1)
+    publish(node, "idle3", 1)  # forgets idle1: its count restarts in a new epoch
+    assert node.channel_state("idle1") is None
+    assert node.channel_state("busy") is not None
+    node.subscribe(box(), "idle2", False)
+    node.subscribe(box(), "idle3", False)
     with pytest.raises(ChannelTableFull):
-        hub.publish("third", Payload.from_value(1))
-    assert len(hub) == 2
+        publish(node, "fourth", 1)
+    with pytest.raises(ChannelTableFull):
+        node.publish_all(["busy", "fourth"], Payload.from_value(1), "json")
+    assert node.channel_state("busy")[0].offset == 0  # all or nothing
 
 
-def test_a_channel_that_loses_its_last_subscriber_becomes_forgettable() -> None:
-    hub = Hub(1)
-    a = Outbox(10, 10_000)
-    hub.subscribe(a, "x")
-    hub.unsubscribe(a, "x")
-    hub.publish("y", Payload.from_value(1))
-    assert hub.get("x") is None
+async def test_recovery_replays_exactly_what_was_missed(node: Node) -> None:
+    a = box()
+    start = node.subscribe(a, "x", False)
+    for i in range(5):
+        publish(node, "x", i)
+    top = node.channel_state("x")[0]
+    recovery = node.recover("x", Position(start.epoch, 2), top)
+    assert recovery.recovered
+    assert [p.offset for p in recovery.replay] == [3, 4, 5]
+    assert node.recover("x", Position("other", 2), top).reason == "epoch"
+    assert [p.offset for p in node.recover("x", Last(2), top).replay] == [4, 5]
+
+
+async def test_an_idempotency_key_publishes_once(node: Node) -> None:
+    a = box()
+    node.subscribe(a, "x", False)
+    first = publish(node, "x", "m", key="k")
+    again = publish(node, "x", "m", key="k")
+    other = publish(node, "y", "m", key="k")  # keys are per channel
+    assert again.duplicate and again.position == first.position
+    assert again.fan_out is None
+    assert not other.duplicate
+    assert len(payloads(a)) == 1

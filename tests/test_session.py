@@ -12,10 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broadcastd.core.envelope import Payload
-from broadcastd.core.hub import Hub
 from broadcastd.core.outbox import Outbox
 from broadcastd.core.session import Command, Session, parse_command
+from broadcastd.core.stream import Position
 from broadcastd.errors import ClientError, CloseReason
+from broadcastd.node import Node
+
+from .conftest import make_settings
 
 from .test_channels import valid_names
 
@@ -62,18 +65,49 @@ def replies(outbox: Outbox) -> list[dict[str, Any]]:
     return [json.loads(frame[2:]) for frame in outbox.take()]
 
 
-def make_session(**kwargs: Any) -> tuple[Session, Hub]:
-    hub = Hub(100)
-    return Session("c1", hub, Outbox(100, 100_000), **kwargs), hub
+def make_session(**kwargs: Any) -> tuple[Session, Node]:
+    node = Node(make_settings())
+    node.broker._deliver = node.hub.deliver  # type: ignore[attr-defined]  # no loop needed
+    return Session("c1", node, Outbox(100, 100_000), **kwargs), node
 
 
-def test_subscribe_reply_carries_the_offset_and_echoes_the_id() -> None:
-    session, hub = make_session()
-    hub.publish("news", Payload.from_value(1))
+def test_subscribe_reply_carries_the_position_and_echoes_the_id() -> None:
+    session, node = make_session()
+    epoch = node.publish("news", Payload.from_value(1), "json").position.epoch
     assert session.handle('{"op": "subscribe", "channel": "news", "id": "a"}') is None
     assert replies(session.outbox) == [
-        {"type": "subscribed", "channel": "news", "offset": 1, "id": "a"}
+        {"type": "subscribed", "channel": "news", "epoch": epoch, "offset": 1, "id": "a"}
     ]
+
+
+def test_subscribe_with_since_replays_after_the_reply() -> None:
+    session, node = make_session()
+    epoch = ""
+    for i in range(4):
+        epoch = node.publish("news", Payload.from_value(i), "json").position.epoch
+    since = json.dumps({"epoch": epoch, "offset": 1})
+    session.handle('{"op": "subscribe", "channel": "news", "since": %s, "id": 7}' % since)
+    got = replies(session.outbox)
+    assert got[0] == {
+        "type": "subscribed",
+        "channel": "news",
+        "epoch": epoch,
+        "offset": 4,
+        "recovered": True,
+        "id": 7,
+    }
+    assert [m["offset"] for m in got[1:]] == [2, 3, 4]
+    session.handle('{"op": "subscribe", "channel": "news", "since": {"epoch": "x", "offset": 1}}')
+    assert replies(session.outbox)[0]["reason"] == "epoch"
+
+
+def test_raw_clients_are_told_the_outcome_of_a_recovery_they_asked_for() -> None:
+    session, node = make_session(raw=True)
+    epoch = node.publish("a", Payload.from_value("m"), "json").position.epoch
+    session.open(["a"], [("a", Position(epoch, 0))])
+    frames = session.outbox.take()
+    assert json.loads(frames[0][2:])["recovered"] is True
+    assert frames[1][2:] == b"m"
 
 
 def test_unsubscribe_and_ping() -> None:
@@ -119,8 +153,8 @@ def test_repeated_errors_end_in_a_policy_close() -> None:
 
 
 def test_close_leaves_every_channel() -> None:
-    session, hub = make_session()
+    session, node = make_session()
     session.open(["a", "b"])
     session.close()
-    assert hub.subscriptions == 0
+    assert node.hub.subscriptions == 0
     session.close()

@@ -237,8 +237,8 @@ async def test_a_burst_larger_than_the_outbox_reaches_a_reader(
             writer.close()
         for i in range(count):
             assert (await recv_json(ws))["data"] == (i if form == "batch" else str(i))
-    m = await scrape(daemon)
-    assert value(m, "broadcastd_slow_consumer_actions_total", policy="disconnect") == 0
+        m = await scrape(daemon)
+        assert value(m, "broadcastd_slow_consumer_actions_total", policy="disconnect") == 0
 
 
 async def test_drain_cuts_connections_that_never_handshake(daemon_factory: Any) -> None:

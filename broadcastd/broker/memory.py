@@ -1,30 +1,120 @@
-"""The single-node broker: a publication loops straight back to this node."""
+"""The single-process broker: positions, history and idempotency keys in memory.
+
+A publication gets its position from the in-process Streams and is delivered to
+this node synchronously, inside ``publish``: the fast path stays one call deep,
+and the publish response can say how many local subscribers took it. A process
+start begins every channel in a new epoch, so a client that reconnects after a
+restart is told its position belongs to another life of the channel.
+"""
 
 from __future__ import annotations
 
-from broadcastd.broker import OnMessage
+import asyncio
+import base64
+import os
+from collections.abc import Callable, Iterable
+
+from broadcastd.broker import Deliver, Health, History, HistoryStats, Published
 from broadcastd.core.envelope import Payload
-from broadcastd.core.hub import FanOut
+from broadcastd.core.idempotency import Idempotency
+from broadcastd.core.stream import Position, Streams
+from broadcastd.settings import Settings
+
+SWEEP_INTERVAL = 1.0
+"""Seconds between sweeps of expired history (each costs O(entries expired))."""
+
+
+def new_epoch() -> str:
+    """Eight characters from 40 random bits (lower-case base32)."""
+    return base64.b32encode(os.urandom(5)).decode().lower()
 
 
 class MemoryBroker:
     """Channels live in this process only."""
 
-    def __init__(self) -> None:
-        self._on_message: OnMessage | None = None
+    def __init__(self, settings: Settings, clock: Callable[[], float]) -> None:
+        history = settings.history
+        self.streams = Streams(
+            size=history.size,
+            ttl=history.ttl,
+            max_bytes=history.max_bytes,
+            max_streams=settings.channels.max_channels,
+            new_epoch=new_epoch,
+            clock=clock,
+        )
+        self.keys = Idempotency(
+            settings.publish.idempotency_ttl, settings.publish.idempotency_max_keys, clock
+        )
+        self._deliver: Deliver | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
-    async def start(self, on_message: OnMessage) -> None:
-        self._on_message = on_message
+    async def start(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+        self._sweep()
 
-    def publish(self, channel: str, payload: Payload) -> FanOut:
-        assert self._on_message is not None, "publish before start"
-        return self._on_message(channel, payload)
+    def _sweep(self) -> None:
+        self.streams.expire()
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
 
-    def subscribe(self, channel: str) -> None:
-        return None
+    def publish(self, channel: str, payload: Payload, key: str | None = None) -> Published:
+        deliver = self._deliver
+        assert deliver is not None, "publish before start"
+        if key is not None:
+            first = self.keys.get(channel, key)
+            if first is not None:
+                return Published(first, None, True)
+        publication = self.streams.append(channel, payload)
+        position = Position(publication.epoch, publication.offset)
+        if key is not None:
+            self.keys.put(channel, key, position)
+        return Published(position, deliver(channel, publication))
+
+    def has_room_for(self, channels: list[str]) -> bool:
+        return self.streams.has_room_for(channels)
+
+    def subscribe(self, channel: str) -> Position:
+        return self.streams.pin(channel).position
 
     def unsubscribe(self, channel: str) -> None:
-        return None
+        self.streams.unpin(channel)
+
+    def history(self, channel: str, since: int, limit: int) -> History:
+        stream = self.streams.get(channel)
+        if stream is None:
+            return History(Position("", 0), None)
+        return History(stream.position, self.streams.since(channel, since, limit))
+
+    def latest(self, channel: str, count: int) -> History:
+        stream = self.streams.get(channel)
+        if stream is None:
+            return History(Position("", 0), [])
+        return History(stream.position, self.streams.latest(channel, count))
+
+    def position(self, channel: str) -> Position | None:
+        stream = self.streams.get(channel)
+        return None if stream is None else stream.position
+
+    def channels(self) -> Iterable[str]:
+        return (stream.name for stream in self.streams)
+
+    def history_stats(self) -> HistoryStats:
+        streams = self.streams
+        evicted = streams.evicted
+        return HistoryStats(
+            streams.entries,
+            streams.bytes,
+            evicted.size,
+            evicted.ttl,
+            evicted.budget,
+            evicted.channels,
+        )
+
+    @property
+    def health(self) -> Health:
+        return Health(True)
 
     async def close(self) -> None:
-        self._on_message = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self._deliver = None

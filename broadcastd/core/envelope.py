@@ -67,18 +67,24 @@ class Payload:
             text = body.decode()
         except UnicodeDecodeError:
             raise BadEncoding("body is not valid UTF-8 text") from None
-        return cls(orjson.dumps(text), body)
+        return cls(_exact(orjson.dumps(text)), body)
 
     @classmethod
     def from_value(cls, value: Any) -> Payload:
         """A value already parsed from a JSON request."""
-        encoded = orjson.dumps(value)
+        encoded = _exact(orjson.dumps(value))
         if isinstance(value, str):
             return cls(encoded, value.encode())
         return cls(encoded, encoded)
 
     def __len__(self) -> int:
         return len(self.json)
+
+
+def _exact(encoded: bytes) -> bytes:
+    """A copy of exactly its size: orjson's output keeps a 4 KiB buffer whatever
+    its length, which history, holding payloads for minutes, must not pay."""
+    return bytes(memoryview(encoded))
 
 
 def channel_prefix(channel: str) -> bytes:

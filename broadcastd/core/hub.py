@@ -1,34 +1,33 @@
-"""Channels, their subscribers and their offsets; fan-out.
+"""The channels this node has subscribers for, and fan-out.
 
-The hub maps each channel to the outboxes subscribed to it, split by the frame
-format they want, and counts the channel's offset (1 for the first message,
-+1 per message). Fan-out encodes a message once per format and pushes the same
-bytes into every outbox without awaiting, so a slow client cannot delay the
-others; what happened is returned as counts, once per fan-out.
+The hub maps each channel with local subscribers to their outboxes, split by
+the frame format they want, and remembers the last position delivered to them,
+which is what a new subscriber is told. Positions come from the broker: the hub
+never counts. Fan-out pushes a publication's one encoded frame (per format)
+into every outbox without awaiting, so a slow client cannot delay the others;
+what happened is returned as counts, once per fan-out.
 
-Channel state is bounded: at most ``max_channels`` are remembered. Channels
-without subscribers wait in an oldest-first list and are forgotten first when
-room is needed (their offsets then restart at 1).
+A channel leaves the hub with its last local subscriber; its stream (position
+and history) is the broker's to keep or forget.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import heapq
+from collections.abc import Iterable, Iterator
 
-from broadcastd.core.envelope import Payload, channel_prefix, envelope_frame, raw_frame
 from broadcastd.core.outbox import DROPPED, Outbox
-from broadcastd.errors import ChannelTableFull
+from broadcastd.core.stream import Position, Publication
 
 
 class Channel:
-    """One channel's state."""
+    """One channel's local subscribers and the last position delivered to them."""
 
-    __slots__ = ("json_subscribers", "name", "offset", "prefix", "raw_subscribers")
+    __slots__ = ("epoch", "json_subscribers", "name", "offset", "raw_subscribers")
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, position: Position) -> None:
         self.name = name
-        self.offset = 0
-        self.prefix = channel_prefix(name)
+        self.epoch, self.offset = position
         self.json_subscribers: dict[Outbox, None] = {}
         self.raw_subscribers: dict[Outbox, None] = {}
 
@@ -36,9 +35,13 @@ class Channel:
     def subscriber_count(self) -> int:
         return len(self.json_subscribers) + len(self.raw_subscribers)
 
+    @property
+    def position(self) -> Position:
+        return Position(self.epoch, self.offset)
+
 
 class FanOut:
-    """What one publish did: its offset and how many outboxes took it."""
+    """What one delivery did: its offset and how many outboxes took it."""
 
     __slots__ = ("channel", "dropped", "offset", "queued", "refused")
 
@@ -54,15 +57,12 @@ class FanOut:
 
 
 class Hub:
-    """Channel -> subscribers. No I/O, never awaits."""
+    """Channel -> local subscribers. No I/O, never awaits."""
 
-    __slots__ = ("_channels", "_idle", "max_channels", "subscriptions")
+    __slots__ = ("_channels", "subscriptions")
 
-    def __init__(self, max_channels: int) -> None:
+    def __init__(self) -> None:
         self._channels: dict[str, Channel] = {}
-        self._idle: dict[str, None] = {}
-        """Names of channels without subscribers, least recently used first."""
-        self.max_channels = max_channels
         self.subscriptions = 0
 
     def __len__(self) -> int:
@@ -77,37 +77,21 @@ class Hub:
     def get(self, name: str) -> Channel | None:
         return self._channels.get(name)
 
-    def _channel(self, name: str) -> Channel:
-        channel = self._channels.get(name)
-        if channel is not None:
-            return channel
-        if len(self._channels) >= self.max_channels:
-            if not self._idle:
-                raise ChannelTableFull(
-                    f"the server holds {self.max_channels} channels, all with subscribers"
-                )
-            oldest = next(iter(self._idle))
-            del self._idle[oldest]
-            del self._channels[oldest]
-        channel = self._channels[name] = Channel(name)
-        self._idle[name] = None
+    def add(self, name: str, position: Position) -> Channel:
+        """A channel gains its first local subscriber, at ``position``."""
+        channel = self._channels[name] = Channel(name, position)
         return channel
 
-    def subscribe(self, outbox: Outbox, name: str, raw: bool = False) -> int:
-        """Add ``outbox`` to channel ``name``; return the channel's current offset.
-
-        Subscribing twice is harmless. ``name`` must already be valid.
-        """
-        channel = self._channel(name)
+    def join(self, channel: Channel, outbox: Outbox, raw: bool) -> None:
+        """Add ``outbox`` to ``channel``; joining twice is harmless."""
         subscribers = channel.raw_subscribers if raw else channel.json_subscribers
         if outbox not in subscribers:
             subscribers[outbox] = None
             self.subscriptions += 1
-            self._idle.pop(name, None)
-        return channel.offset
 
-    def unsubscribe(self, outbox: Outbox, name: str) -> bool:
-        """Remove ``outbox`` from channel ``name``; False if it was not subscribed."""
+    def leave(self, outbox: Outbox, name: str) -> bool:
+        """Remove ``outbox`` from channel ``name``; True when that was the channel's
+        last local subscriber (the channel is then gone from the hub)."""
         channel = self._channels.get(name)
         if channel is None:
             return False
@@ -117,26 +101,23 @@ class Hub:
         ):
             return False
         self.subscriptions -= 1
-        if not channel.subscriber_count:
-            self._idle[name] = None
+        if channel.subscriber_count:
+            return False
+        del self._channels[name]
         return True
 
-    def publish(self, name: str, payload: Payload) -> FanOut:
-        """Give ``payload`` the channel's next offset and push it to every subscriber."""
+    def deliver(self, name: str, publication: Publication) -> FanOut:
+        """Push ``publication`` to every local subscriber of channel ``name``."""
+        result = FanOut(name, publication.offset)
         channel = self._channels.get(name)
         if channel is None:
-            channel = self._channel(name)
-        elif name in self._idle:
-            # Keep recently used idle channels (and their offsets) the longest.
-            del self._idle[name]
-            self._idle[name] = None
-        channel.offset += 1
-        result = FanOut(name, channel.offset)
+            return result
+        channel.epoch = publication.epoch
+        channel.offset = publication.offset
         if channel.json_subscribers:
-            frame = envelope_frame(channel.prefix, channel.offset, payload)
-            self._push(frame, channel.json_subscribers, result)
+            self._push(publication.frame(), channel.json_subscribers, result)
         if channel.raw_subscribers:
-            self._push(raw_frame(payload), channel.raw_subscribers, result)
+            self._push(publication.raw_frame(), channel.raw_subscribers, result)
         return result
 
     @staticmethod
@@ -151,3 +132,19 @@ class Hub:
                     refused += 1
         result.queued += len(subscribers) - refused
         result.refused += refused
+
+
+def page(names: Iterable[str], after: str | None, limit: int) -> tuple[list[str], str | None]:
+    """Up to ``limit`` of ``names`` in name order, those after ``after``; and the
+    cursor of the next page (the last name given), or None if none remain.
+
+    Name order keeps a walk stable while channels come and go: a channel created
+    during it shows up if its name sorts after the cursor. A page costs
+    O(n log limit), with no index to keep on the publish path.
+    """
+    if after is not None:
+        names = (name for name in names if name > after)
+    first = heapq.nsmallest(limit + 1, names)
+    more = len(first) > limit
+    chosen = first[:limit]
+    return chosen, (chosen[-1] if more and chosen else None)

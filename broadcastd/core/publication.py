@@ -22,7 +22,23 @@ import orjson
 
 from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import Payload
+from broadcastd.core.idempotency import MAX_KEY_LENGTH
 from broadcastd.errors import BadCommand, BadJson, ClientError, TooManyItems
+
+Item = tuple[str, Payload, str | None]
+"""One message to publish: channel, payload, idempotency key."""
+
+
+def check_key(key: object) -> str:
+    """An idempotency key: 1 to 128 printable ASCII characters."""
+    if (
+        isinstance(key, str)
+        and 0 < len(key) <= MAX_KEY_LENGTH
+        and key.isascii()
+        and key.isprintable()
+    ):
+        return key
+    raise BadCommand(f"an idempotency key is 1 to {MAX_KEY_LENGTH} printable ASCII characters")
 
 
 def is_json_type(content_type: str | None) -> bool:
@@ -68,7 +84,7 @@ def parse_publish(body: bytes, max_channels: int) -> tuple[list[str], Payload, b
 
 def parse_batch(
     body: bytes, max_items: int, known: Container[str] = ()
-) -> list[tuple[str, Payload] | ClientError]:
+) -> list[Item | ClientError]:
     """``POST /batch``: one (channel, payload) or one error per item, in order.
 
     Names in ``known`` (the channels the hub already holds) were checked when
@@ -79,7 +95,7 @@ def parse_batch(
         raise BadCommand('body must be a JSON array of {"channel": …, "data": …} objects')
     if len(doc) > max_items:
         raise TooManyItems(f"a batch may hold at most {max_items} messages")
-    items: list[tuple[str, Payload] | ClientError] = []
+    items: list[Item | ClientError] = []
     for item in doc:
         try:
             if not isinstance(item, dict) or "data" not in item or "channel" not in item:
@@ -87,7 +103,10 @@ def parse_batch(
             channel = item["channel"]
             if not (isinstance(channel, str) and channel in known):
                 channel = check_channel(channel)
-            items.append((channel, Payload.from_value(item["data"])))
+            key = item.get("idempotency_key")
+            if key is not None:
+                key = check_key(key)
+            items.append((channel, Payload.from_value(item["data"]), key))
         except ClientError as exc:
             items.append(exc)
     return items

@@ -3,14 +3,22 @@
 A client sends small JSON text frames::
 
     {"op": "subscribe",   "channel": "news", "id": 1}
+    {"op": "subscribe",   "channel": "news", "since": {"epoch": "k3j9x2ab", "offset": 41}}
+    {"op": "subscribe",   "channel": "chat", "since": {"last": 20}}
     {"op": "unsubscribe", "channel": "news"}
     {"op": "ping"}
 
 and gets one reply per command through its own outbox, so replies and messages
 reach it in the order they happened (a ``subscribed`` reply always precedes the
-first message of that channel)::
+first message of that channel, and a recovery's replay precedes the live
+messages, with nothing in between: subscribing, reading history and queuing the
+replay happen in one call, so no publish can come between them)::
 
-    {"type": "subscribed",   "channel": "news", "offset": 6, "id": 1}
+    {"type": "subscribed",   "channel": "news", "epoch": "k3j9x2ab", "offset": 6, "id": 1}
+    {"type": "subscribed",   "channel": "news", "epoch": "k3j9x2ab", "offset": 48,
+     "recovered": true}
+    {"type": "subscribed",   "channel": "news", "epoch": "p2m4q7zz", "offset": 3,
+     "recovered": false, "reason": "epoch"}
     {"type": "unsubscribed", "channel": "news"}
     {"type": "pong"}
     {"type": "error", "code": "bad_channel", "message": "...", "op": "subscribe"}
@@ -23,15 +31,16 @@ session asks for the connection to be closed with 1008 (policy violation).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
 from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import reply_frame
-from broadcastd.core.hub import Hub
 from broadcastd.core.outbox import Outbox
+from broadcastd.core.stream import Position, Recovery, Since, parse_since
 from broadcastd.errors import (
     BadCommand,
     BadJson,
@@ -53,6 +62,19 @@ class Command:
     op: str
     channel: str | None = None
     id: CommandId = None
+    since: Since | None = None
+
+
+class Channels(Protocol):
+    """What a session needs of the node: subscriptions and recovery."""
+
+    def subscribe(self, outbox: Outbox, name: str, raw: bool) -> Position:
+        """Add ``outbox`` to channel ``name``; the channel's latest position."""
+
+    def unsubscribe(self, outbox: Outbox, name: str) -> None: ...
+
+    def recover(self, name: str, since: Since, top: Position) -> Recovery:
+        """The messages after ``since`` (or the last N), decided against ``top``."""
 
 
 def parse_command(text: str | bytes) -> Command:
@@ -75,7 +97,11 @@ def parse_command(text: str | bytes) -> Command:
         return Command(op, None, command_id)
     if "channel" not in doc:
         raise BadCommand(f'{op} needs a "channel"')
-    return Command(op, check_channel(doc["channel"]), command_id)
+    channel = check_channel(doc["channel"])
+    since = doc.get("since")
+    if since is not None and op == "subscribe":
+        return Command(op, channel, command_id, parse_since(since))
+    return Command(op, channel, command_id)
 
 
 def _valid_id(value: object) -> bool:
@@ -103,12 +129,21 @@ def _peek_id(text: str | bytes) -> tuple[str | None, CommandId]:
 class Session:
     """A subscriber: its outbox, its channels, its mode and its error budget."""
 
-    __slots__ = ("_hub", "channels", "errors", "id", "max_channels", "max_errors", "outbox", "raw")
+    __slots__ = (
+        "_channels",
+        "channels",
+        "errors",
+        "id",
+        "max_channels",
+        "max_errors",
+        "outbox",
+        "raw",
+    )
 
     def __init__(
         self,
         client_id: str,
-        hub: Hub,
+        channels: Channels,
         outbox: Outbox,
         *,
         raw: bool = False,
@@ -116,7 +151,7 @@ class Session:
         max_errors: int = 20,
     ) -> None:
         self.id = client_id
-        self._hub = hub
+        self._channels = channels
         self.outbox = outbox
         self.raw = raw
         self.channels: dict[str, None] = {}
@@ -124,20 +159,19 @@ class Session:
         self.max_channels = max_channels
         self.max_errors = max_errors
 
-    def open(self, channels: list[str]) -> None:
+    def open(self, channels: Iterable[str], since: Sequence[tuple[str, Since]] = ()) -> None:
         """Subscribe to the channels named in the URL (already validated).
 
-        JSON-mode clients are told each channel's offset; raw-mode clients get
-        nothing but payloads unless they send commands.
+        JSON-mode clients are told each channel's position; raw-mode clients get
+        nothing but payloads, except the outcome of a recovery they asked for.
         """
+        wanted = dict(since)
         for name in channels:
+            where = wanted.get(name)
             try:
-                offset = self._subscribe(name)
+                self._subscribe(name, where, tell=not self.raw or where is not None)
             except ClientError as exc:
                 self._error(exc, "subscribe", None)
-                continue
-            if not self.raw:
-                self._reply({"type": "subscribed", "channel": name, "offset": offset})
 
     def handle(self, text: str | bytes) -> CloseReason | None:
         """Execute one command frame; return a reason when the connection must close."""
@@ -150,37 +184,65 @@ class Session:
             reply = self._execute(command)
         except ClientError as exc:
             return self._error(exc, command.op, command.id)
-        if command.id is not None:
-            reply["id"] = command.id
-        self._reply(reply)
+        if reply is not None:
+            if command.id is not None:
+                reply["id"] = command.id
+            self._reply(reply)
         return None
 
     def close(self) -> None:
         """Leave every channel. Idempotent."""
         for name in self.channels:
-            self._hub.unsubscribe(self.outbox, name)
+            self._channels.unsubscribe(self.outbox, name)
         self.channels.clear()
 
-    def _execute(self, command: Command) -> dict[str, Any]:
+    def _execute(self, command: Command) -> dict[str, Any] | None:
+        """Run a command; its reply, or None when it was queued already."""
         if command.op == "ping":
             return {"type": "pong"}
         name = command.channel
         assert name is not None
         if command.op == "subscribe":
-            offset = self._subscribe(name)
-            return {"type": "subscribed", "channel": name, "offset": offset}
+            self._subscribe(name, command.since, command_id=command.id)
+            return None
         if name not in self.channels:
             raise NotSubscribed(f"not subscribed to {name!r}")
         del self.channels[name]
-        self._hub.unsubscribe(self.outbox, name)
+        self._channels.unsubscribe(self.outbox, name)
         return {"type": "unsubscribed", "channel": name}
 
-    def _subscribe(self, name: str) -> int:
+    def _subscribe(
+        self, name: str, since: Since | None, *, tell: bool = True, command_id: CommandId = None
+    ) -> None:
+        """Subscribe, then queue the reply and any replay in one go: the live
+        stream continues right after them, with no gap and no duplicate."""
         if name not in self.channels and len(self.channels) >= self.max_channels:
             raise TooManyChannels(f"at most {self.max_channels} channels per connection")
-        offset = self._hub.subscribe(self.outbox, name, self.raw)
+        position = self._channels.subscribe(self.outbox, name, self.raw)
         self.channels[name] = None
-        return offset
+        recovery = None if since is None else self._channels.recover(name, since, position)
+        if tell:
+            reply: dict[str, Any] = {
+                "type": "subscribed",
+                "channel": name,
+                "epoch": position.epoch,
+                "offset": position.offset,
+            }
+            if recovery is not None and isinstance(since, Position):
+                reply["recovered"] = recovery.recovered
+                if recovery.reason is not None:
+                    reply["reason"] = recovery.reason
+            if command_id is not None:
+                reply["id"] = command_id
+            self._reply(reply)
+        if recovery is not None and recovery.replay:
+            push = self.outbox.push
+            if self.raw:
+                for publication in recovery.replay:
+                    push(publication.raw_frame())
+            else:
+                for publication in recovery.replay:
+                    push(publication.frame())
 
     def _error(self, exc: ClientError, op: str | None, command_id: CommandId) -> CloseReason | None:
         self.errors += 1

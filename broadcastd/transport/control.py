@@ -19,7 +19,15 @@ from typing import Any
 
 import orjson
 
-from broadcastd.core.publication import body_payload, is_json_type, parse_batch, parse_publish
+from broadcastd.broker import Published
+from broadcastd.core.publication import (
+    body_payload,
+    check_key,
+    is_json_type,
+    parse_batch,
+    parse_publish,
+)
+from broadcastd.core.stream import Position
 from broadcastd.errors import (
     ClientError,
     Draining,
@@ -131,20 +139,17 @@ class ControlApi:
 
     def _publish_channel(self, request: Request, channel: str) -> Response:
         payload = body_payload(request.body, request.headers.get("content-type"))
-        fan_out = self.node.publish(channel, payload, "channel")
-        return json_response(
-            200, {"channel": channel, "offset": fan_out.offset, "subscribers": fan_out.queued}
-        )
+        published = self.node.publish(channel, payload, "channel", _key(request))
+        return json_response(200, _result(channel, published))
 
     def _publish(self, request: Request, _: str) -> Response:
         self._require_json(request)
         channels, payload, multi = parse_publish(request.body, self.settings.max_batch_items)
-        results = []
-        for channel in channels:
-            fan_out = self.node.publish(channel, payload, "json")
-            results.append(
-                {"channel": channel, "offset": fan_out.offset, "subscribers": fan_out.queued}
-            )
+        key = _key(request)
+        results = [
+            _result(channel, self.node.publish(channel, payload, "json", key))
+            for channel in channels
+        ]
         return json_response(200, {"results": results} if multi else results[0])
 
     def _batch(self, request: Request, _: str) -> Response:
@@ -154,41 +159,31 @@ class ControlApi:
         items = parse_batch(request.body, self.settings.max_batch_items, self.node.hub)
         results: list[dict[str, Any]] = []
         failed = 0
-        for result in self.node.publish_many(items, "batch"):
+        for item, result in zip(items, self.node.publish_many(items, "batch"), strict=True):
             if isinstance(result, ClientError):
                 failed += 1
                 results.append({"error": {"code": result.code, "message": result.message}})
             else:
-                results.append(
-                    {
-                        "channel": result.channel,
-                        "offset": result.offset,
-                        "subscribers": result.queued,
-                    }
-                )
+                assert not isinstance(item, ClientError)
+                results.append(_result(item[0], result))
         return json_response(
             200, {"published": len(items) - failed, "failed": failed, "results": results}
         )
 
     def _channels(self, request: Request, _: str) -> Response:
-        channels = [
-            {"name": c.name, "subscribers": c.subscriber_count, "offset": c.offset}
-            for c in self.node.hub
-        ]
+        node = self.node
+        channels = []
+        for name in node.channel_names():
+            state = node.channel_state(name)
+            if state is not None:
+                channels.append(_channel_doc(name, *state))
         return json_response(200, {"count": len(channels), "channels": channels})
 
     def _channel(self, request: Request, name: str) -> Response:
-        channel = self.node.hub.get(name)
-        if channel is None:
+        state = self.node.channel_state(name)
+        if state is None:
             raise NotFound(f"no channel {name[:64]!r}")
-        return json_response(
-            200,
-            {
-                "name": channel.name,
-                "subscribers": channel.subscriber_count,
-                "offset": channel.offset,
-            },
-        )
+        return json_response(200, _channel_doc(name, *state))
 
     def _stats(self, request: Request, _: str) -> Response:
         hub = self.node.hub
@@ -196,7 +191,7 @@ class ControlApi:
             200,
             {
                 "clients": self.client_count(),
-                "channels": len(hub),
+                "channels": sum(1 for _ in self.node.channel_names()),
                 "subscriptions": hub.subscriptions,
                 "ready": self.node.ready,
                 "draining": self.node.draining,
@@ -212,6 +207,35 @@ class ControlApi:
         content_type = request.headers.get("content-type")
         if content_type is not None and not is_json_type(content_type):
             raise UnsupportedMediaType("this endpoint takes application/json")
+
+
+def _key(request: Request) -> str | None:
+    key = request.headers.get("idempotency-key")
+    return None if key is None else check_key(key)
+
+
+def _result(channel: str, published: Published) -> dict[str, Any]:
+    """One publish's answer: where the message went, and to how many here."""
+    epoch, offset = published.position
+    fan_out = published.fan_out
+    doc: dict[str, Any] = {
+        "channel": channel,
+        "epoch": epoch,
+        "offset": offset,
+        "subscribers": 0 if fan_out is None else fan_out.queued,
+    }
+    if published.duplicate:
+        doc["duplicate"] = True
+    return doc
+
+
+def _channel_doc(name: str, position: Position, subscribers: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "subscribers": subscribers,
+        "epoch": position.epoch,
+        "offset": position.offset,
+    }
 
 
 class MetricsApi:

@@ -106,7 +106,7 @@ class Metrics:
         self.rejected: Counter[str] = Counter()
         self.closed: Counter[tuple[str, str]] = Counter()
         self.control: dict[tuple[str, int], int] = {}
-        self.recoveries: Counter[tuple[str, str]] = Counter()
+        self.recoveries: Counter[tuple[str, ...]] = Counter()
         self.replayed = 0
         self.delivery_latency = Histogram(LATENCY_BUCKETS)
         self.ping_latency = Histogram(LATENCY_BUCKETS)
@@ -186,6 +186,7 @@ PUBLISH_FORMS = ("channel", "json", "batch")
 DROP_REASONS = ("drop_oldest", "slow_consumer")
 POLICIES = ("disconnect", "drop_oldest")
 REJECT_REASONS = ("cap", "origin", "bad_request", "handshake_timeout", "draining", "fd_limit")
+RECOVERY_FAILURES = ("epoch", "too_old", "too_many", "disabled", "position")
 CLOSE_CODES = frozenset({1000, 1002, 1005} | {reason.code for reason in CloseReason})
 """Close codes with a series of their own (README, "How connections end")."""
 
@@ -242,12 +243,14 @@ class DaemonCollector(Collector):
             self.ws.settings.max_clients,
         )
         yield _gauge(
-            "channels", "Channels remembered (with or without subscribers).", len(node.hub)
+            "channels",
+            "Channels remembered (with or without subscribers).",
+            sum(1 for _ in node.channel_names()),
         )
         yield _gauge(
             "channels_limit",
             "Configured most channels remembered (channels.max_channels).",
-            node.hub.max_channels,
+            node.settings.channels.max_channels,
         )
         yield _gauge(
             "subscriptions", "Channel subscriptions over all clients.", node.hub.subscriptions
@@ -384,6 +387,45 @@ class DaemonCollector(Collector):
             "waits for its log).",
             [],
             {(): log.dropped_lines()},
+        )
+        yield _counter(
+            "recoveries",
+            "Subscribers that asked to resume from a position, by outcome (recovered "
+            "true/false) and, when it failed, reason (epoch, too_old, too_many, disabled, "
+            "position).",
+            ["recovered", "reason"],
+            {("true", ""): 0, **{("false", r): 0 for r in RECOVERY_FAILURES}, **m.recoveries},
+        )
+        yield _counter(
+            "messages_replayed",
+            "Messages replayed from history to recovering subscribers.",
+            [],
+            {(): m.replayed},
+        )
+        stats = self.node.broker.history_stats()
+        yield _gauge("history_entries", "Messages kept in channel histories here.", stats.entries)
+        yield _gauge(
+            "history_bytes",
+            "Memory the kept messages cost (counted against history.max_bytes).",
+            stats.bytes,
+        )
+        yield _counter(
+            "history_evictions",
+            "Messages evicted from history, by cause: size (history.size), ttl "
+            "(history.ttl), budget (history.max_bytes).",
+            ["cause"],
+            {
+                ("size",): stats.evicted_size,
+                ("ttl",): stats.evicted_ttl,
+                ("budget",): stats.evicted_budget,
+            },
+        )
+        yield _counter(
+            "channels_forgotten",
+            "Channels whose position was forgotten (no local subscriber, and the table "
+            "was full or their history expired): their offsets restart in a new epoch.",
+            [],
+            {(): stats.forgotten},
         )
         yield _counter(
             "control_requests",

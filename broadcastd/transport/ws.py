@@ -578,7 +578,7 @@ class Connection(asyncio.Protocol):
         outbox.drain = self.drain_now
         session = self.session = Session(
             self.protocol.id.hex,
-            node.hub,
+            node,
             outbox,
             raw=route.raw,
             max_channels=s.max_channels_per_client,
@@ -589,7 +589,7 @@ class Connection(asyncio.Protocol):
         self.remote = _address(self._peer())
         if node.draining:
             outbox.close(CloseReason.SHUTDOWN)
-        session.open(list(route.channels))
+        session.open(route.channels, route.since)
         node.observer.connection_opened()
         _log.info(
             "connection.open",
