@@ -143,7 +143,8 @@ async def test_an_idempotency_key_publishes_once(node: Node) -> None:
     first = publish(node, "x", "m", key="k")
     again = publish(node, "x", "m", key="k")
     other = publish(node, "y", "m", key="k")  # keys are per channel
-    assert again.duplicate and again.position == first.position
+    assert again.duplicate
+    assert again.position == first.position
     assert again.fan_out is None
     assert not other.duplicate
     assert len(payloads(a)) == 1

@@ -252,7 +252,7 @@ def test_the_byte_budget_holds_under_100000_channels() -> None:
 
         before = rss()
         with httpx.Client(base_url=url, timeout=60) as client:
-            for round_ in range(3):
+            for _ in range(3):
                 for start in range(0, 100_000, 10_000):
                     batch = [
                         {"channel": f"ch{n}", "data": "x" * 200}

@@ -19,7 +19,6 @@ from broadcastd.errors import ClientError, CloseReason
 from broadcastd.node import Node
 
 from .conftest import make_settings
-
 from .test_channels import valid_names
 
 ids = st.none() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=64)
@@ -86,7 +85,7 @@ def test_subscribe_with_since_replays_after_the_reply() -> None:
     for i in range(4):
         epoch = node.publish("news", Payload.from_value(i), "json").position.epoch
     since = json.dumps({"epoch": epoch, "offset": 1})
-    session.handle('{"op": "subscribe", "channel": "news", "since": %s, "id": 7}' % since)
+    session.handle(f'{{"op": "subscribe", "channel": "news", "since": {since}, "id": 7}}')
     got = replies(session.outbox)
     assert got[0] == {
         "type": "subscribed",
