@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from broadcastd.core.envelope import Payload
+from broadcastd.core.hub import page
 from broadcastd.core.outbox import Outbox
 from broadcastd.core.stream import Last, Position
 from broadcastd.errors import ChannelTableFull
@@ -148,3 +149,18 @@ async def test_an_idempotency_key_publishes_once(node: Node) -> None:
     assert again.fan_out is None
     assert not other.duplicate
     assert len(payloads(a)) == 1
+
+
+def test_pages_list_names_in_order_after_the_cursor() -> None:
+    names = ["m", "b", "z:1", "a@x", "q", "c", "b.2"]
+    walked: list[str] = []
+    cursor = None
+    while True:
+        chosen, cursor = page(names, cursor, 3)
+        walked += chosen
+        if cursor is None:
+            break
+        assert cursor == chosen[-1]
+    assert walked == sorted(names)
+    assert page(names, "z:1", 3) == ([], None)
+    assert page(names, None, len(names)) == (sorted(names), None)
