@@ -26,7 +26,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
 from broadcastd import __version__, log
@@ -321,18 +321,111 @@ class Backoff:
         return delay
 
 
+class Position(NamedTuple):
+    epoch: str
+    offset: int
+
+
+class Resume:
+    """Where the output of each channel stands, so a reconnection carries on from it.
+
+    A channel's position is (epoch, offset) of the last message printed: the epoch
+    comes from the ``subscribed`` reply (message frames do not repeat it), the
+    offset from each message. The next connection asks ``since=CHANNEL:EPOCH:OFFSET``
+    for every channel with a position and ``channel=CHANNEL`` for the others (an
+    old daemon that sends no epoch). The daemon then replays what was missed or
+    says why it cannot (``recovered: false``, with a reason): that is told on
+    stderr, one line, and the channel carries on from the position it gives.
+
+    Raw mode (``--raw``) frames carry no positions, so the client always connects
+    in JSON mode and prints what raw mode would have: each message's payload,
+    nothing else but error replies.
+    """
+
+    def __init__(self, channels: Sequence[str], raw: bool = False) -> None:
+        self.channels = list(dict.fromkeys(channels))
+        self.raw = raw
+        self.positions: dict[str, Position] = {}
+
+    def query(self) -> list[tuple[str, str]]:
+        """The query string parameters of the next connection."""
+        query: list[tuple[str, str]] = []
+        for channel in self.channels:
+            at = self.positions.get(channel)
+            if at is None:
+                query.append(("channel", channel))
+            else:
+                query.append(("since", f"{channel}:{at.epoch}:{at.offset}"))
+        return query
+
+    def frame(self, text: str) -> tuple[str | None, str | None]:
+        """Note one frame; return the line to print (None: nothing) and a notice for stderr."""
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return text, None
+        if not isinstance(doc, dict):
+            return text, None
+        kind, channel = doc.get("type"), doc.get("channel")
+        if kind is None and isinstance(channel, str) and "data" in doc:
+            offset = doc.get("offset")
+            at = self.positions.get(channel)
+            if at is not None and isinstance(offset, int):
+                self.positions[channel] = Position(at.epoch, offset)
+            return (_raw_payload(text, doc["data"]) if self.raw else text), None
+        notice = None
+        if kind == "subscribed" and isinstance(channel, str):
+            notice = self._subscribed(channel, doc)
+        if self.raw and kind in ("subscribed", "missed"):
+            return None, notice
+        return text, notice
+
+    def _subscribed(self, channel: str, reply: dict[str, Any]) -> str | None:
+        epoch, offset, recovered = reply.get("epoch"), reply.get("offset"), reply.get("recovered")
+        if not isinstance(epoch, str) or not isinstance(offset, int):
+            self.positions.pop(channel, None)
+            return None
+        at = self.positions.get(channel)
+        if recovered is True and at is not None and at.epoch == epoch:
+            return None  # the replay that follows brings the offset up to date
+        self.positions[channel] = Position(epoch, offset)
+        if recovered is False:
+            return (
+                f"broadcastd subscribe: {channel}: could not recover "
+                f"(reason {reply.get('reason')}): messages may have been missed"
+            )
+        return None
+
+
+def _raw_payload(text: str, data: Any) -> str:
+    """What raw mode sends for a message whose JSON envelope is ``text``: a string
+    itself, any other value as the JSON text the publisher sent (the daemon embeds
+    it verbatim after ``"data":``; re-encoded if it cannot be found)."""
+    if isinstance(data, str):
+        return data
+    start = text.find(',"data":')
+    if start != -1 and text.endswith("}"):
+        verbatim = text[start + len(',"data":') : -1]
+        with contextlib.suppress(ValueError):
+            if json.loads(verbatim) == data:
+                return verbatim
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
 def subscribe(settings: Settings, args: argparse.Namespace) -> int:
     base = args.url or f"ws://{_local(settings.ws.host)}:{settings.ws.port}/"
-    query = [("channel", c) for c in args.channels] + ([("format", "raw")] if args.raw else [])
-    url = base.rstrip("/") + "/?" + urlencode(query)
+    resume = Resume(args.channels, raw=args.raw)
     try:
-        return asyncio.run(_subscribe(url, Backoff(cap=args.max_backoff), args.once))
+        return asyncio.run(
+            _subscribe(base.rstrip("/") + "/?", resume, Backoff(cap=args.max_backoff), args.once)
+        )
     except KeyboardInterrupt:  # before the signal handlers were installed
         return 128 + signal.SIGINT
 
 
-async def _subscribe(url: str, backoff: Backoff, once: bool) -> int:
-    """Print every frame, one per line; reconnect after ``backoff`` unless ``once``.
+async def _subscribe(base: str, resume: Resume, backoff: Backoff, once: bool) -> int:
+    """Print every frame, one per line; reconnect after ``backoff`` unless ``once``,
+    from where each channel's output stands (``resume``).
 
     SIGINT (Ctrl-C) or SIGTERM closes the connection normally (1000: the server
     sees a client that left, not one that failed) and exits 128 + the signal
@@ -363,13 +456,18 @@ async def _subscribe(url: str, backoff: Backoff, once: bool) -> int:
     try:
         while True:
             try:
+                url = base + urlencode(resume.query())
                 async with connect(url, compression=None, max_size=None) as ws:
                     current = ws
                     backoff.opened(time.monotonic())
                     async for message in ws:
                         text = message if isinstance(message, str) else message.decode()
-                        sys.stdout.write(text + "\n")
-                        sys.stdout.flush()
+                        line, notice = resume.frame(text)
+                        if notice is not None:
+                            print(notice, file=sys.stderr)
+                        if line is not None:
+                            sys.stdout.write(line + "\n")
+                            sys.stdout.flush()
                 if not signalled:
                     print(f"broadcastd: connection closed ({ws.close_code})", file=sys.stderr)
             except InvalidStatus as exc:

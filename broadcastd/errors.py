@@ -134,3 +134,22 @@ class CloseReason(Enum):
     def __init__(self, code: int, reason: str) -> None:
         self.code = code
         self.reason = reason
+
+
+class RequestTimeout(ClientError):
+    """A control request's line and headers did not arrive within control.header_timeout."""
+
+    code = "request_timeout"
+    http_status = 408
+
+
+class InternalError(BroadcastdError):
+    """broadcastd failed while serving a request (a bug): the request is answered
+    500 with this code, the failure is logged, and nothing else is affected."""
+
+    code = "internal"
+    http_status = 500
+
+    def __init__(self, message: str = "internal error; the failure is logged") -> None:
+        super().__init__(message)
+        self.message = message

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
-from broadcastd.cli import Backoff
+from broadcastd.cli import Backoff, Position, Resume
+from broadcastd.core.envelope import Payload
+from broadcastd.core.route import parse_route
+from broadcastd.core.stream import Position as StreamPosition
 
-from .conftest import ROOT, DaemonProcess
+from .conftest import ROOT, DaemonProcess, Running
 
 TOKEN = "cli-token"
 
@@ -63,7 +69,9 @@ def test_publish_and_subscribe_commands(process: Any) -> None:
 
         ok = cli("publish", "--url", control, "--token", TOKEN, "a", '{"x": 1}')
         assert ok.returncode == 0, ok.stderr
-        assert json.loads(ok.stdout) == {"channel": "a", "offset": 1, "subscribers": 1}
+        answer = json.loads(ok.stdout)
+        assert answer.pop("epoch", None) == ready[0].get("epoch")
+        assert answer == {"channel": "a", "offset": 1, "subscribers": 1}
         text = cli(
             "publish",
             "--unix",
@@ -218,3 +226,258 @@ def test_backoff_resets_only_after_a_connection_stayed_up() -> None:
     backoff.opened(now=200)
     backoff.next_delay(now=215)  # stayed up 15 s: start again
     assert backoff.failures == 1
+
+
+# Resuming after a reconnection
+
+
+def test_resume_asks_for_each_channel_from_where_its_output_stands() -> None:
+    resume = Resume(["news", "user:42", "quiet"])
+    assert resume.query() == [("channel", "news"), ("channel", "user:42"), ("channel", "quiet")]
+    replies = [
+        {"type": "subscribed", "channel": "news", "epoch": "e1", "offset": 6},
+        {"type": "subscribed", "channel": "user:42", "epoch": "e2", "offset": 0},
+        {"type": "subscribed", "channel": "quiet", "offset": 3},  # a daemon without epochs
+        {"channel": "news", "offset": 7, "data": 1},
+        {"channel": "user:42", "offset": 1, "data": 2},
+        {"channel": "quiet", "offset": 4, "data": 3},
+    ]
+    for doc in replies:
+        text = json.dumps(doc)
+        assert resume.frame(text) == (text, None)
+    assert resume.positions == {"news": Position("e1", 7), "user:42": Position("e2", 1)}
+    route = parse_route("/?" + urlencode(resume.query()), max_channels=10)
+    assert route.channels == ("news", "user:42", "quiet")
+    assert dict(route.since) == {
+        "news": StreamPosition("e1", 7),
+        "user:42": StreamPosition("e2", 1),
+    }
+
+
+def test_resume_follows_a_replay_and_tells_a_failed_recovery() -> None:
+    resume = Resume(["news", "sport"])
+    resume.positions = {"news": Position("e1", 7), "sport": Position("e1", 2)}
+    recovered = {"type": "subscribed", "channel": "news", "epoch": "e1", "offset": 9}
+    failed = {"type": "subscribed", "channel": "sport", "epoch": "e9", "offset": 4}
+    failed |= {"recovered": False, "reason": "epoch"}
+    assert resume.frame(json.dumps(recovered | {"recovered": True}))[1] is None
+    assert resume.positions["news"] == Position("e1", 7)  # until the replay arrives
+    _, notice = resume.frame(json.dumps(failed))
+    assert notice == (
+        "broadcastd subscribe: sport: could not recover (reason epoch): "
+        "messages may have been missed"
+    )
+    assert resume.positions["sport"] == Position("e9", 4)
+    resume.frame(json.dumps({"channel": "news", "offset": 8, "data": None}))
+    assert resume.positions["news"] == Position("e1", 8)
+    resume.frame(json.dumps({"type": "subscribed", "channel": "news", "offset": 0}))
+    assert "news" not in resume.positions  # an old daemon: subscribe afresh
+
+
+def test_resume_in_raw_mode_prints_what_raw_mode_would() -> None:
+    resume = Resume(["news"], raw=True)
+    subscribed = {"type": "subscribed", "channel": "news", "epoch": "e1", "offset": 0}
+    assert resume.frame(json.dumps(subscribed)) == (None, None)
+    assert resume.frame('{"channel":"news","offset":1,"data":"two\\nlines"}') == (
+        "two\nlines",
+        None,
+    )
+    spaced = '{"channel":"news","offset":2,"data":{"a": [1, 2.50],  "b": "}"}}'
+    assert resume.frame(spaced) == ('{"a": [1, 2.50],  "b": "}"}', None)
+    reordered = '{"data": {"a": 1}, "channel": "news", "offset": 3}'
+    assert resume.frame(reordered) == ('{"a":1}', None)
+    assert resume.frame('{"type":"missed","count":2}') == (None, None)
+    error = '{"type":"error","code":"too_many_channels","message":"x"}'
+    assert resume.frame(error) == (error, None)
+    assert resume.positions == {"news": Position("e1", 3)}
+
+
+async def start_subscribe(daemon: Running, *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "broadcastd", "subscribe", "--url", daemon.ws_url, *args),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+
+
+async def next_line(proc: asyncio.subprocess.Process) -> bytes:
+    """The next line printed; the timeout only turns a hang into a failure."""
+    assert proc.stdout is not None
+    async with asyncio.timeout(30):
+        line = await proc.stdout.readline()
+    assert line, "subscribe exited"
+    return line.rstrip(b"\n")
+
+
+async def stop(proc: asyncio.subprocess.Process) -> tuple[bytes, bytes]:
+    """End ``subscribe`` as Ctrl-C would; what it printed since, and all of its stderr."""
+    proc.send_signal(signal.SIGINT)
+    async with asyncio.timeout(30):
+        out, err = await proc.communicate()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    return out, err
+
+
+def drop_connections(daemon: Running) -> None:
+    """Cut every client off, as a failing network would (the client sees 1006)."""
+    for _, conn in daemon.daemon.ws.connections():
+        conn.abort()
+
+
+def publish_now(daemon: Running, channel: str, payload: Payload) -> None:
+    """Publish without yielding to the event loop: no client can connect meanwhile."""
+    daemon.daemon.node.publish(channel, payload, "channel")
+
+
+async def test_subscribe_resumes_each_channel_after_a_reconnect(daemon: Running) -> None:
+    sub = await start_subscribe(daemon, "news", "user:42")
+    printed: list[dict[str, Any]] = []
+
+    async def lines(count: int) -> list[dict[str, Any]]:
+        docs = [json.loads(await next_line(sub)) for _ in range(count)]
+        printed.extend(docs)
+        return docs
+
+    try:
+        first = await lines(2)
+        assert [(r["type"], r["channel"]) for r in first] == [
+            ("subscribed", "news"),
+            ("subscribed", "user:42"),
+        ]
+        for n in (1, 2, 3):
+            await daemon.publish("news", n)
+        await lines(3)
+
+        # Cut off with three news and no user:42 printed; five more are missed live.
+        drop_connections(daemon)
+        for n in (4, 5, 6):
+            publish_now(daemon, "news", Payload.from_value(n))
+        for n in (1, 2):
+            publish_now(daemon, "user:42", Payload.from_value(n))
+
+        again = await lines(2 + 5)  # the two subscribed replies and the replay
+        replies = [r for r in again if "type" in r]
+        assert {r["channel"]: r["recovered"] for r in replies} == {"news": True, "user:42": True}
+        await daemon.publish("news", 7)
+        await daemon.publish("user:42", 3)
+        await lines(2)
+    finally:
+        rest, errors = await stop(sub)
+    assert rest == b""  # nothing printed twice
+    assert b"connection closed (1006)" in errors
+    assert b"could not recover" not in errors, errors
+    messages = [doc for doc in printed if "type" not in doc]
+    for channel, count in (("news", 7), ("user:42", 3)):
+        mine = [m for m in messages if m["channel"] == channel]
+        assert [(m["offset"], m["data"]) for m in mine] == [(n, n) for n in range(1, count + 1)]
+
+
+class ConnectionsOpened:
+    """Wraps the daemon's observer to tell each connection opened (and subscribed)."""
+
+    def __init__(self, daemon: Running) -> None:
+        self.inner = daemon.daemon.node.observer
+        self.opened: asyncio.Queue[None] = asyncio.Queue()
+        daemon.daemon.node.observer = self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def connection_opened(self) -> None:
+        self.inner.connection_opened()
+        self.opened.put_nowait(None)
+
+    async def next(self) -> None:
+        async with asyncio.timeout(30):
+            await self.opened.get()
+
+
+async def test_raw_subscribe_resumes_and_prints_payloads_as_raw_mode_does(
+    daemon: Running,
+) -> None:
+    connections = ConnectionsOpened(daemon)
+    sub = await start_subscribe(daemon, "--raw", "news")
+    bodies = [
+        (b'{"a": [1, 2.50],  "b": "}"}', "application/json"),
+        (b'"quoted"', "application/json"),
+        (b"two\nlines", "text/plain"),
+    ]
+    try:
+        await connections.next()
+        async with daemon.connect("/?channel=news&format=raw") as raw:
+            await connections.next()
+            for body, content_type in bodies:
+                response = await daemon.http.post(
+                    "/publish/news", content=body, headers={"Content-Type": content_type}
+                )
+                assert response.status_code == 200, response.text
+            expected = [await raw.recv() for _ in bodies]
+        assert expected == ['{"a": [1, 2.50],  "b": "}"}', "quoted", "two\nlines"]
+        printed = [await next_line(sub) for _ in range(4)]
+        assert b"\n".join(printed).decode() == "\n".join(expected)
+
+        drop_connections(daemon)
+        publish_now(daemon, "news", Payload.from_json_body(b'{"missed": true }'))
+        await connections.next()
+        await daemon.publish("news", "live")
+        assert await next_line(sub) == b'{"missed": true }'
+        assert await next_line(sub) == b"live"
+    finally:
+        rest, errors = await stop(sub)
+    assert rest == b""
+    assert b"could not recover" not in errors, errors
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_subscribe_tells_a_lost_recovery_after_a_daemon_restart_and_carries_on() -> None:
+    ports = ("--ws-port", str(free_port()), "--control-port", str(free_port()))
+    first = DaemonProcess(*ports, "--control-token", TOKEN)
+    second: DaemonProcess | None = None
+    try:
+        first.wait_ready()
+        control = f"http://127.0.0.1:{first.control_port}"
+        sub = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "broadcastd", "subscribe", "--max-backoff", "0.2"),
+                *("--url", f"ws://127.0.0.1:{first.ws_port}", "news"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        try:
+            before = received(sub)
+            assert before["type"] == "subscribed"
+            assert cli("publish", "--url", control, "--token", TOKEN, "news", "a").returncode == 0
+            assert received(sub) == {"channel": "news", "offset": 1, "data": "a"}
+
+            first.kill()  # its channels' counts are gone: a new epoch on the next daemon
+            second = DaemonProcess(*ports, "--control-token", TOKEN)
+            second.wait_ready()
+            after = received(sub)
+            assert after["type"] == "subscribed"
+            assert (after["recovered"], after["reason"]) == (False, "epoch")
+            assert after["epoch"] != before["epoch"]
+            assert cli("publish", "--url", control, "--token", TOKEN, "news", "b").returncode == 0
+            assert received(sub) == {"channel": "news", "offset": 1, "data": "b"}
+        finally:
+            sub.send_signal(signal.SIGINT)
+            rest, errors = sub.communicate(timeout=60)
+        assert sub.returncode == 128 + signal.SIGINT
+        assert rest == b""
+        notices = [line for line in errors.splitlines() if b"could not recover" in line]
+        assert notices == [
+            b"broadcastd subscribe: news: could not recover (reason epoch): "
+            b"messages may have been missed"
+        ]
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
