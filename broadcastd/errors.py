@@ -108,6 +108,13 @@ class HeadersTooLarge(ClientError):
     http_status = 431
 
 
+class EpochMismatch(ClientError):
+    """The position asked about belongs to another epoch of the channel."""
+
+    code = "epoch_mismatch"
+    http_status = 409
+
+
 class Draining(ClientError):
     code = "draining"
     http_status = 503

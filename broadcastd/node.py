@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from broadcastd.broker import Broker, History, Published
+from broadcastd.broker import Broker, Published
 from broadcastd.broker.memory import MemoryBroker
 from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import Payload
@@ -201,8 +201,21 @@ class Node:
         position = self.broker.position(name)
         return None if position is None else (position, 0)
 
-    def history(self, name: str, since: int, limit: int) -> History:
-        return self.broker.history(name, since, limit)
+    def read_history(
+        self, name: str, since: int, limit: int, newest_first: bool
+    ) -> tuple[Position, list[Publication], bool] | None:
+        """What history keeps of ``name`` after offset ``since``: the channel's latest
+        position, up to ``limit`` publications (oldest or newest first), and whether
+        history still reaches back to ``since + 1``. None for an unknown channel."""
+        state = self.channel_state(name)
+        if state is None:
+            return None
+        top = state[0]
+        kept = self.broker.latest(name, self.settings.history.size).publications or []
+        after = [p for p in kept if p.offset > since]
+        complete = since >= top.offset or bool(after and after[0].offset == since + 1)
+        page = after[-limit:][::-1] if newest_first else after[:limit]
+        return top, page, complete
 
     def begin_drain(self) -> None:
         self.ready = False

@@ -272,3 +272,36 @@ def test_the_byte_budget_holds_under_100000_channels() -> None:
     finally:
         daemon.proc.terminate()
         assert daemon.finish() == 0
+
+
+async def test_the_history_endpoint_pages_and_refuses_bad_parameters(
+    daemon_factory: Any,
+) -> None:
+    async with daemon_factory(**{"history.size": 5}) as daemon:
+        epoch = ""
+        for i in range(1, 9):
+            epoch = (await daemon.publish("h", {"n": i, "big": 2**70}))["epoch"]
+        http = daemon.http
+        first = (await http.get("/channels/h/history", params={"limit": 2})).json()
+        assert (first["epoch"], first["offset"], first["complete"]) == (epoch, 8, False)
+        assert [p["offset"] for p in first["publications"]] == [4, 5]
+        assert first["publications"][0]["data"] == {"n": 4, "big": 2**70}  # verbatim
+        rest = (await http.get(f"/channels/h/history?since={first['next']}&limit=10")).json()
+        assert [p["offset"] for p in rest["publications"]] == [6, 7, 8]
+        assert (rest["complete"], rest["next"]) == (True, None)
+        newest = (await http.get("/channels/h/history?order=desc&limit=2")).json()
+        assert [p["offset"] for p in newest["publications"]] == [8, 7]
+        ok = await http.get(f"/channels/h/history?since=8&epoch={epoch}")
+        assert ok.json()["publications"] == []
+        for query, status, code in [
+            ("since=-1", 400, "bad_request"),
+            ("limit=0", 400, "bad_request"),
+            ("limit=1001", 400, "bad_request"),
+            ("order=up", 400, "bad_request"),
+            ("colour=red", 400, "bad_request"),
+            ("epoch=other", 409, "epoch_mismatch"),
+        ]:
+            response = await http.get(f"/channels/h/history?{query}")
+            assert (response.status_code, response.json()["error"]["code"]) == (status, code)
+        missing = await http.get("/channels/nothing/history")
+        assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")

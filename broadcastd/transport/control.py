@@ -2,9 +2,14 @@
 
 Routes map HTTP onto Node calls; the request forms are parsed in
 broadcastd.core.publication. Every error is ``{"error": {"code", "message"}}``
-with the status its ClientError carries. A bearer token, when set, is required
-on every route except the probes (/healthz, /readyz) and is compared in
-constant time.
+with the status its ClientError carries (500 ``internal`` for a failure of
+ours, answered by the HTTP layer). A bearer token, when set, is required on
+every route except the probes (/healthz, /readyz) and is compared in constant
+time. HEAD is served wherever GET is.
+
+The API is described by ``broadcastd/openapi.json`` (OpenAPI 3.1), written by
+hand as the one source of truth and served at ``GET /openapi.json``; a test
+holds it and ``ControlApi.routes()`` to each other.
 """
 
 from __future__ import annotations
@@ -14,12 +19,16 @@ import contextlib
 import hmac
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from importlib import resources
 from typing import Any
+from urllib.parse import parse_qsl, unquote
 
 import orjson
 
 from broadcastd.broker import Published
+from broadcastd.core.channels import is_valid_channel
+from broadcastd.core.hub import page
 from broadcastd.core.publication import (
     body_payload,
     check_key,
@@ -31,6 +40,8 @@ from broadcastd.core.stream import Position
 from broadcastd.errors import (
     ClientError,
     Draining,
+    EpochMismatch,
+    InternalError,
     MethodNotAllowed,
     NotFound,
     Unauthorized,
@@ -38,18 +49,25 @@ from broadcastd.errors import (
 )
 from broadcastd.node import Node
 from broadcastd.settings import ControlSettings
-from broadcastd.transport.http import HttpProtocol, Limits, Request, Response
+from broadcastd.transport.http import Api, HttpProtocol, Limits, Request, Response
 
 Route = Callable[[Request, str], Response]
 _PUBLIC = frozenset(("/healthz", "/readyz"))
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PAGE_LIMIT = 1000
+"""Default and largest ``limit`` of ``GET /channels``."""
 
 
-def json_response(status: int, doc: Any, headers: list[tuple[str, str]] | None = None) -> Response:
-    return Response(status, orjson.dumps(doc), headers or [])
+def openapi_document() -> bytes:
+    """The OpenAPI document of the control API, as shipped in the package."""
+    return resources.files("broadcastd").joinpath("openapi.json").read_bytes()
 
 
-def error_response(error: ClientError) -> Response:
+def json_response(status: int, doc: Any, headers: Sequence[tuple[str, str]] = ()) -> Response:
+    return Response(status, orjson.dumps(doc), headers)
+
+
+def error_response(error: ClientError | InternalError) -> Response:
     headers: list[tuple[str, str]] = []
     if isinstance(error, MethodNotAllowed):
         headers.append(("Allow", ", ".join(error.allowed)))
@@ -84,37 +102,81 @@ class ControlApi:
             "/batch": {"POST": self._batch},
             "/channels": {"GET": self._channels},
             "/stats": {"GET": self._stats},
+            "/openapi.json": {"GET": self._openapi},
         }
         if metrics is not None:
             self._exact["/metrics"] = {"GET": self._metrics}
-        self._prefixed: dict[str, dict[str, Route]] = {
-            "/publish/": {"POST": self._publish_channel},
-            "/channels/": {"GET": self._channel},
+        self._prefixed: dict[str, tuple[str, dict[str, Route]]] = {
+            "/publish/": ("{channel}", {"POST": self._publish_channel}),
+            "/channels/": ("{name}", {"GET": self._channel}),
         }
+        self._openapi_body = openapi_document()
+
+    def routes(self) -> dict[str, tuple[str, ...]]:
+        """Every route served, as an OpenAPI path template -> its methods."""
+        table = {path: _methods(methods) for path, methods in self._exact.items()}
+        for prefix, (parameter, methods) in self._prefixed.items():
+            table[prefix + parameter] = _methods(methods)
+        table["/channels/{name}/history"] = table["/channels/{name}"]
+        return table
 
     def handle(self, request: Request) -> Response:
         endpoint = "unknown"
         try:
-            methods, argument, endpoint = self._route(request.path)
-            if request.path not in _PUBLIC:
-                self._authorize(request)
-            route = methods.get(request.method)
-            if route is None:
-                raise MethodNotAllowed(f"{request.method} is not allowed here", tuple(methods))
-            response = route(request, argument)
+            found = self._route(request.path)
+            if found is None:
+                raise NotFound(f"no route for {request.path[:64]!r}")
+            methods, argument, endpoint = found
+            response = self._method(request, methods)(request, argument)
         except ClientError as error:
             response = error_response(error)
         self.node.observer.control_request(endpoint, response.status)
         return response
 
-    def _route(self, path: str) -> tuple[dict[str, Route], str, str]:
+    def check(self, request: Request) -> ClientError | None:
+        """Route, token and method of a request whose body has not been sent yet."""
+        found = self._route(request.path)
+        if found is None:
+            return NotFound(f"no route for {request.path[:64]!r}")
+        try:
+            self._method(request, found[0])
+        except ClientError as error:
+            return error
+        return None
+
+    def refuse(self, error: ClientError | InternalError, request: Request | None) -> Response:
+        """An error answered by the HTTP layer (malformed, too large, a failure), counted."""
+        endpoint = "unknown"
+        if request is not None:
+            found = self._route(request.path)
+            if found is not None:
+                endpoint = found[2]
+        response = error_response(error)
+        self.node.observer.control_request(endpoint, response.status)
+        return response
+
+    def _method(self, request: Request, methods: dict[str, Route]) -> Route:
+        """The route for the request's method, once its token is checked."""
+        if self._token is not None and request.path not in _PUBLIC:
+            self._authorize(request)
+        method = request.method
+        route = methods.get("GET" if method == "HEAD" else method)
+        if route is None:
+            raise MethodNotAllowed(f"{method[:16]} is not allowed here", _methods(methods))
+        return route
+
+    def _route(self, path: str) -> tuple[dict[str, Route], str, str] | None:
         methods = self._exact.get(path)
         if methods is not None:
             return methods, "", path.strip("/")
-        for prefix, prefixed in self._prefixed.items():
+        for prefix, (_, prefixed) in self._prefixed.items():
             if path.startswith(prefix) and len(path) > len(prefix):
-                return prefixed, path[len(prefix) :], prefix.strip("/") + "_channel"
-        raise NotFound(f"no route for {path[:64]!r}")
+                # OpenAPI clients percent-encode path parameters (":" and "@" too).
+                argument = path[len(prefix) :]
+                if "%" in argument:
+                    argument = unquote(argument)
+                return prefixed, argument, prefix.strip("/") + "_channel"
+        return None
 
     def _authorize(self, request: Request) -> None:
         if self._token is None:
@@ -145,11 +207,8 @@ class ControlApi:
     def _publish(self, request: Request, _: str) -> Response:
         self._require_json(request)
         channels, payload, multi = parse_publish(request.body, self.settings.max_batch_items)
-        key = _key(request)
-        results = [
-            _result(channel, self.node.publish(channel, payload, "json", key))
-            for channel in channels
-        ]
+        published = self.node.publish_all(channels, payload, "json", _key(request))
+        results = [_result(c, p) for c, p in zip(channels, published, strict=True)]
         return json_response(200, {"results": results} if multi else results[0])
 
     def _batch(self, request: Request, _: str) -> Response:
@@ -171,19 +230,52 @@ class ControlApi:
         )
 
     def _channels(self, request: Request, _: str) -> Response:
+        after, limit = _page_query(request.query)
         node = self.node
+        names, cursor = page(node.channel_names(), after, limit)
         channels = []
-        for name in node.channel_names():
+        for name in names:
             state = node.channel_state(name)
             if state is not None:
                 channels.append(_channel_doc(name, *state))
-        return json_response(200, {"count": len(channels), "channels": channels})
+        return json_response(200, {"count": len(channels), "channels": channels, "next": cursor})
 
     def _channel(self, request: Request, name: str) -> Response:
+        name, slash, rest = name.partition("/")
+        if slash:
+            if rest != "history":
+                raise NotFound(f"no route for /channels/{name[:64]}/{rest[:32]}")
+            return self._history(request, name)
         state = self.node.channel_state(name)
         if state is None:
             raise NotFound(f"no channel {name[:64]!r}")
         return json_response(200, _channel_doc(name, *state))
+
+    def _history(self, request: Request, name: str) -> Response:
+        since, epoch, limit, newest_first = _history_query(request.query)
+        found = self.node.read_history(name, since, limit, newest_first)
+        if found is None:
+            raise NotFound(f"no channel {name[:64]!r}")
+        top, publications, complete = found
+        if epoch is not None and epoch != top.epoch:
+            raise EpochMismatch(
+                f"the channel is in epoch {top.epoch!r} now: its count restarted since"
+            )
+        last = publications[-1].offset if publications and not newest_first else None
+        return json_response(
+            200,
+            {
+                "channel": name,
+                "epoch": top.epoch,
+                "offset": top.offset,
+                "complete": complete,
+                "next": last if last is not None and last < top.offset else None,
+                "publications": [
+                    {"offset": p.offset, "data": orjson.Fragment(p.payload.json)}
+                    for p in publications
+                ],
+            },
+        )
 
     def _stats(self, request: Request, _: str) -> Response:
         hub = self.node.hub
@@ -201,6 +293,9 @@ class ControlApi:
     def _metrics(self, request: Request, _: str) -> Response:
         assert self.metrics is not None
         return Response(200, self.metrics(), content_type=METRICS_CONTENT_TYPE)
+
+    def _openapi(self, request: Request, _: str) -> Response:
+        return Response(200, self._openapi_body)
 
     @staticmethod
     def _require_json(request: Request) -> None:
@@ -238,6 +333,69 @@ def _channel_doc(name: str, position: Position, subscribers: int) -> dict[str, A
     }
 
 
+MAX_HISTORY_PAGE = 1000
+"""Most publications one history request returns."""
+
+
+def _history_query(query: str) -> tuple[int, str | None, int, bool]:
+    """since (offset, default 0), epoch, limit (1..1000, default 100), order (asc|desc)."""
+    since, epoch, limit, newest_first = 0, None, 100, False
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise ClientError("malformed query string") from None
+    for key, value in pairs:
+        if key == "since" and value.isdigit() and len(value) < 20:
+            since = int(value)
+        elif key == "limit" and value.isdigit() and 0 < int(value) <= MAX_HISTORY_PAGE:
+            limit = int(value)
+        elif key == "epoch" and 0 < len(value) <= 64:
+            epoch = value
+        elif key == "order" and value in ("asc", "desc"):
+            newest_first = value == "desc"
+        else:
+            raise ClientError(
+                f"bad query parameter {key[:32]!r}: history takes since (an offset), epoch, "
+                f"limit (1 to {MAX_HISTORY_PAGE}) and order (asc or desc)"
+            )
+    return since, epoch, limit, newest_first
+
+
+def _methods(routes: dict[str, Route]) -> tuple[str, ...]:
+    """The methods a route answers: HEAD wherever GET."""
+    return (*routes, "HEAD") if "GET" in routes else tuple(routes)
+
+
+def _page_query(query: str) -> tuple[str | None, int]:
+    """``after`` and ``limit`` of ``GET /channels``, each at most once, nothing else."""
+    after: str | None = None
+    limit = PAGE_LIMIT
+    if not query:
+        return after, limit
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, max_num_fields=4)
+    except ValueError:
+        raise ClientError("malformed query string; /channels takes limit and after") from None
+    seen: set[str] = set()
+    for name, value in pairs:
+        if name in seen:
+            raise ClientError(f"query parameter {name[:32]!r} is given more than once")
+        seen.add(name)
+        if name == "limit":
+            if not (value.isascii() and value.isdigit() and 1 <= int(value[:9]) <= PAGE_LIMIT):
+                raise ClientError(f"limit must be an integer from 1 to {PAGE_LIMIT}")
+            limit = int(value)
+        elif name == "after":
+            if not is_valid_channel(value):
+                raise ClientError("after must be a channel name (the next cursor of a page)")
+            after = value
+        else:
+            raise ClientError(
+                f"unknown query parameter {name[:32]!r}; /channels takes limit and after"
+            )
+    return after, limit
+
+
 class MetricsApi:
     """The metrics listener: read-only, no token, so Prometheus needs no publish rights."""
 
@@ -245,13 +403,19 @@ class MetricsApi:
         self.render = render
 
     def handle(self, request: Request) -> Response:
-        if request.path == "/metrics":
-            if request.method != "GET":
-                return error_response(MethodNotAllowed("GET only", ("GET",)))
-            return Response(200, self.render(), content_type=METRICS_CONTENT_TYPE)
+        if request.path not in ("/metrics", "/healthz"):
+            return error_response(NotFound(f"no route for {request.path[:64]!r}; try /metrics"))
+        if request.method not in ("GET", "HEAD"):
+            return error_response(MethodNotAllowed("GET and HEAD only", ("GET", "HEAD")))
         if request.path == "/healthz":
             return json_response(200, {"status": "ok"})
-        return error_response(NotFound(f"no route for {request.path[:64]!r}; try /metrics"))
+        return Response(200, self.render(), content_type=METRICS_CONTENT_TYPE)
+
+    def check(self, request: Request) -> ClientError | None:
+        return None  # nothing here takes a body: max_body is 0
+
+    def refuse(self, error: ClientError | InternalError, request: Request | None) -> Response:
+        return error_response(error)
 
 
 class HttpListener:
@@ -259,14 +423,14 @@ class HttpListener:
 
     def __init__(
         self,
-        handler: Callable[[Request], Response],
+        api: Api,
         host: str,
         port: int,
         limits: Limits,
         unix_path: str | None = None,
         unix_mode: int = 0o660,
     ) -> None:
-        self.handler = handler
+        self.api = api
         self.host = host
         self.requested_port = port
         self.unix_path = unix_path
@@ -281,7 +445,7 @@ class HttpListener:
         return port
 
     def _protocol(self) -> HttpProtocol:
-        return HttpProtocol(self.handler, error_response, self._limits, self._connections)
+        return HttpProtocol(self.api, self._limits, self._connections)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -308,15 +472,20 @@ class HttpListener:
 
 
 def control_listener(settings: ControlSettings, api: ControlApi) -> HttpListener:
-    limits = Limits(settings.max_header_bytes, settings.max_body_bytes, settings.idle_timeout)
-    unix_path = None if settings.unix_path is None else str(settings.unix_path)
-    return HttpListener(
-        api.handle, settings.host, settings.port, limits, unix_path, settings.unix_mode
+    limits = Limits(
+        max_header=settings.max_header_bytes,
+        max_body=settings.max_body_bytes,
+        idle_timeout=settings.idle_timeout,
+        header_timeout=settings.header_timeout,
+        linger_timeout=settings.linger_timeout,
+        write_limit=settings.write_limit,
     )
+    unix_path = None if settings.unix_path is None else str(settings.unix_path)
+    return HttpListener(api, settings.host, settings.port, limits, unix_path, settings.unix_mode)
 
 
 def metrics_listener(host: str, port: int, render: Callable[[], bytes]) -> HttpListener:
-    return HttpListener(MetricsApi(render).handle, host, port, Limits(8 * 1024, 0, 60.0))
+    return HttpListener(MetricsApi(render), host, port, Limits(8 * 1024, 0, 60.0))
 
 
 def _remove_stale_socket(path: str) -> None:
