@@ -274,3 +274,49 @@ async def batch_flat_out(
         pipe.responses.clear()
     seconds = time.monotonic() - started
     return PublishStats(pipe.sent, pipe.ok, published, seconds, dict(pipe.statuses))
+
+
+async def steady(
+    pipe: HttpPipe,
+    channels: Sequence[str],
+    *,
+    rate: float,
+    stop: asyncio.Event,
+    max_messages: int,
+    tick: float = 0.01,
+) -> PublishStats:
+    """Publish round-robin over ``channels`` at ``rate`` per second until ``stop`` is
+    set (or ``max_messages`` went out): every ``tick`` seconds, the requests due by
+    then on an absolute schedule, in one write, so a late tick catches up.
+
+    Responses are read as they come; at most ``rate * RESPONSE_TIMEOUT``
+    requests may wait for theirs (beyond it the publisher waits for the server).
+    """
+    loop = asyncio.get_running_loop()
+    first = loop.time()
+    started = time.monotonic()
+    backlog = max(1000, int(rate * RESPONSE_TIMEOUT))
+    sent = 0
+    index = 0
+    nch = len(channels)
+    ticks = 0
+    while not stop.is_set() and sent < max_messages:
+        due = min(max_messages, int((loop.time() - first) * rate) + 1)
+        if due > sent:
+            now = time.monotonic_ns()
+            burst = []
+            for _ in range(due - sent):
+                burst.append(publish_request(channels[index], now))
+                index = (index + 1) % nch
+            pipe.send(b"".join(burst), due - sent)
+            sent = due
+        if pipe.sent - pipe.received > backlog:
+            async with asyncio.timeout(RESPONSE_TIMEOUT):
+                await pipe.drain()
+        ticks = max(ticks + 1, int((loop.time() - first) / tick) + 1)
+        await asyncio.sleep(max(0.0, first + ticks * tick - loop.time()))
+    async with asyncio.timeout(RESPONSE_TIMEOUT):
+        await pipe.drain()
+    return PublishStats(
+        pipe.sent, pipe.ok, pipe.ok, time.monotonic() - started, dict(pipe.statuses)
+    )

@@ -27,6 +27,8 @@ MIN_PHASE_S = 1.0
 def _fmt(value: float | None) -> str:
     if value is None:
         return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     if abs(value) >= 10:
@@ -84,6 +86,9 @@ def _notes(results: dict[str, Any]) -> list[str]:
             continue
         for scenario, res in outcome.get("scenarios", {}).items():
             where = f"{server} {scenario}"
+            if "skipped" in res:
+                notes.append(f"{where}: skipped - {res['skipped']}")
+                continue
             if "error" in res:
                 notes.append(f"{where}: FAILED - {res['error']}")
                 continue
@@ -122,9 +127,38 @@ def _suspect(details: dict[str, Any]) -> list[str]:
         found.append(f"{details['lost_connections']} connection(s) lost mid-test")
     if details.get("connected", 0) < details.get("attempted", 0):
         found.append(f"only {details['connected']} of {details['attempted']} subscribed")
+    found += _recovery_suspect(details)
     for step in details.get("steps", []):
         if step["connected"] < step["target"]:
             found.append(f"only {step['connected']} of {step['target']} connections opened")
+    return found
+
+
+def _recovery_suspect(details: dict[str, Any]) -> list[str]:
+    """What is off in scenario R: clients not live again, refused resumes, offsets
+    out of order (any is a correctness defect, not a slow figure)."""
+    found = []
+    if details.get("not_live"):
+        found.append(f"{details['not_live']} of {details['clients']} clients never live again")
+    if details.get("recovered_false"):
+        found.append(
+            f"{details['recovered_false']} resume(s) refused {details.get('refusal_reasons')}"
+        )
+    if details.get("ordering_violations"):
+        found.append(
+            f"ORDERING: {details['ordering_violations']} violation(s) after resume "
+            f"{details.get('violations_by_kind')}"
+        )
+    prior = details.get("before_drop", {}).get("ordering_violations", {})
+    if any(prior.values()):
+        found.append(f"ORDERING: violations before the drop {prior}")
+    if details.get("replayed", 0) != details.get("replay_expected", 0):
+        found.append(
+            f"replayed {details['replayed']:,} messages, the resumes promised "
+            f"{details['replay_expected']:,}"
+        )
+    if details.get("unexpected_replies"):
+        found.append(f"unexpected replies {details['unexpected_replies']}")
     return found
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.procstat import busy_elsewhere, raise_nofile
-from benchmarks.scenarios import SCENARIOS, Params
+from benchmarks.scenarios import SCENARIOS, Params, server_env, unsupported
 from benchmarks.servers import SERVERS, ServerError
 
 SERVER_LOG_LINES = 20
@@ -55,7 +55,9 @@ async def run(
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Every scenario against every server; never raises for one failed scenario."""
-    needed = max(*params.s4_counts, params.s3_subscribers, params.s5_clients) + 200
+    needed = (
+        max(*params.s4_counts, params.s3_subscribers, params.s5_clients, params.r_clients) + 200
+    )
     results: dict[str, Any] = {
         "started": datetime.now().isoformat(timespec="seconds"),
         "host": host_info(),
@@ -75,10 +77,17 @@ async def run(
             outcome: dict[str, Any] = {"scenarios": {}}
             results["servers"][name] = outcome
             for scenario in scenario_names:
+                why = unsupported(scenario, cls)
+                if why is not None:
+                    progress(f"[{name}] {scenario} skipped: {why}")
+                    outcome["scenarios"][scenario] = {"skipped": why}
+                    continue
                 if wait_idle > 0:
                     await _wait_idle(wait_idle, progress)
                 progress(f"[{name}] {scenario} ...")
-                res = await _one(cls(Path(tmp), 0 if pin else None), scenario, params)
+                server = cls(Path(tmp), 0 if pin else None)
+                server.extra_env.update(server_env(scenario, params))
+                res = await _one(server, scenario, params)
                 outcome["scenarios"][scenario] = res
                 progress(f"[{name}] {scenario} {_summary(res)}")
     return results

@@ -1,4 +1,4 @@
-"""The benchmark scenarios, S1 to S5, each against one freshly started server.
+"""The benchmark scenarios, S1 to S5 and R, each against one freshly started server.
 
 Every scenario returns ``{"metrics": {...}, "details": {...}}``: metrics are
 the headline figures the report tabulates (each with its label, unit and which
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +27,8 @@ from benchmarks.procstat import (
     tree_cpu_seconds,
     tree_rss_bytes,
 )
-from benchmarks.publisher import HttpPipe, batch_flat_out, flat_out, paced
+from benchmarks.publisher import HttpPipe, batch_flat_out, flat_out, paced, steady
+from benchmarks.recovery import Fleet, Resumer, Track
 from benchmarks.servers import HOST, Server
 from benchmarks.stats import percentiles_ms
 from benchmarks.wsclient import ConnectResult, Pool
@@ -54,6 +57,25 @@ class Params:
     s4_counts: tuple[int, ...] = (10_000, 19_500)
     s5_clients: int = 10_000
     s5_in_flight: int = 500
+    r_clients: int = 1000
+    r_channels: int = 10
+    r_rate: float = 200.0
+    """R: publishes per second, round-robin over R's channels, steady through the
+    drop and the recovery. Each delivery is about one socket write at this rate,
+    and the stream alone keeps about half of broadcastd's core busy (on the
+    reference VM); at 500/s the daemon has little left for the reconnect burst,
+    which then takes seconds and varies a lot from run to run."""
+    r_warmup: float = 1.0
+    """R: seconds of publishing before the drop."""
+    r_outage: float = 0.5
+    """R: seconds between the drop and the reconnect burst. What a client misses is
+    about ``r_rate / r_channels * (r_outage + reconnect time)`` messages: keep it
+    under the daemon's history size (100 by default) or every resume fails."""
+    r_history_size: int | None = 1000
+    """R: ``BROADCASTD_HISTORY__SIZE`` for R's daemon, unless the runner's environment
+    sets it (None: the daemon's default, 100). 1000 covers 50 s of R's 20 messages/s
+    per channel: a reconnect burst slowed down by a busy machine still recovers, and
+    the rows measure it rather than refusals."""
     connect_concurrency: int = 500
     connect_timeout: float = 120.0
     settle_timeout: float = 30.0
@@ -80,12 +102,20 @@ QUICK = Params(
     s4_counts=(100, 195),
     s5_clients=200,
     s5_in_flight=50,
+    r_clients=20,
+    r_channels=2,
+    r_rate=40.0,
+    r_warmup=0.3,
+    r_outage=0.1,
     connect_timeout=20.0,
     settle_timeout=5.0,
     sample_every=7,
     scenario_timeout=30.0,
 )
 
+
+HISTORY_SIZE = "BROADCASTD_HISTORY__SIZE"
+"""The daemon setting R raises (``Params.r_history_size``)."""
 
 MIN_CPU_S = 0.05
 """Less server CPU than this (5 ticks of /proc's 10 ms clock) is too little to
@@ -388,6 +418,223 @@ async def s5_storm(server: Server, p: Params) -> dict[str, Any]:
         pool.abort_all()
 
 
+async def r_recovery(server: Server, p: Params) -> dict[str, Any]:
+    """R: every client drops at once under a steady publish stream, then all resume.
+
+    ``r_clients`` clients spread over ``r_channels`` channels subscribe (JSON
+    mode), the publisher starts ``r_rate`` publishes/s round-robin over the
+    channels, and after ``r_warmup`` seconds every connection is aborted (TCP
+    RST) in the same instant. Publishing goes on; ``r_outage`` seconds later all
+    clients reconnect at once (``connect_concurrency`` handshakes in flight) with
+    ``since=CHANNEL:EPOCH:LAST``, the position of the last message each one got.
+    A client is live again when it got its replay (offsets LAST+1..TOP, TOP
+    from its ``subscribed`` reply) and then a message newer than TOP. Every
+    offset is checked, before and after the drop: each must be the last one + 1.
+    """
+    if not server.recovery:
+        raise RuntimeError(f"{server.name} has no recovery protocol")
+    loop = asyncio.get_running_loop()
+    fleet = Fleet()
+    channels = [f"r-{i}" for i in range(max(1, p.r_channels))]
+    tracks = [Track(channels[i % len(channels)], fleet) for i in range(p.r_clients)]
+    first = Pool(json_mode=True)
+    second = Pool(json_mode=True)
+    stop = asyncio.Event()
+    publishing: asyncio.Task[Any] | None = None
+    pipe: HttpPipe | None = None
+    try:
+        conn = await first.connect(
+            HOST,
+            server.ws_port,
+            [t.subscribe_path() for t in tracks],
+            replies_expected=1,
+            concurrency=p.connect_concurrency,
+            deadline=loop.time() + p.connect_timeout,
+            make=lambda i, request, accept, ready: Resumer(
+                first, request, accept, ready, tracks[i]
+            ),
+        )
+        clients = [t for t in tracks if t.subscribed_at is not None]
+        pipe = await HttpPipe.open(HOST, server.control_port)
+        publishing = asyncio.create_task(
+            steady(
+                pipe,
+                channels,
+                rate=p.r_rate,
+                stop=stop,
+                max_messages=int(p.r_rate * p.scenario_timeout),
+            )
+        )
+        steady_meter = _Meter(server)
+        await asyncio.sleep(p.r_warmup)
+        steady_state = steady_meter.done(time.monotonic())
+        if publishing.done():
+            await publishing  # raises what stopped it
+            raise RuntimeError("the publisher stopped before the drop")
+        first.abort_all()
+        dropped_at = time.monotonic()
+        before = [t.begin_recovery() for t in clients]
+        await asyncio.sleep(p.r_outage)
+        fleet.expect(len(clients))
+        meter = _Meter(server)
+        started = time.monotonic()
+        again = await second.connect(
+            HOST,
+            server.ws_port,
+            [t.resume_path() for t in clients],
+            replies_expected=1,
+            concurrency=p.connect_concurrency,
+            deadline=loop.time() + p.connect_timeout,
+            make=lambda i, request, accept, ready: Resumer(
+                second, request, accept, ready, clients[i]
+            ),
+        )
+        fleet.expect(again.subscribed)  # a client that could not reconnect never goes live
+        try:
+            async with asyncio.timeout(p.settle_timeout):
+                await fleet.all_live.wait()
+        except TimeoutError:
+            pass
+        last_live = max((t.live_at for t in clients if t.live_at is not None), default=None)
+        usage = meter.done(last_live or time.monotonic())
+        stop.set()
+        stats = await publishing
+        publishing = None
+        extra = {
+            "history_size": server.env().get(HISTORY_SIZE, "default (100)"),
+            "steady_state": steady_state,
+            "outage_s": started - dropped_at,
+            "published": stats.ok,
+            "publish_statuses": stats.statuses,
+            "publishes_per_s": stats.ok / stats.seconds if stats.seconds else None,
+        }
+        return _recovery_result(
+            p, clients, before, started, (conn, again), (first, second), usage, extra
+        )
+    finally:
+        stop.set()
+        if publishing is not None:
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+        if pipe is not None:
+            pipe.close()
+        first.abort_all()
+        second.abort_all()
+
+
+def _recovery_result(
+    p: Params,
+    clients: list[Track],
+    before: list[dict[str, int]],
+    started: float,
+    conns: tuple[ConnectResult, ConnectResult],
+    pools: tuple[Pool, Pool],
+    usage: dict[str, float],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """R's metrics and details from the tracks of the clients that subscribed;
+    times are seconds from the start of the reconnect burst (``started``)."""
+    conn, again = conns
+    first, second = pools
+    n = len(clients)
+    live = [t.live_at - started for t in clients if t.live_at is not None]
+    all_live = max(live) if live and len(live) == n else None
+    replies = [t.subscribed_at - started for t in clients if t.subscribed_at is not None]
+    replays = [t.replay_done_at - started for t in clients if t.replay_done_at is not None]
+    replayed = sum(t.replayed for t in clients)
+    recovered = [t for t in clients if t.recovered is True]
+    refused = [t for t in clients if t.recovered is False]
+    missed = [t.top - t.since for t in recovered]
+    kinds = ("gaps", "duplicates", "foreign", "before_reply")
+    after = {k: sum(getattr(t, k) for t in clients) for k in kinds}
+    prior = {k: sum(b[k] for b in before) for k in kinds}
+    violations = sum(after.values())
+    unexpected: Counter[str] = Counter()
+    for t in clients:
+        unexpected.update(t.unexpected_replies)
+    nch = len({t.channel for t in clients})
+    label = f"R {n} clients resume ({nch} ch, {p.r_rate:g} msg/s published)"
+    metrics = {
+        "seconds_to_live": metric(f"{label}: s until all live", "s", "lower", all_live),
+        "replayed_per_s": metric(
+            "R replayed msg/s (replayed / s until all live)",
+            "msg/s",
+            "higher",
+            replayed / all_live if all_live else None,
+        ),
+        "replayed": metric("R messages replayed", "msg", "higher", replayed),
+        "recovered_true": metric("R clients recovered: true", "clients", "higher", len(recovered)),
+        "recovered_false": metric("R clients recovered: false", "clients", "lower", len(refused)),
+        "ordering_violations": metric(
+            "R ordering violations after resume", "count", "lower", violations
+        ),
+    }
+    details: dict[str, Any] = {
+        "clients": n,
+        "connected": again.subscribed,
+        "attempted": again.attempted,
+        "connect_errors": dict(first.errors + second.errors),
+        "closed_by_server": {
+            str(k): v for k, v in (first.closed_by_server + second.closed_by_server).items()
+        },
+        "lost_connections": second.lost_connections,
+        **extra,
+        "live": len(live),
+        "not_live": n - len(live),
+        "s_to_all_subscribed": max(replies, default=None),
+        "s_to_all_replayed": max(replays, default=None),
+        "s_to_all_live": all_live,
+        "live_s": _spread(live),
+        "recovered_true": len(recovered),
+        "recovered_false": len(refused),
+        "refusal_reasons": dict(Counter(str(t.reason) for t in refused)),
+        "replayed": replayed,
+        "replay_expected": sum(missed),
+        "missed_per_client": _spread(missed),
+        "ordering_violations": violations,
+        "violations_by_kind": after,
+        "unexpected_replies": dict(unexpected),
+        "recovery_phase": usage,
+        "before_drop": {
+            "connected": conn.subscribed,
+            "attempted": conn.attempted,
+            "connect_s": conn.seconds,
+            "messages": sum(b["messages"] for b in before),
+            "epochs_missing": sum(t.epoch is None for t in clients),
+            "ordering_violations": prior,
+        },
+    }
+    return {"metrics": metrics, "details": details}
+
+
+def _spread(values: list[float] | list[int]) -> dict[str, float | None]:
+    """min, median, p99 and max of a small list (one value per client)."""
+    if not values:
+        return {"min": None, "p50": None, "p99": None, "max": None}
+    ordered = sorted(values)
+    return {
+        "min": ordered[0],
+        "p50": statistics.median(ordered),
+        "p99": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        "max": ordered[-1],
+    }
+
+
+def unsupported(scenario: str, server: type[Server]) -> str | None:
+    """Why ``server`` does not run ``scenario`` (None if it does)."""
+    if scenario == "R" and not server.recovery:
+        return "no resume from a position (since=CHANNEL:EPOCH:OFFSET): R is broadcastd only"
+    return None
+
+
+def server_env(scenario: str, p: Params) -> dict[str, str]:
+    """Environment the server of ``scenario`` gets on top of the runner's (which
+    wins: ``BROADCASTD_HISTORY__SIZE=100 python -m benchmarks`` measures 100)."""
+    if scenario == "R" and p.r_history_size is not None and HISTORY_SIZE not in os.environ:
+        return {HISTORY_SIZE: str(p.r_history_size)}
+    return {}
+
+
 Scenario = Callable[[Server, Params], Awaitable[dict[str, Any]]]
 SCENARIOS: dict[str, Scenario] = {
     "S1": s1_fanout,
@@ -395,4 +642,5 @@ SCENARIOS: dict[str, Scenario] = {
     "S3": s3_channels,
     "S4": s4_memory,
     "S5": s5_storm,
+    "R": r_recovery,
 }

@@ -34,7 +34,7 @@ import struct
 import time
 from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -152,6 +152,7 @@ class Pool:
         replies_expected: int,
         concurrency: int,
         deadline: float,
+        make: MakeSubscriber | None = None,
     ) -> ConnectResult:
         """Open one connection per path with at most ``concurrency`` handshakes in flight.
 
@@ -159,18 +160,22 @@ class Pool:
         ``replies_expected`` ``subscribed`` replies (0 in raw mode). Each
         connection gets OPEN_TIMEOUT seconds, the whole phase ends at the loop
         time ``deadline``. Failures are counted by reason in ``errors``, not
-        raised: a benchmark reports them.
+        raised: a benchmark reports them. ``make(index, request, accept, ready)``
+        builds the protocol of ``paths[index]`` instead of a plain Subscriber.
         """
         loop = asyncio.get_running_loop()
-        work = iter(paths)
+        work = iter(enumerate(paths))
         ok = 0
 
         async def worker() -> None:
             nonlocal ok
-            for path in work:
+            for index, path in work:
                 request, accept = upgrade_request(host, port, path)
                 ready: asyncio.Future[None] = loop.create_future()
-                sub = Subscriber(self, request, accept, replies_expected, ready)
+                if make is None:
+                    sub = Subscriber(self, request, accept, replies_expected, ready)
+                else:
+                    sub = make(index, request, accept, ready)
                 try:
                     async with asyncio.timeout(OPEN_TIMEOUT):
                         await loop.create_connection(functools.partial(_same, sub), host, port)
@@ -208,6 +213,11 @@ class ConnectResult:
     subscribed: int
     attempted: int
     seconds: float
+
+
+MakeSubscriber = Callable[[int, bytes, bytes, "asyncio.Future[None]"], "Subscriber"]
+"""Builds the protocol of one connection: (index of its path, upgrade request,
+expected Sec-WebSocket-Accept, future to resolve once subscribed)."""
 
 
 class Subscriber(asyncio.Protocol):

@@ -123,6 +123,27 @@ async def subscribed(ws: ClientConnection, *channels: str) -> dict[str, int]:
     return offsets
 
 
+def serve_command(*args: str) -> list[str]:
+    """``broadcastd serve`` on free loopback ports with JSON logs, plus ``args``."""
+    return [
+        sys.executable,
+        "-m",
+        "broadcastd",
+        "serve",
+        "--ws-host",
+        "127.0.0.1",
+        "--ws-port",
+        "0",
+        "--control-port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--log-format",
+        "json",
+        *args,
+    ]
+
+
 class DaemonProcess:
     """``broadcastd serve`` as a subprocess; ports read from its daemon.ready log line."""
 
@@ -132,24 +153,7 @@ class DaemonProcess:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("BROADCASTD_")}
         full_env.update(env or {})
         self.proc = subprocess.Popen(
-            [
-                *wrapper,
-                sys.executable,
-                "-m",
-                "broadcastd",
-                "serve",
-                "--ws-host",
-                "127.0.0.1",
-                "--ws-port",
-                "0",
-                "--control-port",
-                "0",
-                "--metrics-port",
-                "0",
-                "--log-format",
-                "json",
-                *args,
-            ],
+            [*wrapper, *serve_command(*args)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=full_env,

@@ -27,7 +27,7 @@ from websockets.asyncio.client import connect
 
 from broadcastd.log import LogSink
 
-from .conftest import ROOT, recv_json, subscribed
+from .conftest import ROOT, recv_json, serve_command, subscribed
 
 READY_TIMEOUT = 60.0
 """Upper bound for start-up; never waited out by a daemon that starts."""
@@ -43,24 +43,7 @@ class Daemon:
         path = os.path.join(self._dir.name, "notify")
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(path)
-        command = [
-            sys.executable,
-            "-m",
-            "broadcastd",
-            "serve",
-            "--ws-host",
-            "127.0.0.1",
-            "--ws-port",
-            "0",
-            "--control-port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--log-format",
-            "json",
-            "--log-buffer-bytes",
-            str(buffer_bytes),
-        ]
+        command = serve_command("--log-buffer-bytes", str(buffer_bytes))
         if shell_prefix:  # e.g. ">&-": let a shell arrange stdout, then exec the daemon
             command = ["sh", "-c", f'exec "$@" {shell_prefix}', "sh", *command]
         env = {k: v for k, v in os.environ.items() if not k.startswith("BROADCASTD_")}

@@ -22,6 +22,7 @@ class Broadcastd(Server):
     """The daemon, started through its own console script."""
 
     name = "broadcastd"
+    recovery = True
     log_noise = ('"level":"info"',)
 
     @classmethod
@@ -60,7 +61,7 @@ class Broadcastd(Server):
     def env(self) -> dict[str, str]:
         """The runner's environment, so ``BROADCASTD_*=... python -m benchmarks``
         measures any setting (``BROADCASTD_METRICS__ENABLED=false``, say)."""
-        return {**super().env(), "BROADCASTD_WS__MAX_CLIENTS": "25000"}
+        return {**super().env(), "BROADCASTD_WS__MAX_CLIENTS": "19800"}
 
 
 class Naive(Server):

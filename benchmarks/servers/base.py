@@ -55,6 +55,8 @@ class Server:
     """Has the JSON envelope mode with ``subscribed`` replies (else raw frames only)."""
     batch: ClassVar[bool] = True
     """Has ``POST /batch``."""
+    recovery: ClassVar[bool] = False
+    """Resumes a subscriber from a position (``since=CHANNEL:EPOCH:OFFSET``, scenario R)."""
     log_noise: ClassVar[tuple[str, ...]] = ()
     """Log lines containing one of these are expected and not reported."""
 
@@ -63,6 +65,8 @@ class Server:
         self.pin_core = pin_core
         self.ws_port, self.control_port = free_ports(2)
         self.proc: asyncio.subprocess.Process | None = None
+        self.extra_env: dict[str, str] = {}
+        """Set by the runner for one scenario (R's history size), over the environment."""
         self.log_path = workdir / f"{self.name}-{self.ws_port}.log"
 
     @classmethod
@@ -74,7 +78,7 @@ class Server:
         raise NotImplementedError
 
     def env(self) -> dict[str, str]:
-        return dict(os.environ)
+        return {**os.environ, **self.extra_env}
 
     @property
     def pid(self) -> int:

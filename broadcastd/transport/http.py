@@ -666,13 +666,7 @@ class HttpProtocol(asyncio.Protocol):
             and self._upgrade_request(request)
         ):
             return
-        if not request.keep_alive:
-            self._state = _DONE
-            self._final = True
-        if self._queue or self._out_size > self._budget:
-            self._queue.append(request)
-        else:
-            self._answer(request)
+        self._complete(request)
         if self._state:
             raise _Stop
 
