@@ -155,8 +155,8 @@ class ChannelSettings(_Section):
 
     max_channels: int = Field(100_000, ge=1)
     """Channels remembered at once. Channels without subscribers are forgotten oldest
-    first beyond this (their offsets then restart at 1); a new channel is refused
-    only when every remembered channel has subscribers."""
+    first beyond this (their offsets then restart at 1, in a new epoch); a new channel
+    is refused only when every remembered channel has subscribers."""
 
 
 class HistorySettings(_Section):

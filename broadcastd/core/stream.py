@@ -98,7 +98,7 @@ def _count(value: object) -> bool:
 class Publication:
     """One message at its position: what fan-out delivers and history keeps."""
 
-    __slots__ = ("_frame", "epoch", "offset", "payload", "prefix", "time")
+    __slots__ = ("_frame", "epoch", "offset", "payload", "prefix", "size", "time")
 
     def __init__(
         self, prefix: bytes, epoch: str, offset: int, payload: Payload, time: float
@@ -109,6 +109,9 @@ class Publication:
         self.payload = payload
         self.time = time
         self._frame: bytes | None = None
+        raw = 0 if payload.raw is payload.json else len(payload.raw)
+        self.size = 2 * len(payload.json) + raw + ENTRY_OVERHEAD
+        """What keeping it costs, for the byte budget (the frame repeats the JSON)."""
 
     def frame(self) -> bytes:
         """The JSON-mode text frame, encoded on first use only."""
@@ -119,13 +122,6 @@ class Publication:
 
     def raw_frame(self) -> bytes:
         return raw_frame(self.payload)
-
-    @property
-    def size(self) -> int:
-        """What keeping it costs, for the byte budget."""
-        payload = self.payload
-        raw = 0 if payload.raw is payload.json else len(payload.raw)
-        return 2 * len(payload.json) + raw + ENTRY_OVERHEAD  # the frame repeats the JSON
 
 
 class Stream:
@@ -249,11 +245,12 @@ class Streams:
         entries = stream.entries
         entries.append(publication)
         self._fifo.append((stream, publication))
-        self.entries += 1
-        self.bytes += publication.size
-        if len(entries) > self.size:
-            self._drop_first(stream)
+        if len(entries) > self.size:  # the usual case once a channel is warm: one in, one out
+            self.bytes += publication.size - entries.pop(0).size
             self.evicted.size += 1
+        else:
+            self.entries += 1
+            self.bytes += publication.size
         while self.bytes > self.max_bytes and self._fifo:
             oldest, entry = self._fifo.popleft()
             if oldest.entries and oldest.entries[0] is entry:
