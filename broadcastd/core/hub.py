@@ -41,13 +41,11 @@ class Channel:
 
 
 class FanOut:
-    """What one delivery did: its offset and how many outboxes took it."""
+    """What one delivery did: how many outboxes took it."""
 
-    __slots__ = ("channel", "dropped", "offset", "queued", "refused")
+    __slots__ = ("dropped", "queued", "refused")
 
-    def __init__(self, channel: str, offset: int) -> None:
-        self.channel = channel
-        self.offset = offset
+    def __init__(self) -> None:
         self.queued = 0
         """Outboxes the message was queued in (including those that dropped older ones)."""
         self.dropped = 0
@@ -108,7 +106,7 @@ class Hub:
 
     def deliver(self, name: str, publication: Publication) -> FanOut:
         """Push ``publication`` to every local subscriber of channel ``name``."""
-        result = FanOut(name, publication.offset)
+        result = FanOut()
         channel = self._channels.get(name)
         if channel is None:
             return result
