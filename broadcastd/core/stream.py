@@ -98,7 +98,7 @@ def _count(value: object) -> bool:
 class Publication:
     """One message at its position: what fan-out delivers and history keeps."""
 
-    __slots__ = ("_frame", "epoch", "offset", "payload", "prefix", "size", "time")
+    __slots__ = ("_frame", "epoch", "offset", "payload", "prefix", "size", "stream", "time")
 
     def __init__(
         self, prefix: bytes, epoch: str, offset: int, payload: Payload, time: float
@@ -109,6 +109,8 @@ class Publication:
         self.payload = payload
         self.time = time
         self._frame: bytes | None = None
+        self.stream: Stream | None = None
+        """The stream keeping it in history (None when not kept)."""
         raw = 0 if payload.raw is payload.json else len(payload.raw)
         self.size = 2 * len(payload.json) + raw + ENTRY_OVERHEAD
         """What keeping it costs, for the byte budget (the frame repeats the JSON)."""
@@ -176,7 +178,7 @@ class Streams:
         self._idle: dict[str, None] = {}
         """Streams without local subscribers, least recently used first: the ones
         that may be forgotten."""
-        self._fifo: deque[tuple[Stream, Publication]] = deque()
+        self._fifo: deque[Publication] = deque()
         """Every kept entry, oldest first (and some already dropped by the size cap,
         skipped when reached)."""
         self.bytes = 0
@@ -244,25 +246,29 @@ class Streams:
     def _keep(self, stream: Stream, publication: Publication) -> None:
         entries = stream.entries
         entries.append(publication)
-        self._fifo.append((stream, publication))
+        publication.stream = stream
+        self._fifo.append(publication)
         if len(entries) > self.size:  # the usual case once a channel is warm: one in, one out
-            self.bytes += publication.size - entries.pop(0).size
+            first = entries.pop(0)
+            first.stream = None
+            self.bytes += publication.size - first.size
             self.evicted.size += 1
         else:
             self.entries += 1
             self.bytes += publication.size
-        while self.bytes > self.max_bytes and self._fifo:
-            oldest, entry = self._fifo.popleft()
-            if oldest.entries and oldest.entries[0] is entry:
+        fifo = self._fifo
+        while self.bytes > self.max_bytes and fifo:
+            entry = fifo.popleft()
+            oldest = entry.stream
+            if oldest is not None:  # not yet dropped for size or TTL
                 self._drop_first(oldest)
                 self.evicted.budget += 1
-        if len(self._fifo) > 2 * self.entries + 1024:
-            self._fifo = deque(
-                (s, e) for s, e in self._fifo if s.entries and s.entries[0].offset <= e.offset
-            )
+        if len(fifo) > 2 * self.entries + 1024:
+            self._fifo = deque(e for e in fifo if e.stream is not None)
 
     def _drop_first(self, stream: Stream) -> None:
         entry = stream.entries.pop(0)
+        entry.stream = None
         self.entries -= 1
         self.bytes -= entry.size
 
@@ -274,9 +280,10 @@ class Streams:
         horizon = self.clock() - self.ttl
         fifo = self._fifo
         expired = 0
-        while fifo and fifo[0][1].time < horizon:
-            stream, entry = fifo.popleft()
-            if stream.entries and stream.entries[0] is entry:
+        while fifo and fifo[0].time < horizon:
+            entry = fifo.popleft()
+            stream = entry.stream
+            if stream is not None:
                 self._drop_first(stream)
                 expired += 1
                 if not stream.entries and stream.name in self._idle:
