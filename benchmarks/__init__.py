@@ -7,13 +7,15 @@ scenarios, one server, no CPU pinning, nothing written to disk.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["run_quick"]
 
 
-def run_quick(server: str = "naive") -> dict[str, Any]:
-    """Run every scenario at smoke-test size against ``server``; return the results.
+def run_quick(server: str = "naive", scenarios: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run every scenario (or ``scenarios``) at smoke-test size against ``server``;
+    return the results.
 
     Synchronous: it runs its own event loop, so call it from plain (not async) tests.
     The returned dict has ``servers[server]["scenarios"][name]`` with ``metrics``
@@ -30,4 +32,5 @@ def run_quick(server: str = "naive") -> dict[str, Any]:
         raise RuntimeError("run_quick() runs its own event loop; call it outside async code")
     import uvloop
 
-    return uvloop.run(run([server], list(SCENARIOS), QUICK, pin=False, progress=lambda _: None))
+    names = list(SCENARIOS if scenarios is None else scenarios)
+    return uvloop.run(run([server], names, QUICK, pin=False, progress=lambda _: None))

@@ -30,7 +30,7 @@ def _cpu_per_delivery(observer: Observer, subscribers: int) -> float:
     asyncio.run(node.start())
     outboxes = [Outbox(100_000, 1 << 30) for _ in range(subscribers)]
     for outbox in outboxes:
-        node.hub.subscribe(outbox, "bench")
+        node.subscribe(outbox, "bench", raw=False)
     payload = Payload.from_value({"t": 1, "pad": "x" * 40})
     publishes = PUBLISHES * SUBSCRIBERS // subscribers
     started = time.process_time()

@@ -37,18 +37,25 @@ def _fmt(value: float | None) -> str:
 
 
 def _rows(results: dict[str, Any]) -> list[tuple[str, str, str, dict[str, float | None]]]:
-    """(label, unit, better, {server: value}) in scenario order, metrics in first-seen order."""
+    """(label, unit, better, {server: value}) in scenario order; within a scenario, a
+    metric only some servers have (redis-server's CPU) goes right after the one it
+    follows in their results."""
     order: list[tuple[str, str]] = []
     info: dict[tuple[str, str], tuple[str, str, str]] = {}
     values: dict[tuple[str, str], dict[str, float | None]] = {}
     for scenario in results["scenarios"]:
+        section: list[tuple[str, str]] = []
         for server, outcome in results["servers"].items():
+            previous: tuple[str, str] | None = None
             for key, m in outcome.get("scenarios", {}).get(scenario, {}).get("metrics", {}).items():
                 ident = (scenario, key)
                 if ident not in info:
-                    order.append(ident)
+                    at = 0 if previous is None else section.index(previous) + 1
+                    section.insert(at, ident)
                     info[ident] = (m["label"], m["unit"], m["better"])
                 values.setdefault(ident, {})[server] = m["value"]
+                previous = ident
+        order += section
     return [(*info[i], values[i]) for i in order]
 
 
@@ -78,8 +85,21 @@ def render_table(results: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def format_cores(pinning: dict[str, list[int]]) -> str:
+    """``{"broadcastd": [0], "redis-server": [0]}`` as "broadcastd 0, redis-server 0"."""
+    return ", ".join(f"{role} {','.join(map(str, cores))}" for role, cores in pinning.items())
+
+
 def _notes(results: dict[str, Any]) -> list[str]:
     notes = []
+    pinned = [
+        f"{server}: {format_cores(outcome['pinning'])}"
+        for server, outcome in results["servers"].items()
+        if outcome.get("pinning")
+    ]
+    if pinned:
+        client = format_cores({"load client": results["host"]["affinity"]})
+        notes.append(f"cores: {'; '.join(pinned)}; {client}")
     for server, outcome in results["servers"].items():
         if "skipped" in outcome:
             notes.append(f"{server}: skipped - {outcome['skipped']}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.procstat import busy_elsewhere, raise_nofile
+from benchmarks.report import format_cores
 from benchmarks.scenarios import SCENARIOS, Params, server_env, unsupported
 from benchmarks.servers import SERVERS, ServerError
 
@@ -89,6 +90,10 @@ async def run(
                 server.extra_env.update(server_env(scenario, params))
                 res = await _one(server, scenario, params)
                 outcome["scenarios"][scenario] = res
+                if "pinning" in res and "pinning" not in outcome:
+                    outcome["pinning"] = res["pinning"]
+                    client = format_cores({"load client": results["host"]["affinity"]})
+                    progress(f"[{name}] cores: {format_cores(res['pinning'])}; {client}")
                 progress(f"[{name}] {scenario} {_summary(res)}")
     return results
 
@@ -111,8 +116,10 @@ async def _wait_idle(limit: float, progress: Callable[[str], None]) -> None:
 
 async def _one(server: Any, scenario: str, params: Params) -> dict[str, Any]:
     res: dict[str, Any]
+    pinning: dict[str, list[int]] = {}
     try:
         await server.start()
+        pinning = server.pinning()  # every process of the server, helpers included
         async with asyncio.timeout(params.scenario_timeout):
             res = await SCENARIOS[scenario](server, params)
     except Exception as exc:  # one failed scenario must not lose the others' figures
@@ -124,6 +131,8 @@ async def _one(server: Any, scenario: str, params: Params) -> dict[str, Any]:
         await server.stop()
     if died:
         res.setdefault("error", f"the server died during the scenario: {server.tail(5)}")
+    if pinning:
+        res["pinning"] = pinning
     log = [line for line in server.tail(SERVER_LOG_LINES).splitlines() if line.strip()]
     if log:
         res["server_log"] = log

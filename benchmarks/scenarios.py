@@ -140,7 +140,7 @@ async def _connect(
     paths = [server.ws_path([c], raw) for c in channels]
     return await pool.connect(
         HOST,
-        server.ws_port,
+        server.ws_ports,  # a cluster's nodes take turns
         paths,
         replies_expected=1 if json_mode else 0,
         concurrency=concurrency or p.connect_concurrency,
@@ -160,26 +160,55 @@ def _pool_details(pool: Pool, conn: ConnectResult) -> dict[str, Any]:
 
 
 class _Meter:
-    """Server CPU, client CPU and wall time over one measured phase."""
+    """Server CPU (all its nodes), its helpers' CPU (redis-server: utime+stime from
+    /proc/PID/stat), client CPU and wall time over one measured phase."""
 
     def __init__(self, server: Server) -> None:
-        self.pid = server.pid
+        self.pids = server.node_pids()
+        self.helpers = server.helpers()
         self.wall = time.monotonic()
-        self.server_cpu = tree_cpu_seconds(self.pid)
+        self.server_cpu = self._server_cpu()
+        self.helper_cpu = {role: tree_cpu_seconds(pid) for role, pid in self.helpers.items()}
         self.client_cpu = self_cpu_seconds()
         self.before = snapshot()
 
-    def done(self, end: float) -> dict[str, float]:
+    def _server_cpu(self) -> float:
+        return sum(tree_cpu_seconds(pid) for pid in self.pids)
+
+    def done(self, end: float) -> dict[str, Any]:
         wall = max(end - self.wall, 1e-9)
-        server_cpu = tree_cpu_seconds(self.pid) - self.server_cpu
+        server_cpu = self._server_cpu() - self.server_cpu
         client_cpu = self_cpu_seconds() - self.client_cpu
-        return {
+        helpers = {
+            role: tree_cpu_seconds(pid) - self.helper_cpu[role]
+            for role, pid in self.helpers.items()
+        }
+        ours = {os.getpid(), *self.helpers.values()}
+        for pid in self.pids:
+            ours.update(descendants(pid))
+        usage: dict[str, Any] = {
             "seconds": wall,
             "server_cpu_s": server_cpu,
             "server_cpu_util": server_cpu / wall,
             "client_cpu_util": client_cpu / wall,
-            **load_elsewhere(self.before, {*descendants(self.pid), os.getpid()}, wall),
         }
+        if helpers:
+            usage["helper_cpu_s"] = helpers
+            usage["helper_cpu_util"] = {role: cpu / wall for role, cpu in helpers.items()}
+        return {**usage, **load_elsewhere(self.before, ours, wall)}
+
+
+def _helper_rows(usage: dict[str, Any], published: int, label: str, key: str) -> dict[str, Any]:
+    """A row per helper process of the server (redis-server): its CPU-seconds per
+    1000 publishes (batch items count one each), also kept in ``usage``."""
+    rows = {}
+    for role, cpu in usage.get("helper_cpu_s", {}).items():
+        per_1k = cpu / published * 1000 if published and cpu >= MIN_CPU_S else None
+        usage[f"{role}_cpu_s_per_1k_publishes"] = per_1k
+        rows[f"{role}_cpu_s_per_1k{key}"] = metric(
+            f"{label}: {role} CPU-s per 1k publishes", "s", "lower", per_1k
+        )
+    return rows
 
 
 async def _deliveries(pool: Pool, expected: int, meter: _Meter, p: Params) -> dict[str, Any]:
@@ -245,6 +274,7 @@ async def s1_fanout(server: Server, p: Params) -> dict[str, Any]:
             metrics[f"cpu_s_per_1m@{depth}"] = metric(
                 f"S1 {how}: server CPU-s per 1M deliveries", "s", "lower", result["cpu_s_per_1m"]
             )
+            metrics.update(_helper_rows(result, stats.ok, f"S1 {how}", f"@{depth}"))
             if not result["complete"]:
                 break  # the server shed subscribers: the next phase would measure nothing
         details.update(_pool_details(pool, conn))
@@ -274,6 +304,7 @@ async def s2b_latency(server: Server, p: Params) -> dict[str, Any]:
                 "p50_ms": metric(f"S2b latency p50 ({n} subs, {rate})", "ms", "lower", lat["p50"]),
                 "p99_ms": metric("S2b latency p99", "ms", "lower", lat["p99"]),
                 "max_ms": metric("S2b latency max", "ms", "lower", lat["max"]),
+                **_helper_rows(result, stats.ok, "S2b", ""),
             },
             "details": {
                 **_pool_details(pool, conn),
@@ -312,6 +343,7 @@ async def s3_channels(server: Server, p: Params) -> dict[str, Any]:
             "cpu_s_per_1m": metric(
                 "S3 server CPU-s per 1M deliveries", "s", "lower", single["cpu_s_per_1m"]
             ),
+            **_helper_rows(single, stats.ok, "S3 single", ""),
         }
         details: dict[str, Any] = {
             **_pool_details(pool, conn),
@@ -319,28 +351,52 @@ async def s3_channels(server: Server, p: Params) -> dict[str, Any]:
         }
         if server.batch:
             label = f"S3 /batch ingest ({p.s3_batch_items}/request)"
-            metrics["batch_ingest_per_s"], details["batch"] = await _batch_phase(
-                server, pool, channels, p.s3_batch_items, label, p
+            rows, details["batch"] = await _batch_phase(
+                server,
+                pool,
+                channels,
+                p.s3_batch_items,
+                "batch_ingest_per_s",
+                label,
+                "S3 /batch",
+                p,
             )
+            metrics.update(rows)
             # The same batches over a few hot channels: every subscriber then gets
             # many messages per pass of the writers, so one socket write carries
             # many of them and the figure shows the ingest path itself rather than
             # one write system call per message.
             hot = channels[: p.s3_hot_channels]
             label = f"S3 /batch ingest ({p.s3_hot_batch_items}/request, {len(hot)} channels)"
-            metrics["hot_batch_ingest_per_s"], details["hot_batch"] = await _batch_phase(
-                server, pool, hot, p.s3_hot_batch_items, label, p
+            rows, details["hot_batch"] = await _batch_phase(
+                server,
+                pool,
+                hot,
+                p.s3_hot_batch_items,
+                "hot_batch_ingest_per_s",
+                label,
+                "S3 hot /batch",
+                p,
             )
+            metrics.update(rows)
         return {"metrics": metrics, "details": details}
     finally:
         pool.abort_all()
 
 
 async def _batch_phase(
-    server: Server, pool: Pool, channels: list[str], items: int, label: str, p: Params
+    server: Server,
+    pool: Pool,
+    channels: list[str],
+    items: int,
+    key: str,
+    label: str,
+    short: str,
+    p: Params,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Flat-out ``POST /batch`` of ``items`` messages round-robin over ``channels``:
-    the ingest metric and the details behind it."""
+    the ingest metric ``key`` (and, labelled ``short``, the helpers' CPU rows), and
+    the details behind them."""
     pool.reset_counts()
     pipe = await HttpPipe.open(HOST, server.control_port, keep_bodies=True)
     meter = _Meter(server)
@@ -355,8 +411,12 @@ async def _batch_phase(
     delivered = await _deliveries(pool, batch.messages, meter, p)
     pipe.close()
     ingest = batch.messages / batch.seconds
+    rows = {
+        key: metric(label, "msg/s", "higher", ingest),
+        **_helper_rows(delivered, batch.messages, short, f"@{key}"),
+    }
     details = {**delivered, "published": batch.messages, "ingest_per_s": ingest}
-    return metric(label, "msg/s", "higher", ingest), details
+    return rows, details
 
 
 async def s4_memory(server: Server, p: Params) -> dict[str, Any]:
@@ -622,8 +682,10 @@ def _spread(values: list[float] | list[int]) -> dict[str, float | None]:
 
 def unsupported(scenario: str, server: type[Server]) -> str | None:
     """Why ``server`` does not run ``scenario`` (None if it does)."""
+    if server.only is not None and scenario not in server.only:
+        return server.only_why
     if scenario == "R" and not server.recovery:
-        return "no resume from a position (since=CHANNEL:EPOCH:OFFSET): R is broadcastd only"
+        return "no resume from a position (since=CHANNEL:EPOCH:OFFSET): R is for broadcastd"
     return None
 
 

@@ -146,7 +146,7 @@ class Pool:
     async def connect(
         self,
         host: str,
-        port: int,
+        port: int | Sequence[int],
         paths: Sequence[str],
         *,
         replies_expected: int,
@@ -162,15 +162,19 @@ class Pool:
         time ``deadline``. Failures are counted by reason in ``errors``, not
         raised: a benchmark reports them. ``make(index, request, accept, ready)``
         builds the protocol of ``paths[index]`` instead of a plain Subscriber.
+        Given several ports (the nodes of a cluster), ``paths[index]`` connects to
+        ``port[index % len(port)]``.
         """
         loop = asyncio.get_running_loop()
+        ports = [port] if isinstance(port, int) else list(port)
         work = iter(enumerate(paths))
         ok = 0
 
         async def worker() -> None:
             nonlocal ok
             for index, path in work:
-                request, accept = upgrade_request(host, port, path)
+                to = ports[index % len(ports)]
+                request, accept = upgrade_request(host, to, path)
                 ready: asyncio.Future[None] = loop.create_future()
                 if make is None:
                     sub = Subscriber(self, request, accept, replies_expected, ready)
@@ -178,7 +182,7 @@ class Pool:
                     sub = make(index, request, accept, ready)
                 try:
                     async with asyncio.timeout(OPEN_TIMEOUT):
-                        await loop.create_connection(functools.partial(_same, sub), host, port)
+                        await loop.create_connection(functools.partial(_same, sub), host, to)
                         await ready
                 except TimeoutError:
                     self.errors["timeout"] += 1

@@ -39,10 +39,11 @@ from typing import Any
 
 from broadcastd import __version__, log
 from broadcastd.broker import Broker
-from broadcastd.core.observer import Observer
+from broadcastd.broker.redis import RedisBroker
+from broadcastd.core.observer import NullObserver, Observer
 from broadcastd.node import Node
 from broadcastd.sdnotify import SystemdNotifier
-from broadcastd.settings import Settings
+from broadcastd.settings import BrokerType, Settings
 from broadcastd.transport.control import (
     ControlApi,
     HttpListener,
@@ -76,7 +77,13 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.metrics = Metrics() if settings.metrics.enabled and observer is None else None
-        self.node = Node(settings, broker=broker, observer=observer or self.metrics)
+        reporter = observer or self.metrics or NullObserver()
+        remote = (
+            RedisBroker(settings, reporter)
+            if broker is None and settings.broker.type == BrokerType.REDIS
+            else None
+        )
+        self.node = Node(settings, broker=broker, observer=reporter, remote=remote)
         self.ws = WsServer(settings.ws, self.node)
         scrape = None
         self.metrics_listener: HttpListener | None = None
@@ -90,7 +97,7 @@ class Daemon:
                     settings.metrics.host, settings.metrics.port, scrape
                 )
         api = ControlApi(settings.control, self.node, lambda: self.ws.client_count, scrape)
-        self.control = control_listener(settings.control, api)
+        self.control = control_listener(settings.control, api, settings.ws.reuse_port)
         self.notifier = notifier if notifier is not None else SystemdNotifier.from_environ()
         self.started = asyncio.Event()
         """Set once every listener accepts connections (tests wait on it)."""

@@ -120,6 +120,14 @@ class Draining(ClientError):
     http_status = 503
 
 
+class BrokerUnavailable(ClientError):
+    """The broker (Redis) did not accept the request in time: nothing is known to be
+    published. Safe to retry, with an Idempotency-Key to be sure."""
+
+    code = "broker_unavailable"
+    http_status = 503
+
+
 class CloseReason(Enum):
     """Every close broadcastd itself initiates: (RFC 6455 close code, reason text).
 

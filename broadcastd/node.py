@@ -15,16 +15,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from broadcastd.broker import Broker, Published
+from broadcastd.broker import Broker, Health, History, Published, RemoteBroker
 from broadcastd.broker.memory import MemoryBroker
 from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import Payload
-from broadcastd.core.hub import Hub
+from broadcastd.core.hub import FanOut, Hub
 from broadcastd.core.observer import NullObserver, Observer
 from broadcastd.core.outbox import Outbox
 from broadcastd.core.publication import Item
 from broadcastd.core.stream import Last, Position, Publication, Recovery, Since, plan_recovery
 from broadcastd.errors import ChannelTableFull, ClientError, Draining, PayloadTooLarge
+from broadcastd.feeds import Failed, Feeds, Joined
 from broadcastd.settings import Settings
 
 
@@ -37,12 +38,27 @@ class Node:
         broker: Broker | None = None,
         observer: Observer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        remote: RemoteBroker | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.hub = Hub()
         self.broker: Broker = broker if broker is not None else MemoryBroker(settings, clock)
         self.observer: Observer = observer if observer is not None else NullObserver()
+        self.remote = remote
+        """The broker when it is another process (Redis); ``broker`` is then unused."""
+        self.feeds = (
+            None
+            if remote is None
+            else Feeds(
+                self.hub,
+                remote,
+                self.observer,
+                self._fan_out,
+                history_on=settings.history.size > 0,
+                max_recover=settings.history.max_recover,
+            )
+        )
         self.max_payload_bytes = settings.control.max_payload_bytes
         self.max_recover = settings.history.max_recover
         self.history_on = settings.history.size > 0
@@ -54,10 +70,32 @@ class Node:
         it measure delivery latency from here, at no cost per delivery."""
 
     async def start(self) -> None:
-        await self.broker.start(self.hub.deliver)
+        if self.remote is not None and self.feeds is not None:
+            await self.remote.start(self.feeds.deliver, self.feeds.resubscribed)
+        else:
+            await self.broker.start(self.hub.deliver)
 
     async def close(self) -> None:
-        await self.broker.close()
+        if self.remote is not None and self.feeds is not None:
+            self.feeds.close()
+            await self.remote.close()
+        else:
+            await self.broker.close()
+
+    @property
+    def broker_health(self) -> Health:
+        return Health(True) if self.remote is None else self.remote.health
+
+    def _fan_out(self, name: str, publication: Publication) -> FanOut:
+        """Deliver a publication that came through the remote broker; its delivery
+        latency is measured from its arrival here."""
+        self.publishing_since = self.clock()
+        try:
+            fan_out = self.hub.deliver(name, publication)
+        finally:
+            self.publishing_since = None
+        self.observer.delivered(fan_out.queued, fan_out.refused)
+        return fan_out
 
     # Publishing
 
@@ -133,6 +171,37 @@ class Node:
         self._report(form, [r for r in results if not isinstance(r, ClientError)])
         return results
 
+    # Publishing through a remote broker: the same checks, then one round trip
+
+    async def publish_remote(
+        self, items: list[Item], form: str, *, all_or_none: bool = False
+    ) -> list[Published | ClientError]:
+        """Publish ``items`` through the remote broker, answered once it accepted
+        them all: one result per item, a refused item's ClientError in its place
+        (with ``all_or_none``, the first refusal is raised and nothing is sent).
+        BrokerUnavailable is raised when the broker does not answer in time."""
+        assert self.remote is not None
+        if self.draining:
+            raise Draining("the server is shutting down")
+        results: list[Published | ClientError | None] = []
+        accepted: list[Item] = []
+        for item in items:
+            try:
+                self._check(item[0], item[1])
+            except ClientError as exc:
+                if all_or_none:
+                    raise
+                results.append(exc)
+                continue
+            results.append(None)
+            accepted.append(item)
+        published = iter(await self.remote.publish(accepted) if accepted else [])
+        answers = [next(published) if r is None else r for r in results]
+        messages = sum(1 for r in answers if isinstance(r, Published) and not r.duplicate)
+        if messages:
+            self.observer.published(form, messages, 0, 0)
+        return answers
+
     def _check(self, channel: str, payload: Payload) -> None:
         if channel not in self.hub:  # channels with subscribers were checked already
             check_channel(channel)
@@ -164,8 +233,31 @@ class Node:
         return channel.position
 
     def unsubscribe(self, outbox: Outbox, name: str) -> None:
-        if self.hub.leave(outbox, name):
+        if self.feeds is not None:
+            self.feeds.leave(outbox, name)
+        elif self.hub.leave(outbox, name):
             self.broker.unsubscribe(name)
+
+    def join(
+        self,
+        outbox: Outbox,
+        name: str,
+        raw: bool,
+        since: Since | None,
+        joined: Joined,
+        failed: Failed,
+    ) -> None:
+        """Subscribe ``outbox`` (recovering from ``since`` first, if given), and call
+        ``joined`` with the position and the recovery right before the live stream
+        continues: at once with the memory broker, after a round trip with Redis
+        (or ``failed`` if the broker cannot be reached). A refusal known at once
+        is raised."""
+        if self.feeds is not None:
+            check_channel(name)
+            self.feeds.join(outbox, name, raw, since, joined, failed)
+            return
+        position = self.subscribe(outbox, name, raw)
+        joined(position, None if since is None else self.recover(name, since, position))
 
     def recover(self, name: str, since: Since, top: Position) -> Recovery:
         """The messages after ``since``, decided against the channel's ``top``."""
@@ -186,7 +278,10 @@ class Node:
 
     def channel_names(self) -> Iterator[str]:
         """Every channel this node knows: those with local subscribers and those
-        whose stream the broker keeps here."""
+        whose stream the broker keeps here (with Redis: those subscribed here)."""
+        if self.feeds is not None:
+            yield from self.feeds.names()
+            return
         for channel in self.hub:
             yield channel.name
         for name in self.broker.channels():
@@ -215,6 +310,30 @@ class Node:
         after = [p for p in kept if p.offset > since]
         complete = since >= top.offset or bool(after and after[0].offset == since + 1)
         page = after[-limit:][::-1] if newest_first else after[:limit]
+        return top, page, complete
+
+    async def channel_state_remote(self, name: str) -> tuple[Position, int] | None:
+        """What ``channel_state`` says, with the position read from the remote broker."""
+        assert self.remote is not None
+        position = await self.remote.position(name)
+        channel = self.hub.get(name)
+        count = 0 if channel is None else channel.subscriber_count
+        return None if position is None else (position, count)
+
+    async def read_history_remote(
+        self, name: str, since: int, limit: int, newest_first: bool
+    ) -> tuple[Position, list[Publication], bool] | None:
+        """What ``read_history`` says, read from the remote broker."""
+        assert self.remote is not None
+        history: History = await self.remote.history(name, since, 1 if newest_first else limit)
+        top = history.top
+        complete = history.publications is not None
+        page = history.publications or []
+        if newest_first:
+            latest = await self.remote.latest(name, limit)
+            page = [p for p in latest.publications or [] if p.offset > since][::-1]
+        if not top.epoch:
+            return None
         return top, page, complete
 
     def begin_drain(self) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -113,6 +114,11 @@ class WebSocketSettings(_Section):
     tens of KiB per connection."""
     allowed_origins: list[str] | None = None
     """Accepted `Origin` header values; unset accepts any (including none)."""
+    reuse_port: bool = False
+    """Bind the subscriber and control ports with SO_REUSEPORT, so that several
+    processes on one machine share them (the kernel spreads connections); each
+    process then needs its own metrics port and, without the Redis broker, would
+    hold its own channels."""
 
 
 class ControlSettings(_Section):
@@ -185,6 +191,51 @@ class PublishSettings(_Section):
     """Idempotency keys remembered at most; beyond it the oldest are forgotten first."""
 
 
+class BrokerType(StrEnum):
+    MEMORY = "memory"
+    REDIS = "redis"
+
+
+class RedisSettings(_Section):
+    """The Redis broker: channels shared by every node that uses the same Redis."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    """Redis to use: `redis://[:password@]host:port/db`, `rediss://` (TLS) or
+    `unix:///path/to/redis.sock?db=0`. The password is never logged."""
+    shards: list[str] | None = None
+    """Several Redis URLs instead of `url`: each channel lives on one of them, chosen
+    by a consistent hash of its name. Every node must list the same shards."""
+    timeout: float = Field(1.0, gt=0)
+    """Seconds a Redis command may take; a publish that is not accepted within it is
+    answered 503 `broker_unavailable`."""
+    connect_timeout: float = Field(1.0, gt=0)
+    """Seconds to establish a connection to Redis."""
+    prefix: str = Field("broadcastd", min_length=1, max_length=64)
+    """Prefix of every key and pub/sub channel this daemon uses in Redis."""
+    probe_interval: float = Field(1.0, gt=0)
+    """Seconds between probes of the pub/sub path: a message to this node's own probe
+    channel, which must come back."""
+    probe_timeout: float = Field(3.0, gt=0)
+    """Seconds a probe may take to come back before the pub/sub connection is taken
+    for wedged: readiness goes false and the connection is rebuilt."""
+    backoff_min: float = Field(0.05, gt=0)
+    """First delay before reconnecting to Redis; doubled per failure, with full jitter."""
+    backoff_max: float = Field(5.0, gt=0)
+    """Longest delay between attempts to reconnect to Redis."""
+    meta_ttl: float = Field(7 * 24 * 3600.0, gt=0)
+    """Seconds a channel's position outlives its last publish in Redis; after that
+    its offsets restart, in a new epoch."""
+
+
+class BrokerSettings(_Section):
+    """Where channels live: this process (`memory`), or Redis, shared by many nodes."""
+
+    type: BrokerType = BrokerType.MEMORY
+    """`memory` keeps channels in this process; `redis` shares them with every node
+    using the same Redis."""
+    redis: RedisSettings = RedisSettings()
+
+
 class MetricsSettings(_Section):
     """Prometheus metrics."""
 
@@ -224,6 +275,7 @@ class Settings(BaseSettings):
     channels: ChannelSettings = ChannelSettings()
     history: HistorySettings = HistorySettings()
     publish: PublishSettings = PublishSettings()
+    broker: BrokerSettings = BrokerSettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     drain_timeout: float = Field(10.0, gt=0)
@@ -326,4 +378,18 @@ def effective(settings: Settings) -> dict[str, Any]:
     data = settings.model_dump(mode="json")
     if settings.control.token is not None:
         data["control"]["token"] = MASK
+    redis = data["broker"]["redis"]
+    redis["url"] = mask_url(redis["url"])
+    if redis["shards"] is not None:
+        redis["shards"] = [mask_url(url) for url in redis["shards"]]
     return data
+
+
+def mask_url(url: str) -> str:
+    """``url`` with any password replaced, fit for logs and check-config."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{MASK}@{host}"))

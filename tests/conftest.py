@@ -20,6 +20,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from broadcastd.app import Daemon
 from broadcastd.settings import Settings, load_settings
 
+from .redisserver import RedisServer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -190,3 +192,30 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh persistent ``redis-server`` on a free port, stopped at teardown."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """``redis_factory(persistence=False)`` starts one more server (each in its
+    own directory), for tests of two shards or of a server that loses its
+    data; all of them are stopped at teardown."""
+    servers: list[RedisServer] = []
+
+    def factory(persistence: bool = True) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{len(servers)}", persistence=persistence)
+        servers.append(server)
+        server.start()
+        return server
+
+    try:
+        yield factory
+    finally:
+        for server in servers:
+            server.stop()

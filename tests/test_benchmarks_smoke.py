@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 import benchmarks
+from benchmarks.servers import SERVERS
 
 
 def test_benchmark_scenarios_run_against_the_daemon() -> None:
@@ -11,3 +14,23 @@ def test_benchmark_scenarios_run_against_the_daemon() -> None:
     assert outcome["scenarios"], outcome
     for name, scenario in outcome["scenarios"].items():
         assert "error" not in scenario, (name, scenario.get("error"))
+
+
+@pytest.mark.parametrize(
+    ("server", "scenarios"),
+    [("broadcastd-redis", ["S1", "S2b", "S3"]), ("broadcastd-redis2", ["S1", "S2b"])],
+)
+def test_benchmark_scenarios_run_on_the_redis_broker(server: str, scenarios: list[str]) -> None:
+    """A private redis-server and one or two nodes; redis-server's CPU is measured."""
+    reason = SERVERS[server].unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    results = benchmarks.run_quick(server=server, scenarios=scenarios)
+    outcome = results["servers"][server]
+    for name, scenario in outcome["scenarios"].items():
+        assert "error" not in scenario, (name, scenario.get("error"), scenario.get("server_log"))
+    assert "redis-server" in outcome["pinning"], outcome.get("pinning")
+    s1 = outcome["scenarios"]["S1"]["details"]
+    assert "redis-server" in s1["depth1"]["helper_cpu_s"], s1["depth1"]
+    if server == "broadcastd-redis2":  # S1 only: the others are skipped, with the reason
+        assert "skipped" in outcome["scenarios"]["S2b"]

@@ -1,9 +1,11 @@
 """The deployment kit agrees with the daemon and passes the tools that judge it.
 
-systemd/ (systemd-analyze verify and security), Dockerfile (hadolint, and its
-HEALTHCHECK run against a real daemon), config/ (loaded by the real settings
-loader, every setting present with its real default), deploy/ (every YAML and
-JSON file loads; ports, paths and timeouts match the Settings defaults; nginx -t).
+systemd/ (systemd-analyze verify and security; the per-core template shares the
+single unit's sandbox), Dockerfile (hadolint, and its HEALTHCHECK run against a
+real daemon), config/ (loaded by the real settings loader, every setting present
+with its real default), deploy/ (every YAML and JSON file loads; ports, paths and
+timeouts match the Settings defaults; the Redis cluster files agree with each
+other; nginx -t, promtool check config).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -32,14 +35,19 @@ from broadcastd.settings import Settings, iter_fields, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "broadcastd.service"
+TEMPLATE_UNIT = ROOT / "systemd" / "broadcastd@.service"
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 TOML_EXAMPLE = ROOT / "config" / "broadcastd.toml"
 ENV_EXAMPLE = ROOT / "config" / "broadcastd.env"
 DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
+COMPOSE_REDIS = DEPLOY / "docker-compose.redis.yml"
 NGINX_CONF = DEPLOY / "nginx" / "broadcastd.conf"
+NGINX_CLUSTER_CONF = DEPLOY / "nginx" / "broadcastd-cluster.conf"
 K8S = DEPLOY / "kubernetes"
+PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 
 FIELDS = dict(iter_fields())
 DEFAULTS: dict[str, Any] = {name: info.get_default() for name, info in FIELDS.items()}
@@ -55,6 +63,10 @@ TIMEOUT = 30.0
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 needs_systemd_analyze = pytest.mark.skipif(
     SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed (package systemd)"
+)
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool is not installed (Debian/Ubuntu: apt-get install prometheus)"
 )
 
 
@@ -153,9 +165,9 @@ def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
     return sections
 
 
-def service_directives() -> dict[str, list[str]]:
+def service_directives(unit: Path = UNIT) -> dict[str, list[str]]:
     directives: dict[str, list[str]] = {}
-    for key, value in parse_unit(UNIT.read_text())["Service"]:
+    for key, value in parse_unit(unit.read_text())["Service"]:
         directives.setdefault(key, []).append(value)
     return directives
 
@@ -238,15 +250,19 @@ def test_unit_puts_the_control_socket_in_its_runtime_directory() -> None:
     assert "control.unix_path" in FIELDS
 
 
+UNITS = pytest.mark.parametrize("unit_file", [UNIT, TEMPLATE_UNIT], ids=lambda p: p.name)
+
+
 @needs_systemd_analyze
-def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+@UNITS
+def test_unit_passes_systemd_analyze_verify(unit_file: Path, tmp_path: Path) -> None:
     """verify insists that ExecStart= exists: check a copy that runs this venv's script."""
     script = Path(sys.executable).with_name("broadcastd")
     assert script.is_file(), "install the package (pip install -e .) first"
-    text = UNIT.read_text()
+    text = unit_file.read_text()
     original = "ExecStart=/usr/bin/broadcastd "
     assert original in text
-    unit = tmp_path / "broadcastd.service"
+    unit = tmp_path / unit_file.name  # a template stays one: verify instantiates it
     unit.write_text(text.replace(original, f"ExecStart={script} "))
     assert SYSTEMD_ANALYZE is not None
     result = subprocess.run(
@@ -263,10 +279,11 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 
 
 @needs_systemd_analyze
-def test_unit_exposure_is_at_most_2() -> None:
+@UNITS
+def test_unit_exposure_is_at_most_2(unit_file: Path) -> None:
     assert SYSTEMD_ANALYZE is not None
     result = subprocess.run(
-        [SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", str(UNIT)],
+        [SYSTEMD_ANALYZE, "security", "--offline=true", "--no-pager", str(unit_file)],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -275,6 +292,95 @@ def test_unit_exposure_is_at_most_2() -> None:
     match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= 2.0, result.stdout
+
+
+# The template: one process per core, the instance name being its metrics port.
+
+PER_INSTANCE = {"Environment", "RuntimeDirectory", "User"}
+"""What a template instance sets differently from the single unit; the rest is shared."""
+
+
+def template_instances() -> range:
+    """The instance range the template documents: "Use 8771..8802 for up to 32 processes"."""
+    match = re.search(r"Use (\d+)\.\.(\d+) for up to (\d+) processes", TEMPLATE_UNIT.read_text())
+    assert match, "the template documents its instance range"
+    first, last, count = map(int, match.groups())
+    assert last - first + 1 == count
+    return range(first, last + 1)
+
+
+def template_environment(instance: int) -> dict[str, str]:
+    environment: dict[str, str] = {}
+    for line in service_directives(TEMPLATE_UNIT)["Environment"]:
+        for item in line.split():
+            key, sep, value = item.partition("=")
+            assert sep, item
+            assert key not in environment, f"{key} set twice"
+            environment[key] = value.replace("%i", str(instance))
+    return environment
+
+
+def test_template_shares_the_single_units_sandbox_and_lifecycle() -> None:
+    """Hardening, stop, restart, watchdog and limits stay equal to broadcastd.service."""
+    single = service_directives()
+    template = service_directives(TEMPLATE_UNIT)
+    assert {k: v for k, v in template.items() if k not in PER_INSTANCE} == {
+        k: v for k, v in single.items() if k not in PER_INSTANCE
+    }
+    for key, value in EXPECTED_SERVICE.items():
+        if key not in PER_INSTANCE:
+            assert template.get(key) == [value], key
+    assert (
+        parse_unit(TEMPLATE_UNIT.read_text())["Install"] == parse_unit(UNIT.read_text())["Install"]
+    )
+
+
+def test_template_runs_every_instance_as_one_user() -> None:
+    """SO_REUSEPORT shares a port only among sockets of one user: the name DynamicUser=
+    derives for the single unit, stated so that every instance gets it."""
+    template = service_directives(TEMPLATE_UNIT)
+    assert template["DynamicUser"] == ["yes"]
+    assert template["User"] == [UNIT.stem]
+    assert "User" not in service_directives()
+
+
+def test_template_conflicts_with_the_single_unit() -> None:
+    """broadcastd.service binds 8765 and 8766 without SO_REUSEPORT: never beside instances."""
+    assert ("Conflicts", UNIT.name) in parse_unit(TEMPLATE_UNIT.read_text())["Unit"]
+
+
+def test_template_environment_means_redis_and_reuse_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real loader reads an instance's environment as one node of a Redis cluster."""
+    first = template_instances()[0]
+    for key, value in template_environment(first).items():
+        assert key.startswith("BROADCASTD_"), key
+        monkeypatch.setenv(key, value)
+    loaded = load_settings()
+    assert loaded.broker.type == "redis"
+    assert loaded.ws.reuse_port is True
+    assert loaded.metrics.port == first
+    assert (loaded.ws.port, loaded.control.port) == (WS_PORT, CONTROL_PORT)  # shared
+    assert loaded.control.unix_path is not None
+
+
+def test_template_instances_own_their_metrics_port_and_socket() -> None:
+    """Instances 1..32 clash neither with each other nor with the shared ports."""
+    (runtime,) = service_directives(TEMPLATE_UNIT)["RuntimeDirectory"]
+    assert "%i" in runtime
+    assert runtime != service_directives()["RuntimeDirectory"][0]
+    instances = template_instances()
+    assert len(instances) >= 32
+    ports, sockets = set(), set()
+    for instance in instances:
+        environment = template_environment(instance)
+        ports.add(int(environment["BROADCASTD_METRICS__PORT"]))
+        socket_path = Path(environment["BROADCASTD_CONTROL__UNIX_PATH"])
+        assert socket_path.parent == Path("/run") / runtime.replace("%i", str(instance))
+        sockets.add(socket_path)
+    assert ports == set(instances)
+    assert len(sockets) == len(instances)
+    assert not ports & {WS_PORT, CONTROL_PORT, METRICS_PORT}
+    assert max(ports) < 65536
 
 
 MDWE_PROBE = """
@@ -515,7 +621,7 @@ def toml_entries() -> dict[str, tuple[bool, str, str]]:
     previous = ""
     for raw in TOML_EXAMPLE.read_text().splitlines():
         line = raw.strip()
-        header = re.match(r"^\[([a-z_]+)\]", line)
+        header = re.match(r"^\[([a-z_.]+)\]", line)
         if header:
             section = header.group(1)
         elif match := TOML_KEY.match(line):
@@ -797,8 +903,79 @@ def test_kubernetes_services_and_scraping() -> None:
         assert (K8S / resource).is_file()
 
 
-def nginx_directives() -> list[list[str]]:
-    text = re.sub(r"#[^\n]*", "", NGINX_CONF.read_text())
+def pod_labels(workload: dict[str, Any]) -> dict[str, str]:
+    labels: dict[str, str] = workload["spec"]["template"]["metadata"]["labels"]
+    return labels
+
+
+def test_kubernetes_replicas_share_the_redis_broker(monkeypatch: pytest.MonkeyPatch) -> None:
+    documents = k8s_documents()
+    deployment = documents["Deployment/broadcastd"]
+    assert deployment["spec"]["replicas"] >= 3
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["BROADCASTD_BROKER__TYPE"] == "redis"
+    url = urlsplit(env["BROADCASTD_BROKER__REDIS__URL"])
+    monkeypatch.setenv("BROADCASTD_BROKER__TYPE", "redis")
+    monkeypatch.setenv("BROADCASTD_BROKER__REDIS__URL", url.geturl())
+    assert load_settings().broker.type == "redis"
+    # The URL names a Service of the kit that leads to the Redis pods.
+    service = documents[f"Service/{url.hostname}"]
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == (url.port or 6379)
+    selector = service["spec"]["selector"]
+    (redis,) = [
+        d
+        for d in documents.values()
+        if d["kind"] in ("StatefulSet", "Deployment") and selector.items() <= pod_labels(d).items()
+    ]
+    (server,) = redis["spec"]["template"]["spec"]["containers"]
+    assert server["image"].partition(":")[::2] == ("redis", "7")
+    assert server["args"][server["args"].index("--appendonly") + 1] == "yes"
+    assert {m["mountPath"] for m in server["volumeMounts"]} == {"/data"}
+    claims = {c["metadata"]["name"] for c in redis["spec"].get("volumeClaimTemplates", [])}
+    assert {m["name"] for m in server["volumeMounts"]} <= claims  # on a persistent volume
+    assert port["targetPort"] in {p["name"] for p in server["ports"]}
+    # broadcastd's Services select broadcastd only, and Redis admits broadcastd.
+    for name in ("broadcastd-ws", "broadcastd-control"):
+        ours = documents[f"Service/{name}"]["spec"]["selector"]
+        assert not ours.items() <= pod_labels(redis).items(), name
+    policy = documents[f"NetworkPolicy/{redis['metadata']['name']}"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels(redis).items()
+    ((peer,),) = [rule["from"] for rule in policy["ingress"]]
+    assert peer["podSelector"]["matchLabels"].items() <= pod_labels(deployment).items()
+    assert "redis.yaml" in documents["Kustomization/"]["resources"]
+
+
+def test_kubernetes_kustomization_builds() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed: kustomize was not run")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(K8S)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    built = {f"{d['kind']}/{d['metadata']['name']}" for d in yaml.safe_load_all(result.stdout) if d}
+    expected = {
+        f"{d['kind']}/{d['metadata']['name']}"
+        for resource in documents_of_kustomization()
+        for d in yaml.safe_load_all((K8S / resource).read_text())
+        if d
+    }
+    assert built == expected
+
+
+def documents_of_kustomization() -> list[str]:
+    resources: list[str] = k8s_documents()["Kustomization/"]["resources"]
+    return resources
+
+
+def nginx_directives(conf: Path = NGINX_CONF) -> list[list[str]]:
+    text = re.sub(r"#[^\n]*", "", conf.read_text())
     return [statement.split() for statement in re.split(r"[;{}]", text) if statement.strip()]
 
 
@@ -821,29 +998,18 @@ def test_nginx_proxies_websockets() -> None:
     assert any("ssl" in listen for listen in values("listen"))
 
 
-def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
+def nginx_binary() -> str:
     nginx = shutil.which("nginx") or next(
         (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).is_file()), None
     )
     if nginx is None:
         pytest.skip("nginx is not installed (apt-get install nginx-light)")
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is not installed: no certificate for nginx -t")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", "/CN=broadcast.example.com", "-keyout", str(key), "-out", str(cert)),
-        ],
-        capture_output=True,
-        timeout=TIMEOUT,
-        check=True,
-    )
-    site = NGINX_CONF.read_text()
-    paths = re.findall(r"ssl_certificate(?:_key)?\s+(\S+);", site)
-    assert len(paths) == 2
-    site = site.replace(paths[0], str(cert)).replace(paths[1], str(key))
+    return nginx
+
+
+def nginx_test(site: str, tmp_path: Path) -> None:
+    """nginx -t of ``site`` included in the http {} context of a minimal nginx.conf."""
+    nginx = nginx_binary()
     (tmp_path / "broadcastd.conf").write_text(site)
     (tmp_path / "temp").mkdir()
     temp = tmp_path / "temp"
@@ -872,6 +1038,253 @@ def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
+
+
+def test_nginx_accepts_the_configuration(tmp_path: Path) -> None:
+    nginx_binary()
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed: no certificate for nginx -t")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=broadcast.example.com", "-keyout", str(key), "-out", str(cert)),
+        ],
+        capture_output=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
+    site = NGINX_CONF.read_text()
+    paths = re.findall(r"ssl_certificate(?:_key)?\s+(\S+);", site)
+    assert len(paths) == 2
+    site = site.replace(paths[0], str(cert)).replace(paths[1], str(key))
+    nginx_test(site, tmp_path)
+
+
+# The Redis cluster: deploy/docker-compose.redis.yml, nginx in front, Prometheus inline.
+
+
+def compose_redis() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE_REDIS.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def cluster_nodes() -> dict[str, dict[str, Any]]:
+    """The broadcastd services of the cluster: those built from the Dockerfile."""
+    services = compose_redis()["services"]
+    nodes = {name: service for name, service in services.items() if "build" in service}
+    assert len(nodes) >= 2
+    return nodes
+
+
+def cluster_prometheus_config() -> dict[str, Any]:
+    """The Prometheus configuration the cluster's prometheus service runs."""
+    data = compose_redis()
+    service = data["services"]["prometheus"]
+    (mounted,) = service["configs"]
+    (flag,) = [arg for arg in service["command"] if arg.startswith("--config.file=")]
+    assert flag == f"--config.file={mounted['target']}"
+    config = yaml.safe_load(data["configs"][mounted["source"]]["content"])
+    assert isinstance(config, dict)
+    return config
+
+
+def nginx_upstreams(conf: Path) -> dict[str, list[str]]:
+    """upstream name -> its servers."""
+    text = re.sub(r"#[^\n]*", "", conf.read_text())
+    return {
+        name: [s.split()[1] for s in body.split(";") if s.split()[:1] == ["server"]]
+        for name, body in re.findall(r"upstream\s+(\S+)\s*\{([^}]*)\}", text)
+    }
+
+
+def nginx_routes(conf: Path) -> dict[int, str]:
+    """listen port -> the upstream its proxy_pass names."""
+    routes: dict[int, str] = {}
+    port = None
+    for directive in nginx_directives(conf):
+        if directive[0] == "listen":
+            port = int(directive[1].rpartition(":")[2])
+        elif directive[0] == "proxy_pass":
+            assert port is not None
+            routes[port] = directive[1].removeprefix("http://")
+    return routes
+
+
+def nginx_size(text: str) -> int:
+    units = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+    match = re.fullmatch(r"(\d+)([kmg]?)", text.lower())
+    assert match, text
+    return int(match.group(1)) * units[match.group(2)]
+
+
+def test_compose_redis_nodes_share_one_redis_with_appendonly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    services = compose_redis()["services"]
+    urls = set()
+    for name, node in cluster_nodes().items():
+        context = (DEPLOY / node["build"]["context"]).resolve()
+        assert (context / node["build"].get("dockerfile", "Dockerfile")) == DOCKERFILE
+        environment = node["environment"]
+        assert environment["BROADCASTD_BROKER__TYPE"] == "redis", name
+        assert environment["BROADCASTD_CONTROL__HOST"] == "0.0.0.0", name
+        assert re.fullmatch(
+            r"\$\{BROADCASTD_CONTROL__TOKEN:\?.+\}", environment["BROADCASTD_CONTROL__TOKEN"]
+        )
+        assert seconds(node["stop_grace_period"]) > DRAIN_TIMEOUT, name
+        assert node.get("stop_signal", "SIGTERM") == "SIGTERM", name
+        urls.add(environment["BROADCASTD_BROKER__REDIS__URL"])
+        for key, value in environment.items():
+            monkeypatch.setenv(key, value)
+        loaded = load_settings()  # what the daemon makes of it
+        assert loaded.broker.type == "redis"
+        assert loaded.broker.redis.url == environment["BROADCASTD_BROKER__REDIS__URL"]
+    (url,) = urls  # one Redis for all
+    parts = urlsplit(url)
+    assert parts.scheme == "redis"
+    redis = services[parts.hostname or ""]
+    image, _, tag = redis["image"].partition(":")
+    assert (image, tag.split(".")[0]) == ("redis", "7")
+    assert parts.port in (None, 6379)
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert any(str(volume).endswith(":/data") for volume in redis["volumes"])
+    assert "healthcheck" in redis
+
+
+def test_compose_redis_nodes_have_their_own_metrics() -> None:
+    """Each node is its own host with its own published metrics port; Prometheus
+    scrapes every node in the job the alert rules and the dashboard select."""
+    nodes = cluster_nodes()
+    hosts = []
+    for name, node in nodes.items():
+        ports = published(node["ports"])
+        assert set(ports) == {METRICS_PORT}, name  # subscribers and publishers: nginx
+        assert ports[METRICS_PORT].startswith("127.0.0.1:"), name
+        hosts.append(ports[METRICS_PORT])
+    assert len(set(hosts)) == len(nodes)
+    config = cluster_prometheus_config()
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = [t for static in jobs["broadcastd"]["static_configs"] for t in static["targets"]]
+    assert sorted(targets) == sorted(f"{name}:{METRICS_PORT}" for name in nodes)
+    assert jobs["broadcastd"].get("metrics_path", METRICS_PATH) == METRICS_PATH
+    (rules,) = config["rule_files"]
+    volumes = compose_redis()["services"]["prometheus"]["volumes"]
+    assert f"./prometheus/{ALERTS.name}:{rules}:ro" in volumes
+
+
+def test_compose_redis_puts_nginx_in_front_of_every_node() -> None:
+    services = compose_redis()["services"]
+    nginx = services["nginx"]
+    mounts = {str(v).split(":")[0]: str(v).split(":")[1] for v in nginx["volumes"]}
+    source = f"./{NGINX_CLUSTER_CONF.relative_to(DEPLOY)}"
+    assert mounts[source].startswith("/etc/nginx/conf.d/")
+    ports = published(nginx["ports"])
+    assert set(ports) == {WS_PORT, CONTROL_PORT}
+    assert ports[CONTROL_PORT].startswith("127.0.0.1:")  # publishing stays on the host
+    nodes = cluster_nodes()
+    upstreams = nginx_upstreams(NGINX_CLUSTER_CONF)
+    routes = nginx_routes(NGINX_CLUSTER_CONF)
+    assert set(routes) == {WS_PORT, CONTROL_PORT}
+    for port in (WS_PORT, CONTROL_PORT):
+        assert sorted(upstreams[routes[port]]) == sorted(f"{name}:{port}" for name in nodes)
+    for source in (s.split(":")[0] for s in nginx["volumes"] + services["prometheus"]["volumes"]):
+        if source.startswith("."):
+            assert (DEPLOY / source).exists(), source
+
+
+def test_nginx_cluster_proxies_websockets_and_publishes() -> None:
+    directives = nginx_directives(NGINX_CLUSTER_CONF)
+
+    def values(name: str) -> list[list[str]]:
+        return [d[1:] for d in directives if d[0] == name]
+
+    ((variable, mapped),) = values("map")
+    assert variable == "$http_upgrade"
+    headers = values("proxy_set_header")
+    assert ["Upgrade", "$http_upgrade"] in headers
+    assert ["Connection", mapped] in headers
+    assert ["Connection", '""'] in headers  # keep-alive to the nodes' control ports
+    assert values("proxy_http_version") == [["1.1"], ["1.1"]]
+    assert values("proxy_buffering") == [["off"]]
+    read_timeouts = [seconds(t) for (t,) in values("proxy_read_timeout")]
+    assert max(read_timeouts) >= max(120, 2 * (PING_INTERVAL or 0))
+    ((body,),) = values("client_max_body_size")
+    assert nginx_size(body) >= DEFAULTS["control.max_body_bytes"]
+
+
+def test_nginx_accepts_the_cluster_configuration(tmp_path: Path) -> None:
+    """nginx -t resolves upstream names: the compose service names become loopback addresses."""
+    site = NGINX_CLUSTER_CONF.read_text()
+    for index, name in enumerate(cluster_nodes(), start=1):
+        site = site.replace(f"server {name}:", f"server 127.0.0.{index}:")
+    assert not re.search(r"server [a-z]", site.replace("server {", ""))
+    nginx_test(site, tmp_path)
+
+
+@needs_promtool
+def test_promtool_accepts_the_cluster_prometheus_config(tmp_path: Path) -> None:
+    config = cluster_prometheus_config()
+    config["rule_files"] = [str(ALERTS)]
+    checked = tmp_path / "cluster.yml"
+    checked.write_text(yaml.safe_dump(config))
+    promtool_check_config(checked)
+
+
+# Prometheus: the example job for the instances of systemd/broadcastd@.service.
+
+HOST_JOB = "  # - job_name: broadcastd-host"
+
+
+def prometheus_config_with_the_host_job() -> dict[str, Any]:
+    """prometheus.yml with its commented-out host job uncommented, as a reader would."""
+    lines = PROMETHEUS_CONFIG.read_text().splitlines()
+    start = lines.index(HOST_JOB)
+    end = start
+    while end < len(lines) and lines[end].startswith("  # "):
+        end += 1
+    block = ["  " + line.removeprefix("  # ") for line in lines[start:end]]
+    config = yaml.safe_load("\n".join(lines[:start] + block + lines[end:]))
+    assert isinstance(config, dict)
+    return config
+
+
+def promtool_check_config(path: Path) -> None:
+    assert PROMTOOL is not None
+    result = subprocess.run(
+        [PROMTOOL, "check", "config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_prometheus_host_job_scrapes_the_template_instances() -> None:
+    jobs = {job["job_name"]: job for job in prometheus_config_with_the_host_job()["scrape_configs"]}
+    job = jobs["broadcastd-host"]
+    targets = [t for static in job["static_configs"] for t in static["targets"]]
+    hosts = {target.rpartition(":")[0] for target in targets}
+    ports = [int(target.rpartition(":")[2]) for target in targets]
+    assert len(hosts) == 1  # N processes on one machine
+    assert len(ports) >= 2
+    assert ports == list(template_instances()[: len(ports)])
+    # The alert rules and the dashboard select job="broadcastd".
+    assert {"target_label": "job", "replacement": "broadcastd"} in job["relabel_configs"]
+    assert job.get("metrics_path", METRICS_PATH) == METRICS_PATH
+
+
+@needs_promtool
+def test_promtool_accepts_the_prometheus_config_with_the_host_job(tmp_path: Path) -> None:
+    config = prometheus_config_with_the_host_job()
+    config["rule_files"] = [str(ALERTS)]
+    checked = tmp_path / "prometheus.yml"
+    checked.write_text(yaml.safe_dump(config))
+    promtool_check_config(checked)
 
 
 def test_every_stop_timeout_exceeds_the_drain() -> None:

@@ -56,6 +56,9 @@ REQUIRED_ALERTS = {
     "BroadcastdClientsDroppedToZero",
     "BroadcastdMemoryGrowingFasterThanClients",
     "BroadcastdRejectingConnections",
+    "BroadcastdBrokerDown",
+    "BroadcastdGapRepairs",
+    "BroadcastdBrokerProbeFailing",
 }
 SEVERITIES = {"critical", "warning", "info"}
 DATASOURCE_UIDS = {"prometheus", "${datasource}"}
@@ -343,6 +346,9 @@ DISCONNECTS = 'broadcastd_slow_consumer_actions_total{policy="disconnect"}'
 CLOSED = "broadcastd_connections_closed_total"
 LATENCY = "broadcastd_delivery_latency_seconds_bucket"
 RSS = "process_resident_memory_bytes"
+BROKER_UP = "broadcastd_broker_up"
+REPAIRS = "broadcastd_broker_gap_repairs_total"
+PROBE_FAILURES = "broadcastd_broker_probe_failures_total"
 
 
 def latency(*cumulative_per_minute: int) -> dict[str, str]:
@@ -513,6 +519,27 @@ ALERT_CASES = [
     ),
     AlertCase("BroadcastdCpuSaturated", True, "20m", {"process_cpu_seconds_total": "0+57x30"}),
     AlertCase("BroadcastdCpuSaturated", False, "20m", {"process_cpu_seconds_total": "0+30x30"}),
+    AlertCase("BroadcastdBrokerDown", True, "3m", {BROKER_UP: "1 0x10"}),
+    AlertCase("BroadcastdBrokerDown", False, "3m", {BROKER_UP: "1 0 1x10"}),  # a reconnect
+    AlertCase(
+        "BroadcastdGapRepairs",
+        True,
+        "6m",
+        {f'{REPAIRS}{{outcome="resync"}}': "0x3 2x20", f'{REPAIRS}{{outcome="repaired"}}': "0x23"},
+    ),
+    AlertCase(  # every gap filled from history
+        "BroadcastdGapRepairs",
+        False,
+        "10m",
+        {f'{REPAIRS}{{outcome="resync"}}': "0x20", f'{REPAIRS}{{outcome="repaired"}}': "0+5x20"},
+    ),
+    AlertCase(  # a resync, but 20 minutes ago
+        "BroadcastdGapRepairs", False, "30m", {f'{REPAIRS}{{outcome="resync"}}': "0 3x40"}
+    ),
+    AlertCase("BroadcastdBrokerProbeFailing", True, "15m", {PROBE_FAILURES: "0+1x30"}),
+    AlertCase(  # one failed probe
+        "BroadcastdBrokerProbeFailing", False, "8m", {PROBE_FAILURES: "0x3 1x30"}
+    ),
 ]
 
 INSTANCE = {"job": "broadcastd", "instance": "broadcastd:8767"}

@@ -3,8 +3,10 @@
 Each server runs as a subprocess on free loopback ports, pinned to core 0 with
 ``taskset -c 0`` (the load client stays on core 1), in its own session so that
 stopping it reaches its children (nginx's worker), with its output in a log
-file in the run's temp dir. The runner raises its own RLIMIT_NOFILE soft limit
-before launching, and children inherit it.
+file in the run's temp dir. A server may be several processes (broadcastd
+nodes and their redis-server): all of them go on the server's core. The
+runner raises its own RLIMIT_NOFILE soft limit before launching, and children
+inherit it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from benchmarks.publisher import http_get
 
 HOST = "127.0.0.1"
 READY_TIMEOUT = 30.0
+BIND_ATTEMPTS = 3
+"""Starts with fresh ports when a port was taken between ``free_ports`` and the
+bind (by another process's outgoing connection, say)."""
 STOP_GRACE = 15.0
 SUBSCRIBERS_TIMEOUT = 5.0
 REPO = Path(__file__).resolve().parents[2]
@@ -47,32 +52,21 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-class Server:
-    """A server under test: start, stop, and the few ways servers differ."""
+class Process:
+    """A subprocess the benchmarks start: pinned, in its own session, its output in a
+    log file. ``_wait_ready`` says when it is up."""
 
     name: ClassVar[str]
-    envelope: ClassVar[bool] = True
-    """Has the JSON envelope mode with ``subscribed`` replies (else raw frames only)."""
-    batch: ClassVar[bool] = True
-    """Has ``POST /batch``."""
-    recovery: ClassVar[bool] = False
-    """Resumes a subscriber from a position (``since=CHANNEL:EPOCH:OFFSET``, scenario R)."""
     log_noise: ClassVar[tuple[str, ...]] = ()
     """Log lines containing one of these are expected and not reported."""
 
-    def __init__(self, workdir: Path, pin_core: int | None) -> None:
+    def __init__(self, workdir: Path, pin_core: int | None, log_name: str) -> None:
         self.workdir = workdir
         self.pin_core = pin_core
-        self.ws_port, self.control_port = free_ports(2)
         self.proc: asyncio.subprocess.Process | None = None
         self.extra_env: dict[str, str] = {}
         """Set by the runner for one scenario (R's history size), over the environment."""
-        self.log_path = workdir / f"{self.name}-{self.ws_port}.log"
-
-    @classmethod
-    def unavailable(cls) -> str | None:
-        """Why this server cannot run here (None if it can)."""
-        return None
+        self.log_path = workdir / log_name
 
     def argv(self) -> list[str]:
         raise NotImplementedError
@@ -86,9 +80,27 @@ class Server:
         return self.proc.pid
 
     async def start(self) -> None:
+        """Launch and wait until ready; on a port taken meanwhile, again on new ports."""
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            try:
+                await self._launch()
+                return
+            except ServerError as exc:
+                if attempt == BIND_ATTEMPTS or "address already in use" not in str(exc).lower():
+                    raise
+                if not self._new_ports():
+                    raise
+                # Not the server's fault: keep its log apart from the next attempt's.
+                self.log_path.rename(self.log_path.with_suffix(f".bind{attempt}.log"))
+
+    def _new_ports(self) -> bool:
+        """Pick other free ports after losing one; False if this process cannot."""
+        return False
+
+    async def _launch(self) -> None:
         argv = self.argv()
         if self.pin_core is not None and shutil.which("taskset"):
-            argv = ["taskset", "-c", str(self.pin_core), *argv]
+            argv = ["taskset", "-c", str(self.pin_core), *argv]  # taskset execs: same pid
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -102,18 +114,20 @@ class Server:
         await self._wait_ready()
 
     async def _wait_ready(self) -> None:
-        """Poll ``GET /readyz``: a subprocess offers no event to wait on, so this is a
-        bounded poll (every 50 ms, at most READY_TIMEOUT seconds)."""
+        """Bounded poll of ``_ready`` (every 50 ms, at most READY_TIMEOUT seconds): a
+        subprocess offers no event to wait on."""
         assert self.proc is not None
         for _ in range(int(READY_TIMEOUT / 0.05)):
             if self.proc.returncode is not None:
                 raise ServerError(f"{self.name} exited with {self.proc.returncode}: {self.tail()}")
             with contextlib.suppress(OSError, TimeoutError):
-                response = await http_get(HOST, self.control_port, "/readyz")
-                if response.status == 200:
+                if await self._ready():
                     return
             await asyncio.sleep(0.05)
         raise ServerError(f"{self.name} not ready after {READY_TIMEOUT:.0f}s: {self.tail()}")
+
+    async def _ready(self) -> bool:
+        raise NotImplementedError
 
     async def stop(self) -> int | None:
         """SIGTERM, then SIGKILL to the whole session after STOP_GRACE seconds."""
@@ -133,7 +147,7 @@ class Server:
         return self.proc is not None and self.proc.returncode is None
 
     def tail(self, lines: int = 20) -> str:
-        """The last lines of the server's output, expected noise left out."""
+        """The last lines of the process's output, expected noise left out."""
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
@@ -144,6 +158,65 @@ class Server:
             if line.strip() and not any(noise in line for noise in self.log_noise)
         ]
         return "\n".join(kept[-lines:])
+
+
+class Server(Process):
+    """A server under test: start, stop, and the few ways servers differ."""
+
+    envelope: ClassVar[bool] = True
+    """Has the JSON envelope mode with ``subscribed`` replies (else raw frames only)."""
+    batch: ClassVar[bool] = True
+    """Has ``POST /batch``."""
+    recovery: ClassVar[bool] = False
+    """Resumes a subscriber from a position (``since=CHANNEL:EPOCH:OFFSET``, scenario R)."""
+    only: ClassVar[tuple[str, ...] | None] = None
+    """The scenarios this server runs (None: all it supports); ``only_why`` says why."""
+    only_why: ClassVar[str] = ""
+
+    def __init__(self, workdir: Path, pin_core: int | None) -> None:
+        self.ws_port, self.control_port = free_ports(2)
+        super().__init__(workdir, pin_core, f"{self.name}-{self.ws_port}.log")
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this server cannot run here (None if it can)."""
+        return None
+
+    def _new_ports(self) -> bool:
+        self.ws_port, self.control_port = free_ports(2)
+        return True
+
+    async def _ready(self) -> bool:
+        """``GET /readyz`` answers 200."""
+        response = await http_get(HOST, self.control_port, "/readyz")
+        return response.status == 200
+
+    # the processes behind the server
+
+    @property
+    def ws_ports(self) -> list[int]:
+        """Where subscribers connect; several for a cluster (clients are spread evenly)."""
+        return [self.ws_port]
+
+    def node_pids(self) -> list[int]:
+        """The processes whose CPU is the server's (each counted with its descendants)."""
+        return [self.pid]
+
+    def helpers(self) -> dict[str, int]:
+        """Processes the server relies on, measured on rows of their own (redis-server)."""
+        return {}
+
+    def processes(self) -> dict[str, int]:
+        """Every process of the server, by role (for the report of core pinning)."""
+        return {self.name: self.pid, **self.helpers()}
+
+    def pinning(self) -> dict[str, list[int]]:
+        """The cores each process may run on, as the kernel says."""
+        cores = {}
+        for role, pid in self.processes().items():
+            with contextlib.suppress(OSError):
+                cores[role] = sorted(os.sched_getaffinity(pid))
+        return cores
 
     # protocol differences
 

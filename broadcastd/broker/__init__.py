@@ -14,11 +14,12 @@ for recovery and the control API.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple, Protocol
 
 from broadcastd.core.envelope import Payload
 from broadcastd.core.hub import FanOut
+from broadcastd.core.publication import Item
 from broadcastd.core.stream import Position, Publication
 
 Deliver = Callable[[str, Publication], FanOut]
@@ -89,6 +90,49 @@ class Broker(Protocol):
         """The channels whose streams this broker holds here (for listings)."""
 
     def history_stats(self) -> HistoryStats: ...
+
+    @property
+    def health(self) -> Health: ...
+
+    async def close(self) -> None: ...
+
+
+class RemoteBroker(Protocol):
+    """A broker in another process (Redis): every call that asks it something is a
+    round trip, and publications reach this node later, through ``deliver``.
+
+    Failures to reach it are BrokerUnavailable (HTTP 503, code
+    ``broker_unavailable``), raised within its configured timeout.
+    """
+
+    async def start(
+        self, deliver: Callable[[str, Publication], None], resubscribed: Callable[[list[str]], None]
+    ) -> None:
+        """Begin (in the background) delivering this node's channels to ``deliver``;
+        ``resubscribed`` hears, after each reconnection, which channels may have
+        missed publications."""
+
+    async def publish(self, items: Sequence[Item]) -> list[Published]:
+        """Publish every item; answered once the broker has accepted all of them."""
+
+    async def subscribe(self, channel: str) -> Position:
+        """Subscribe this node; once confirmed, the channel's position (begun in a
+        new epoch if it had none). Every later publication arrives via ``deliver``."""
+
+    def unsubscribe(self, channel: str) -> None: ...
+
+    async def begin(self, channel: str) -> Position:
+        """The channel's position, begun in a new epoch if the broker has none."""
+
+    async def restart(self, channel: str, epoch: str) -> Position:
+        """Begin a new epoch if the channel is still in ``epoch`` (the broker lost
+        acknowledged publications: their offsets must not be given out again)."""
+
+    async def history(self, channel: str, since: int, limit: int) -> History: ...
+
+    async def latest(self, channel: str, count: int) -> History: ...
+
+    async def position(self, channel: str) -> Position | None: ...
 
     @property
     def health(self) -> Health: ...

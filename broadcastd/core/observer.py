@@ -44,6 +44,25 @@ class Observer(Protocol):
         """A subscriber asked to resume from a position: ``outcome`` and, when it
         failed, ``reason``; ``replayed`` messages were queued for it."""
 
+    def delivered(self, queued: int, refused: int) -> None:
+        """A publication that came through the broker (Redis) was fanned out here."""
+
+    def broker_up(self, up: bool) -> None:
+        """The broker became reachable (every shard) or stopped being so."""
+
+    def broker_reconnected(self) -> None:
+        """A pub/sub connection to the broker was made again after a failure."""
+
+    def broker_probe(self, rtt: float | None) -> None:
+        """A probe came back after ``rtt`` seconds, or (None) failed."""
+
+    def broker_command(self, seconds: float) -> None:
+        """A Redis round trip took ``seconds``."""
+
+    def gap_repair(self, outcome: str) -> None:
+        """A gap in a channel's offsets was ``repaired`` from history, or could not
+        be and its subscribers were told to ``resync``."""
+
 
 class NullObserver:
     """Reports to nobody."""
@@ -76,4 +95,22 @@ class NullObserver:
         return None
 
     def recovered(self, outcome: bool, reason: str | None, replayed: int) -> None:
+        return None
+
+    def delivered(self, queued: int, refused: int) -> None:
+        return None
+
+    def broker_up(self, up: bool) -> None:
+        return None
+
+    def broker_reconnected(self) -> None:
+        return None
+
+    def broker_probe(self, rtt: float | None) -> None:
+        return None
+
+    def broker_command(self, seconds: float) -> None:
+        return None
+
+    def gap_repair(self, outcome: str) -> None:
         return None

@@ -31,7 +31,7 @@ session asks for the connection to be closed with 1008 (policy violation).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -68,13 +68,21 @@ class Command:
 class Channels(Protocol):
     """What a session needs of the node: subscriptions and recovery."""
 
-    def subscribe(self, outbox: Outbox, name: str, raw: bool) -> Position:
-        """Add ``outbox`` to channel ``name``; the channel's latest position."""
+    def join(
+        self,
+        outbox: Outbox,
+        name: str,
+        raw: bool,
+        since: Since | None,
+        joined: Callable[[Position, Recovery | None], None],
+        failed: Callable[[ClientError], None],
+    ) -> None:
+        """Add ``outbox`` to channel ``name``, recovering from ``since`` first; then
+        call ``joined`` (at once, or after a round trip to a remote broker) right
+        before the live stream continues, or ``failed``."""
 
-    def unsubscribe(self, outbox: Outbox, name: str) -> None: ...
-
-    def recover(self, name: str, since: Since, top: Position) -> Recovery:
-        """The messages after ``since`` (or the last N), decided against ``top``."""
+    def unsubscribe(self, outbox: Outbox, name: str) -> None:
+        """Leave the channel (or stop waiting to join it)."""
 
 
 def parse_command(text: str | bytes) -> Command:
@@ -214,13 +222,36 @@ class Session:
     def _subscribe(
         self, name: str, since: Since | None, *, tell: bool = True, command_id: CommandId = None
     ) -> None:
-        """Subscribe, then queue the reply and any replay in one go: the live
-        stream continues right after them, with no gap and no duplicate."""
+        """Subscribe; the reply and any replay are queued once the node has joined
+        the channel (``_joined``), or an error reply if it could not."""
         if name not in self.channels and len(self.channels) >= self.max_channels:
             raise TooManyChannels(f"at most {self.max_channels} channels per connection")
-        position = self._channels.subscribe(self.outbox, name, self.raw)
         self.channels[name] = None
-        recovery = None if since is None else self._channels.recover(name, since, position)
+
+        def joined(position: Position, recovery: Recovery | None) -> None:
+            self._joined(name, since, position, recovery, tell, command_id)
+
+        def failed(exc: ClientError) -> None:
+            self.channels.pop(name, None)
+            self._error(exc, "subscribe", command_id)
+
+        try:
+            self._channels.join(self.outbox, name, self.raw, since, joined, failed)
+        except ClientError:
+            self.channels.pop(name, None)
+            raise
+
+    def _joined(
+        self,
+        name: str,
+        since: Since | None,
+        position: Position,
+        recovery: Recovery | None,
+        tell: bool,
+        command_id: CommandId,
+    ) -> None:
+        """Queue the reply and any replay in one go: the live stream continues
+        right after them, with no gap and no duplicate."""
         if tell:
             reply: dict[str, Any] = {
                 "type": "subscribed",

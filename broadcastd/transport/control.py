@@ -19,7 +19,7 @@ import contextlib
 import hmac
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -36,7 +36,7 @@ from broadcastd.core.publication import (
     parse_batch,
     parse_publish,
 )
-from broadcastd.core.stream import Position
+from broadcastd.core.stream import Position, Publication
 from broadcastd.errors import (
     ClientError,
     Draining,
@@ -51,7 +51,7 @@ from broadcastd.node import Node
 from broadcastd.settings import ControlSettings
 from broadcastd.transport.http import Api, HttpProtocol, Limits, Request, Response
 
-Route = Callable[[Request, str], Response]
+Route = Callable[[Request, str], Response | Awaitable[Response]]
 _PUBLIC = frozenset(("/healthz", "/readyz"))
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PAGE_LIMIT = 1000
@@ -110,6 +110,11 @@ class ControlApi:
             "/publish/": ("{channel}", {"POST": self._publish_channel}),
             "/channels/": ("{name}", {"GET": self._channel}),
         }
+        if node.remote is not None:  # the same routes, answered after a round trip
+            self._exact["/publish"]["POST"] = self._publish_remote
+            self._exact["/batch"]["POST"] = self._batch_remote
+            self._prefixed["/publish/"][1]["POST"] = self._publish_channel_remote
+            self._prefixed["/channels/"][1]["GET"] = self._channel_remote
         self._openapi_body = openapi_document()
 
     def routes(self) -> dict[str, tuple[str, ...]]:
@@ -120,7 +125,7 @@ class ControlApi:
         table["/channels/{name}/history"] = table["/channels/{name}"]
         return table
 
-    def handle(self, request: Request) -> Response:
+    def handle(self, request: Request) -> Response | Awaitable[Response]:
         endpoint = "unknown"
         try:
             found = self._route(request.path)
@@ -128,6 +133,16 @@ class ControlApi:
                 raise NotFound(f"no route for {request.path[:64]!r}")
             methods, argument, endpoint = found
             response = self._method(request, methods)(request, argument)
+        except ClientError as error:
+            response = error_response(error)
+        if not isinstance(response, Response):
+            return self._finish(response, endpoint)
+        self.node.observer.control_request(endpoint, response.status)
+        return response
+
+    async def _finish(self, pending: Awaitable[Response], endpoint: str) -> Response:
+        try:
+            response = await pending
         except ClientError as error:
             response = error_response(error)
         self.node.observer.control_request(endpoint, response.status)
@@ -194,9 +209,10 @@ class ControlApi:
 
     def _readyz(self, request: Request, _: str) -> Response:
         node = self.node
-        if node.ready:
+        health = node.broker_health
+        if node.ready and health.up:
             return json_response(200, {"ready": True})
-        reason = "draining" if node.draining else "starting"
+        reason = "draining" if node.draining else "starting" if not node.ready else health.reason
         return json_response(503, {"ready": False, "reason": reason}, [("Retry-After", "5")])
 
     def _publish_channel(self, request: Request, channel: str) -> Response:
@@ -229,6 +245,72 @@ class ControlApi:
             200, {"published": len(items) - failed, "failed": failed, "results": results}
         )
 
+    # The same routes through a remote broker (Redis)
+
+    async def _publish_channel_remote(self, request: Request, channel: str) -> Response:
+        payload = body_payload(request.body, request.headers.get("content-type"))
+        (published,) = await self.node.publish_remote(
+            [(channel, payload, _key(request))], "channel", all_or_none=True
+        )
+        assert isinstance(published, Published)
+        return json_response(200, self._remote_result(channel, published))
+
+    async def _publish_remote(self, request: Request, _: str) -> Response:
+        self._require_json(request)
+        channels, payload, multi = parse_publish(request.body, self.settings.max_batch_items)
+        key = _key(request)
+        answers = await self.node.publish_remote(
+            [(c, payload, key) for c in channels], "json", all_or_none=True
+        )
+        results = [
+            self._remote_result(c, p)
+            for c, p in zip(channels, answers, strict=True)
+            if isinstance(p, Published)
+        ]
+        return json_response(200, {"results": results} if multi else results[0])
+
+    async def _batch_remote(self, request: Request, _: str) -> Response:
+        self._require_json(request)
+        if self.node.draining:
+            raise Draining("the server is shutting down")
+        items = parse_batch(request.body, self.settings.max_batch_items, self.node.hub)
+        valid = [item for item in items if not isinstance(item, ClientError)]
+        answers = iter(await self.node.publish_remote(valid, "batch"))
+        results: list[dict[str, Any]] = []
+        failed = 0
+        for item in items:
+            result = item if isinstance(item, ClientError) else next(answers)
+            if isinstance(result, ClientError):
+                failed += 1
+                results.append({"error": {"code": result.code, "message": result.message}})
+            else:
+                assert not isinstance(item, ClientError)
+                results.append(self._remote_result(item[0], result))
+        return json_response(
+            200, {"published": len(items) - failed, "failed": failed, "results": results}
+        )
+
+    def _remote_result(self, channel: str, published: Published) -> dict[str, Any]:
+        """With Redis the message reaches this node's subscribers a moment after the
+        answer: ``subscribers`` counts them as they are when it is sent."""
+        doc = _result(channel, published)
+        local = self.node.hub.get(channel)
+        doc["subscribers"] = 0 if local is None else local.subscriber_count
+        return doc
+
+    async def _channel_remote(self, request: Request, name: str) -> Response:
+        name, slash, rest = name.partition("/")
+        if slash:
+            if rest != "history":
+                raise NotFound(f"no route for /channels/{name[:64]}/{rest[:32]}")
+            since, epoch, limit, newest_first = _history_query(request.query)
+            found = await self.node.read_history_remote(name, since, limit, newest_first)
+            return self._history_doc(name, found, epoch, newest_first)
+        state = await self.node.channel_state_remote(name)
+        if state is None:
+            raise NotFound(f"no channel {name[:64]!r}")
+        return json_response(200, _channel_doc(name, *state))
+
     def _channels(self, request: Request, _: str) -> Response:
         after, limit = _page_query(request.query)
         node = self.node
@@ -254,6 +336,15 @@ class ControlApi:
     def _history(self, request: Request, name: str) -> Response:
         since, epoch, limit, newest_first = _history_query(request.query)
         found = self.node.read_history(name, since, limit, newest_first)
+        return self._history_doc(name, found, epoch, newest_first)
+
+    @staticmethod
+    def _history_doc(
+        name: str,
+        found: tuple[Position, list[Publication], bool] | None,
+        epoch: str | None,
+        newest_first: bool,
+    ) -> Response:
         if found is None:
             raise NotFound(f"no channel {name[:64]!r}")
         top, publications, complete = found
@@ -429,12 +520,14 @@ class HttpListener:
         limits: Limits,
         unix_path: str | None = None,
         unix_mode: int = 0o660,
+        reuse_port: bool = False,
     ) -> None:
         self.api = api
         self.host = host
         self.requested_port = port
         self.unix_path = unix_path
         self.unix_mode = unix_mode
+        self.reuse_port = reuse_port
         self._limits = limits
         self._servers: list[asyncio.Server] = []
         self._connections: set[HttpProtocol] = set()
@@ -450,7 +543,13 @@ class HttpListener:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._servers.append(
-            await loop.create_server(self._protocol, self.host, self.requested_port, backlog=1024)
+            await loop.create_server(
+                self._protocol,
+                self.host,
+                self.requested_port,
+                backlog=1024,
+                reuse_port=self.reuse_port or None,
+            )
         )
         if self.unix_path is not None:
             _remove_stale_socket(self.unix_path)
@@ -471,7 +570,9 @@ class HttpListener:
         self._servers.clear()
 
 
-def control_listener(settings: ControlSettings, api: ControlApi) -> HttpListener:
+def control_listener(
+    settings: ControlSettings, api: ControlApi, reuse_port: bool = False
+) -> HttpListener:
     limits = Limits(
         max_header=settings.max_header_bytes,
         max_body=settings.max_body_bytes,
@@ -481,7 +582,9 @@ def control_listener(settings: ControlSettings, api: ControlApi) -> HttpListener
         write_limit=settings.write_limit,
     )
     unix_path = None if settings.unix_path is None else str(settings.unix_path)
-    return HttpListener(api, settings.host, settings.port, limits, unix_path, settings.unix_mode)
+    return HttpListener(
+        api, settings.host, settings.port, limits, unix_path, settings.unix_mode, reuse_port
+    )
 
 
 def metrics_listener(host: str, port: int, render: Callable[[], bytes]) -> HttpListener:

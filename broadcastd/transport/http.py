@@ -5,10 +5,13 @@ the field; uvicorn uses it for the same reason. Parsing is the part of HTTP
 that must not be written by hand. What is left here is framing: keep-alive,
 pipelining, bounds and flow control.
 
-Handlers are plain functions that return a response at once; publishing never
-waits, so a request is answered inside the ``data_received`` call that
-completed it, pipelined requests are answered in order with one write per
-read, and no task is created per request.
+Handlers are plain functions that return a response at once, so a request is
+answered inside the ``data_received`` call that completed it, pipelined
+requests are answered in order with one write per read, and no task is created
+per request. A handler may instead return an awaitable (a publish through Redis
+waits for Redis): the connection then answers nothing else, parses nothing
+more and reads no further than one slice until that answer is written, so
+pipelined answers keep their order and what waits stays bounded.
 
 The bounds, and why each is there:
 
@@ -41,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import http
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -79,8 +82,8 @@ class Response:
 class Api(Protocol):
     """What an HttpProtocol serves."""
 
-    def handle(self, request: Request) -> Response:
-        """The answer to a complete request."""
+    def handle(self, request: Request) -> Response | Awaitable[Response]:
+        """The answer to a complete request (or, when it must wait, an awaitable of it)."""
 
     def check(self, request: Request) -> ClientError | None:
         """The error a request will get, judged from its head alone (for
@@ -173,6 +176,7 @@ class HttpProtocol(asyncio.Protocol):
         "_upgrade",
         "_upgrade_left",
         "_url",
+        "_waiting",
         "_write_limit",
         "_writing_paused",
         "api",
@@ -207,6 +211,9 @@ class HttpProtocol(asyncio.Protocol):
         """Answer bytes this round (a pass of parsing and answering ending in one
         write) may still produce. A timer sets it to -1, so that the answer it
         makes waits in the queue for the pump."""
+        self._waiting: asyncio.Future[Response] | None = None
+        """The answer a handler is still working on: nothing else is answered or
+        parsed until it is written."""
         self._final = False
         """The answer that ends the connection is made (it may wait in the queue)."""
         self._closing = False
@@ -249,6 +256,7 @@ class HttpProtocol(asyncio.Protocol):
             if (
                 self._state
                 or self._pending
+                or self._waiting is not None
                 or self._upgrade is not None
                 or len(data) > READ_SLICE
                 or transport is None
@@ -294,7 +302,7 @@ class HttpProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         """The client will send nothing more: answer what it sent, then close."""
         self._eof = True
-        return True if self._queue or self._pending else None
+        return True if self._queue or self._pending or self._waiting is not None else None
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -333,9 +341,19 @@ class HttpProtocol(asyncio.Protocol):
             self._out = out
             self._out_size = 0
             self._budget = write_limit - transport.get_write_buffer_size()
-            while queue and self._out_size <= self._budget and not self._closing:
+            while (
+                queue
+                and self._out_size <= self._budget
+                and not self._closing
+                and self._waiting is None
+            ):
                 self._serve(queue.popleft())
-            while self._pending and not queue and self._out_size <= self._budget:
+            while (
+                self._pending
+                and not queue
+                and self._out_size <= self._budget
+                and self._waiting is None
+            ):
                 if self._state > _DISCARDING:
                     self._pending = b""
                     break
@@ -350,6 +368,10 @@ class HttpProtocol(asyncio.Protocol):
                 transport.write(out[0] if len(out) == 1 else b"".join(out))
             if self._closing:
                 self._end(transport)
+                return
+            if self._waiting is not None:
+                if self._pending:
+                    self._pause_reading()  # what is read meanwhile stays one slice
                 return
             if not (queue or self._pending):
                 if self._eof:
@@ -418,7 +440,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _emit(self, item: Request | _Reply) -> None:
         """Answer now, or queue behind answers waiting for the client to read."""
-        if self._queue or self._out_size > self._budget:
+        if self._queue or self._out_size > self._budget or self._waiting is not None:
             self._queue.append(item)
         else:
             self._serve(item)
@@ -438,11 +460,32 @@ class HttpProtocol(asyncio.Protocol):
         except Exception as exc:
             self._log_error(exc, "handler", request)
             response = self._internal(request)
+        if not isinstance(response, Response):
+            waiting = self._waiting = asyncio.ensure_future(response)
+            waiting.add_done_callback(lambda done: self._answered(request, done))
+            return
         data = _render(response, request.method == "HEAD", not request.keep_alive)
         self._out.append(data)
         self._out_size += len(data)
         if not request.keep_alive:
             self._closing = True
+
+    def _answered(self, request: Request, done: asyncio.Future[Response]) -> None:
+        """A handler that waited has its answer: it goes first, then the rest."""
+        self._waiting = None
+        if done.cancelled():
+            response = self._internal(request)
+        elif (exc := done.exception()) is not None:
+            self._log_error(exc, "handler", request)
+            response = self._internal(request)
+        else:
+            response = done.result()
+        data = _render(response, request.method == "HEAD", not request.keep_alive)
+        self._queue.appendleft(_Reply(data, not request.keep_alive))
+        try:
+            self._pump()
+        except Exception as exc:
+            self._crash(exc, "write")
 
     def _end(self, transport: asyncio.Transport) -> None:
         """The last answer is written. Close once the request it answered is

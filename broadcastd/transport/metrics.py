@@ -111,6 +111,13 @@ class Metrics:
         self.delivery_latency = Histogram(LATENCY_BUCKETS)
         self.ping_latency = Histogram(LATENCY_BUCKETS)
         self.loop_lag = Histogram(LATENCY_BUCKETS)
+        self.broker_up_now = 1
+        """1 unless a remote broker (Redis) is unreachable; the memory broker is always up."""
+        self.broker_reconnects = 0
+        self.broker_probe_failures = 0
+        self.gap_repairs: Counter[str] = Counter()
+        self.probe_rtt = Histogram(LATENCY_BUCKETS)
+        self.broker_commands = Histogram(LATENCY_BUCKETS)
 
     # Observer
 
@@ -153,6 +160,29 @@ class Metrics:
     def recovered(self, outcome: bool, reason: str | None, replayed: int) -> None:
         self.recoveries[("true", "") if outcome else ("false", reason or "")] += 1
         self.replayed += replayed
+
+    def delivered(self, queued: int, refused: int) -> None:
+        self.deliveries += queued
+        if refused:
+            self.dropped_by_reason["slow_consumer"] += refused
+
+    def broker_up(self, up: bool) -> None:
+        self.broker_up_now = int(up)
+
+    def broker_reconnected(self) -> None:
+        self.broker_reconnects += 1
+
+    def broker_probe(self, rtt: float | None) -> None:
+        if rtt is None:
+            self.broker_probe_failures += 1
+        else:
+            self.probe_rtt.observe(rtt)
+
+    def broker_command(self, seconds: float) -> None:
+        self.broker_commands.observe(seconds)
+
+    def gap_repair(self, outcome: str) -> None:
+        self.gap_repairs[outcome] += 1
 
 
 class LoopLagProbe:
@@ -220,6 +250,16 @@ class DaemonCollector(Collector):
         yield m.ping_latency.family(
             f"{NAMESPACE}_ping_latency_seconds",
             "Round-trip time of keepalive pings, one observation per pong.",
+        )
+        yield m.probe_rtt.family(
+            f"{NAMESPACE}_broker_probe_rtt_seconds",
+            "Round trip of the broker probe: a message to this node's own probe channel "
+            "through Redis pub/sub and back (Redis broker only).",
+        )
+        yield m.broker_commands.family(
+            f"{NAMESPACE}_broker_command_seconds",
+            "Time of each Redis round trip: a publish (or a pipeline of them), a history "
+            "read, a position read (Redis broker only).",
         )
         yield m.loop_lag.family(
             f"{NAMESPACE}_event_loop_lag_seconds",
@@ -426,6 +466,32 @@ class DaemonCollector(Collector):
             "was full or their history expired): their offsets restart in a new epoch.",
             [],
             {(): stats.forgotten},
+        )
+        yield _gauge(
+            "broker_up",
+            "1 when the broker is reachable and its pub/sub path answers the probe "
+            "(always 1 with the memory broker); 0 makes readiness false.",
+            m.broker_up_now,
+        )
+        yield _counter(
+            "broker_reconnects",
+            "Pub/sub connections to Redis made again after a failure or a failed probe.",
+            [],
+            {(): m.broker_reconnects},
+        )
+        yield _counter(
+            "broker_probe_failures",
+            "Broker probes that could not be sent or did not come back in time.",
+            [],
+            {(): m.broker_probe_failures},
+        )
+        yield _counter(
+            "broker_gap_repairs",
+            "Gaps in a channel's offsets seen on the pub/sub path: repaired (read from "
+            "history and delivered in order) or resync (history could not fill it; the "
+            "channel's subscribers were sent a resync event).",
+            ["outcome"],
+            _complete(m.gap_repairs, ("repaired", "resync")),
         )
         yield _counter(
             "control_requests",

@@ -189,7 +189,7 @@ class WsServer:
         self._loop = asyncio.get_running_loop()
         s = self.settings
         self._server = await self._loop.create_server(
-            lambda: Connection(self), s.host, s.port, backlog=BACKLOG
+            lambda: Connection(self), s.host, s.port, backlog=BACKLOG, reuse_port=s.reuse_port
         )
 
     def stop_accepting(self) -> None:

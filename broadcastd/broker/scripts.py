@@ -1,0 +1,98 @@
+"""The Lua scripts the Redis broker runs: each step that must be atomic is one script.
+
+Keys of one channel share a hash tag, ``{PREFIX:CHANNEL}``, so that they live in
+one Redis Cluster slot:
+
+- ``{PREFIX:CHANNEL}:m``  hash: ``e`` the epoch, ``o`` the last offset;
+- ``{PREFIX:CHANNEL}:s``  stream: the history, entry id ``0-OFFSET``, fields
+  ``t`` (Redis time, seconds) and ``d`` (the payload's JSON text);
+- ``{PREFIX:CHANNEL}:k:KEY``  the position an idempotency key was answered with.
+
+A publication travels on the pub/sub channel ``PREFIX:p:CHANNEL`` as
+``EPOCH OFFSET JSON``.
+"""
+
+from __future__ import annotations
+
+PUBLISH = """
+local meta, stream, seen_key = KEYS[1], KEYS[2], KEYS[3]
+local payload, size, ttl_ms, meta_ttl_ms = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local new_epoch, key_ttl_ms, topic, has_key = ARGV[5], ARGV[6], ARGV[7], ARGV[8] == '1'
+if has_key then
+  local seen = redis.call('GET', seen_key)
+  if seen then return {seen, 1} end
+end
+local epoch = redis.call('HGET', meta, 'e')
+if not epoch then
+  epoch = new_epoch
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'e', epoch, 'o', 0)
+end
+local offset = redis.call('HINCRBY', meta, 'o', 1)
+redis.call('PEXPIRE', meta, meta_ttl_ms)
+if size > 0 then
+  local now = redis.call('TIME')
+  redis.call('XADD', stream, 'MAXLEN', size, '0-' .. offset, 't', now[1], 'd', payload)
+  redis.call('PEXPIRE', stream, ttl_ms)
+end
+local position = epoch .. ' ' .. offset
+redis.call('PUBLISH', topic, position .. ' ' .. payload)
+if has_key then redis.call('SET', seen_key, position, 'PX', key_ttl_ms) end
+return {position, 0}
+"""
+"""Give a payload the channel's next position, keep it, announce it (or answer
+the position an idempotency key was given)."""
+
+POSITION = """
+local meta, stream, new_epoch, meta_ttl_ms = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+local epoch = redis.call('HGET', meta, 'e')
+if not epoch then
+  if new_epoch == '' then return {'', 0} end
+  epoch = new_epoch
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'e', epoch, 'o', 0)
+  redis.call('PEXPIRE', meta, meta_ttl_ms)
+end
+return {epoch, redis.call('HGET', meta, 'o')}
+"""
+"""The channel's position; with a new epoch given, begin the channel if it has none
+(a subscriber is told an epoch before the first publish, as with one node)."""
+
+HISTORY = """
+local meta, stream = KEYS[1], KEYS[2]
+local since, count, ttl, newest = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
+local m = redis.call('HMGET', meta, 'e', 'o')
+if not m[1] then return {'', 0, {}} end
+local horizon = tonumber(redis.call('TIME')[1]) - ttl
+local rows
+if newest then
+  rows = redis.call('XREVRANGE', stream, '+', '0-' .. (since + 1), 'COUNT', count)
+else
+  rows = redis.call('XRANGE', stream, '0-' .. (since + 1), '+', 'COUNT', count)
+end
+local out = {}
+for _, row in ipairs(rows) do
+  local fields = row[2]
+  if tonumber(fields[2]) >= horizon then
+    out[#out + 1] = row[1]
+    out[#out + 1] = fields[4]
+  end
+end
+return {m[1], m[2], out}
+"""
+"""The channel's position and its kept publications after ``since`` that are not
+older than the TTL: oldest first, or the newest ``count`` (newest first)."""
+
+RESTART = """
+local meta, stream, old_epoch, new_epoch, meta_ttl_ms = KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]
+local epoch = redis.call('HGET', meta, 'e')
+if epoch == old_epoch or not epoch then
+  epoch = new_epoch
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'e', epoch, 'o', 0)
+  redis.call('PEXPIRE', meta, meta_ttl_ms)
+end
+return {epoch, redis.call('HGET', meta, 'o')}
+"""
+"""Begin a new epoch if the channel is still in ``old_epoch``: Redis went back in
+time (it lost acknowledged writes), so offsets of that epoch would be reused."""

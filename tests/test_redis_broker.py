@@ -1,0 +1,493 @@
+"""The Redis broker, with daemons in this process and a real ``redis-server``.
+
+Faults are real: the server is stopped, restarted with and without its data,
+frozen with SIGSTOP, and written to behind the daemon's back. Every test
+checks what a subscriber receives: everything acknowledged, in offset order,
+exactly once, or an explicit event saying what could not be had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from broadcastd.broker.redis import RedisBroker, shard_of
+
+from .conftest import Running, make_settings, recv_json, running_daemon
+from .redisserver import RedisServer, free_port
+
+PROBE = 0.1
+
+
+def redis_settings(url: str | list[str], **overrides: Any) -> Any:
+    where = {"broker__redis__shards": url} if isinstance(url, list) else {"broker__redis__url": url}
+    return make_settings(
+        broker__type="redis",
+        broker__redis__probe_interval=PROBE,
+        broker__redis__probe_timeout=1.0,
+        broker__redis__backoff_max=0.2,
+        **where,
+        **overrides,
+    )
+
+
+async def broker_is(d: Running, up: bool, timeout: float = 20) -> None:
+    """Wait for the broker's health to become ``up`` (a connection, a reconnection,
+    a probe failing), then check that readiness says the same."""
+    broker = d.daemon.node.remote
+    assert isinstance(broker, RedisBroker)
+    async with asyncio.timeout(timeout):
+        while broker.health.up != up:
+            await broker.health_changed()
+    assert await (ready(d) if up else not_ready(d))
+
+
+async def ready(d: Running) -> bool:
+    return bool((await d.http.get("/readyz")).status_code == 200)
+
+
+async def not_ready(d: Running) -> bool:
+    response = await d.http.get("/readyz")
+    return response.status_code == 503 and response.json()["reason"] == "broker"
+
+
+async def messages(ws: Any, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` frames that are messages (events are checked apart)."""
+    got = [await recv_json(ws) for _ in range(count)]
+    assert all("data" in m for m in got), got
+    return got
+
+
+async def test_publish_reaches_a_subscriber_with_positions(redis_server: RedisServer) -> None:
+    async with running_daemon(redis_settings(redis_server.url)) as d:
+        await broker_is(d, up=True)
+        async with d.connect("/?channel=news") as ws:
+            first = await recv_json(ws)
+            assert (first["type"], first["offset"]) == ("subscribed", 0)
+            assert first["epoch"]
+            answers = [await d.publish("news", {"n": i}) for i in range(5)]
+            assert [a["offset"] for a in answers] == [1, 2, 3, 4, 5]
+            assert {a["epoch"] for a in answers} == {first["epoch"]}
+            got = await messages(ws, 5)
+            assert [m["data"]["n"] for m in got] == list(range(5))
+            assert [m["offset"] for m in got] == [1, 2, 3, 4, 5]
+
+
+async def test_every_publish_form_and_read_route(redis_server: RedisServer) -> None:
+    async with running_daemon(redis_settings(redis_server.url)) as d:
+        await broker_is(d, up=True)
+        async with d.connect("/?channel=a&channel=b") as ws:
+            await messages_or_replies(ws, 2)
+            multi = await d.http.post("/publish", json={"channels": ["a", "b"], "data": 1})
+            assert multi.status_code == 200, multi.text
+            assert [r["offset"] for r in multi.json()["results"]] == [1, 1]
+            batch = await d.http.post(
+                "/batch",
+                json=[
+                    {"channel": "a", "data": 2},
+                    {"channel": "bad channel", "data": 3},
+                    {"channel": "b", "data": "text"},
+                ],
+            )
+            body = batch.json()
+            assert (body["published"], body["failed"]) == (2, 1), body
+            assert body["results"][1]["error"]["code"] == "bad_channel"
+            got = await messages(ws, 4)
+            assert sorted((m["channel"], m["offset"]) for m in got) == [
+                ("a", 1),
+                ("a", 2),
+                ("b", 1),
+                ("b", 2),
+            ]
+        state = (await d.http.get("/channels/a")).json()
+        assert (state["offset"], state["subscribers"]) == (2, 0)
+        history = (await d.http.get("/channels/b/history?since=0")).json()
+        assert [p["data"] for p in history["publications"]] == [1, "text"]
+        assert history["complete"] is True
+        newest = (await d.http.get("/channels/b/history?order=desc&limit=1")).json()
+        assert [p["offset"] for p in newest["publications"]] == [2]
+        missing = await d.http.get("/channels/never/history")
+        assert missing.status_code == 404
+        too_big = await d.http.post("/publish/a", content=b'"' + b"x" * 70_000 + b'"')
+        assert too_big.status_code == 413
+
+
+async def messages_or_replies(ws: Any, count: int) -> list[dict[str, Any]]:
+    return [await recv_json(ws) for _ in range(count)]
+
+
+async def test_redis_down_at_start_is_unready_and_refuses_fast() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    async with running_daemon(redis_settings(url, broker__redis__timeout=0.5)) as d:
+        assert await not_ready(d)
+        started = time.monotonic()
+        response = await d.http.post("/publish/news", json=1)
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "broker_unavailable"
+        assert response.headers["retry-after"]
+        assert time.monotonic() - started < 5  # bounded, not a measurement
+        async with d.connect("/") as ws:
+            await ws.send(json.dumps({"op": "subscribe", "channel": "news", "id": 1}))
+            reply = await recv_json(ws)
+            assert (reply["type"], reply["code"], reply["id"]) == ("error", "broker_unavailable", 1)
+            await ws.send(json.dumps({"op": "ping"}))
+            assert (await recv_json(ws))["type"] == "pong"  # the connection goes on
+        metrics = (await d.http.get("/metrics")).text
+        assert "broadcastd_broker_up 0.0" in metrics
+
+
+async def test_a_daemon_started_before_redis_becomes_ready(tmp_path: Any) -> None:
+    server = RedisServer(tmp_path / "late")
+    port = free_port()
+    server._port = port
+    async with running_daemon(redis_settings(f"redis://127.0.0.1:{port}/0")) as d:
+        assert await not_ready(d)
+        await asyncio.to_thread(server.start)
+        try:
+            await broker_is(d, up=True)
+            assert (await d.publish("late", 1))["offset"] == 1
+        finally:
+            await asyncio.to_thread(server.stop)
+
+
+async def test_recovery_from_redis_history(redis_server: RedisServer) -> None:
+    async with running_daemon(redis_settings(redis_server.url, history__size=20)) as d:
+        await broker_is(d, up=True)
+        async with d.connect("/?channel=feed") as ws:
+            epoch = (await recv_json(ws))["epoch"]
+            for i in range(5):
+                await d.publish("feed", i)
+            seen = await messages(ws, 5)
+        assert seen[-1]["offset"] == 5
+        for i in range(5, 12):
+            await d.publish("feed", i)
+        async with d.connect(f"/?channel=feed&since=feed:{epoch}:5") as ws:
+            reply = await recv_json(ws)
+            assert (reply["recovered"], reply["offset"]) == (True, 12), reply
+            replay = await messages(ws, 7)
+            assert [m["data"] for m in replay] == list(range(5, 12))
+            await d.publish("feed", 12)
+            assert (await messages(ws, 1))[0]["offset"] == 13
+        for i in range(13, 40):
+            await d.publish("feed", i)
+        async with d.connect(f"/?channel=feed&since=feed:{epoch}:5") as ws:
+            reply = await recv_json(ws)
+            assert (reply["recovered"], reply["reason"]) == (False, "too_old"), reply
+        async with d.connect("/?channel=feed&since=feed:other:5") as ws:
+            assert (await recv_json(ws))["reason"] == "epoch"
+        async with d.connect("/") as ws:
+            await ws.send(json.dumps({"op": "subscribe", "channel": "feed", "since": {"last": 3}}))
+            reply = await recv_json(ws)
+            assert reply["type"] == "subscribed"
+            assert [m["offset"] for m in await messages(ws, 3)] == [38, 39, 40]
+
+
+async def test_recovery_races_publishes_without_gap_or_duplicate(
+    redis_server: RedisServer,
+) -> None:
+    """Publishes keep flowing while subscribers recover: each gets every offset
+    after its position exactly once, in order."""
+    async with running_daemon(redis_settings(redis_server.url, history__size=1000)) as d:
+        await broker_is(d, up=True)
+        async with d.connect("/?channel=race") as anchor:
+            epoch = (await recv_json(anchor))["epoch"]
+            publishing = asyncio.create_task(publish_many(d, "race", 400))
+            starts = [10 * i for i in range(8)]
+            clients = []
+            seen = 0
+            for start in starts:  # each position exists once the anchor saw it
+                while seen < start:
+                    seen = (await recv_json(anchor))["offset"]
+                url = f"/?channel=race&since=race:{epoch}:{start}"
+                clients.append(await d.connect(url).__aenter__())
+            await publishing
+            for start, ws in zip(starts, clients, strict=True):
+                reply = await recv_json(ws)
+                assert reply["recovered"] is True, reply
+                got = await messages(ws, 400 - start)
+                assert [m["offset"] for m in got] == list(range(start + 1, 401))
+                await ws.close()
+
+
+async def publish_many(d: Running, channel: str, count: int) -> None:
+    for i in range(count):
+        await d.publish(channel, i)
+
+
+async def test_an_idempotency_key_holds_across_nodes(redis_server: RedisServer) -> None:
+    settings = redis_settings(redis_server.url)
+    async with running_daemon(settings) as a, running_daemon(redis_settings(redis_server.url)) as b:
+        await broker_is(a, up=True)
+        await broker_is(b, up=True)
+        async with b.connect("/?channel=orders") as ws:
+            await recv_json(ws)
+            first = await a.publish("orders", {"id": 7}, headers={"Idempotency-Key": "k-7"})
+            again = await b.publish("orders", {"id": 7}, headers={"Idempotency-Key": "k-7"})
+            assert again == {**first, "duplicate": True, "subscribers": 1}
+            await b.publish("orders", {"id": 8})
+            got = await messages(ws, 2)
+            assert [m["data"]["id"] for m in got] == [7, 8]
+
+
+def inject(server: RedisServer, channel: str, data: Any, *, keep: bool = True) -> int:
+    """Publish behind the daemons' backs: the offset and the history entry, but no
+    pub/sub announcement (a lost message). Returns the offset taken."""
+    client = server.client()
+    tag = "{broadcastd:" + channel + "}"
+    offset = int(client.hincrby(tag + ":m", "o", 1))
+    if keep:
+        now = int(client.time()[0])
+        client.xadd(tag + ":s", {"t": now, "d": json.dumps(data)}, id=f"0-{offset}")
+    return offset
+
+
+async def test_a_lost_pubsub_message_is_repaired_from_history(redis_server: RedisServer) -> None:
+    async with running_daemon(redis_settings(redis_server.url)) as d:
+        await broker_is(d, up=True)
+        async with d.connect("/?channel=gap") as ws:
+            await recv_json(ws)
+            await d.publish("gap", "one")
+            lost = await asyncio.to_thread(inject, redis_server, "gap", "two")
+            assert lost == 2
+            await d.publish("gap", "three")
+            got = await messages(ws, 3)
+            assert [(m["offset"], m["data"]) for m in got] == [(1, "one"), (2, "two"), (3, "three")]
+        metrics = (await d.http.get("/metrics")).text
+        assert 'broadcastd_broker_gap_repairs_total{outcome="repaired"} 1.0' in metrics
+
+
+async def test_a_gap_history_cannot_fill_is_told(redis_server: RedisServer) -> None:
+    async with running_daemon(redis_settings(redis_server.url)) as d:
+        await broker_is(d, up=True)
+        async with d.connect("/?channel=hole") as ws:
+            epoch = (await recv_json(ws))["epoch"]
+            await d.publish("hole", "one")
+            await asyncio.to_thread(inject, redis_server, "hole", "gone", keep=False)
+            await asyncio.to_thread(redis_server.client().delete, "{broadcastd:hole}:s")
+            await d.publish("hole", "three")
+            assert (await messages(ws, 1))[0]["offset"] == 1
+            event = await recv_json(ws)
+            assert event == {
+                "type": "resync",
+                "channel": "hole",
+                "epoch": epoch,
+                "offset": 3,
+                "reason": "gap",
+            }
+            await d.publish("hole", "four")
+            assert [m["offset"] for m in await messages(ws, 1)] == [4]
+        metrics = (await d.http.get("/metrics")).text
+        assert 'broadcastd_broker_gap_repairs_total{outcome="resync"} 1.0' in metrics
+
+
+async def test_a_redis_restart_loses_nothing_acknowledged(redis_server: RedisServer) -> None:
+    """Publishes during the outage get 503; every 2xx reaches the subscriber, in
+    order and without a gap in offsets, once Redis is back (with its data:
+    appendfsync always)."""
+    async with running_daemon(redis_settings(redis_server.url, broker__redis__timeout=0.3)) as d:
+        await broker_is(d, up=True)
+        async with d.connect("/?channel=steady") as ws:
+            await recv_json(ws)
+            acknowledged: list[int] = []
+            refused = 0
+            restarted = asyncio.create_task(asyncio.sleep(0))
+            for i in range(300):
+                if i == 100:
+                    restarted = asyncio.create_task(asyncio.to_thread(redis_server.restart))
+                response = await d.http.post("/publish/steady", json=i)
+                if response.status_code == 200:
+                    acknowledged.append(i)
+                else:
+                    assert response.status_code == 503, response.text
+                    assert response.json()["error"]["code"] == "broker_unavailable"
+                    refused += 1
+                if i > 100 and restarted.done() and refused and len(acknowledged) > 150:
+                    break
+            await restarted
+            await broker_is(d, up=True)
+            await d.publish("steady", "last")
+            got: list[Any] = []
+            offsets: list[int] = []
+            while not got or got[-1] != "last":
+                frame = await recv_json(ws)
+                assert "data" in frame, frame
+                got.append(frame["data"])
+                offsets.append(frame["offset"])
+            assert offsets == list(range(1, len(offsets) + 1))
+            # A 503 means "not known to be published": one whose answer was lost
+            # may still arrive. Every 2xx must, in order.
+            delivered = iter(got)
+            assert all(i in delivered for i in acknowledged)
+
+
+async def test_redis_restarted_without_its_data_is_told(tmp_path: Any) -> None:
+    server = RedisServer(tmp_path / "volatile", persistence=False)
+    server.start()
+    try:
+        async with running_daemon(redis_settings(server.url)) as d:
+            await broker_is(d, up=True)
+            async with d.connect("/?channel=prices") as ws:
+                epoch = (await recv_json(ws))["epoch"]
+                await d.publish("prices", 1)
+                await messages(ws, 1)
+                await asyncio.to_thread(server.restart)
+                event = await recv_json(ws)
+                assert (event["type"], event["reason"], event["offset"]) == (
+                    "resync",
+                    "epoch",
+                    0,
+                ), event
+                assert event["epoch"] != epoch
+                await broker_is(d, up=True)
+                answer = await d.publish("prices", 2)
+                assert (answer["epoch"], answer["offset"]) == (event["epoch"], 1)
+                assert (await messages(ws, 1))[0]["offset"] == 1
+    finally:
+        server.stop()
+
+
+async def test_a_frozen_redis_makes_the_node_unready_and_fail_fast(
+    redis_server: RedisServer,
+) -> None:
+    settings = redis_settings(redis_server.url, broker__redis__timeout=0.3)
+    async with running_daemon(settings) as d:
+        await broker_is(d, up=True)
+        async with d.connect("/?channel=ice") as ws:
+            await recv_json(ws)
+            await asyncio.to_thread(redis_server.freeze)
+            try:
+                await broker_is(d, up=False)
+                response = await d.http.post("/publish/ice", json="lost?")
+                assert response.status_code == 503
+            finally:
+                await asyncio.to_thread(redis_server.thaw)
+            await broker_is(d, up=True)
+            await d.publish("ice", "after")
+            frame = await recv_json(ws)
+            while "data" not in frame:  # a resync is allowed only if something was lost
+                assert frame["type"] == "resync", frame
+                frame = await recv_json(ws)
+            assert frame["data"] == "after"
+        metrics = (await d.http.get("/metrics")).text
+        assert "broadcastd_broker_probe_failures_total 0.0" not in metrics
+
+
+async def test_channels_spread_over_two_shards(redis_factory: Callable[..., RedisServer]) -> None:
+    shards = [redis_factory(), redis_factory()]
+    urls = [s.url for s in shards]
+    names = [f"ch{i}" for i in range(8)]
+    assert {shard_of(n, 2) for n in names} == {0, 1}
+    async with running_daemon(redis_settings(urls)) as a, running_daemon(redis_settings(urls)) as b:
+        await broker_is(a, up=True)
+        await broker_is(b, up=True)
+        query = "&".join(f"channel={n}" for n in names)
+        async with b.connect("/?" + query) as ws:
+            epochs = {r["channel"]: r["epoch"] for r in await messages_or_replies(ws, 8)}
+            for n in names:
+                await a.publish(n, n)
+            got = await messages(ws, 8)
+            assert sorted(m["channel"] for m in got) == names
+        for n in names:
+            await a.publish(n, "missed")
+        for n in names:
+            meta = "{broadcastd:" + n + "}:m"
+            owner = shards[shard_of(n, 2)].client()
+            other = shards[1 - shard_of(n, 2)].client()
+            assert await asyncio.to_thread(owner.exists, meta)
+            assert not await asyncio.to_thread(other.exists, meta)
+        since = "&".join(f"since={n}:{epochs[n]}:1" for n in names)
+        async with a.connect(f"/?{query}&{since}") as ws:
+            replies = await messages_or_replies(ws, 16)
+            assert all(r["recovered"] for r in replies if r.get("type") == "subscribed")
+            assert sorted(r["channel"] for r in replies if "data" in r) == names
+
+
+async def test_subscriptions_follow_local_subscribers(redis_server: RedisServer) -> None:
+    """Redis hears of a channel on the first local subscriber and the last leaving."""
+    async with running_daemon(redis_settings(redis_server.url)) as d:
+        await broker_is(d, up=True)
+        client = redis_server.client()
+
+        def topics() -> list[bytes]:
+            return sorted(t for t in client.pubsub_channels() if b":p:" in t)
+
+        async with d.connect("/?channel=x") as one, d.connect("/?channel=x") as two:
+            await recv_json(one)
+            await recv_json(two)
+            assert await asyncio.to_thread(topics) == [b"broadcastd:p:x"]
+            await one.close()
+            await d.publish("x", 1)
+            assert (await messages(two, 1))[0]["data"] == 1
+            assert await asyncio.to_thread(topics) == [b"broadcastd:p:x"]
+        async with asyncio.timeout(20):  # Redis's side: nothing to wait on but itself
+            while await asyncio.to_thread(topics):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+
+
+def kill_pubsub(server: RedisServer) -> int:
+    """Cut every pub/sub connection from Redis's side (a proxy or a network blip)."""
+    return int(server.client().execute_command("CLIENT", "KILL", "TYPE", "pubsub"))
+
+
+async def test_publishes_while_the_pubsub_connection_is_cut_arrive_in_order(
+    redis_server: RedisServer,
+) -> None:
+    async with running_daemon(redis_settings(redis_server.url)) as d:
+        await broker_is(d, up=True)
+        async with d.connect("/?channel=cut") as ws:
+            await recv_json(ws)
+            sent = 0
+            for _ in range(5):
+                assert await asyncio.to_thread(kill_pubsub, redis_server) == 1
+                for _ in range(20):  # some of these go out while the node is unsubscribed
+                    response = await d.http.post("/publish/cut", json=sent)
+                    if response.status_code == 200:
+                        sent += 1
+                await broker_is(d, up=True)
+            got = await messages(ws, sent)
+            assert [m["data"] for m in got] == list(range(sent))
+            assert [m["offset"] for m in got] == list(range(1, sent + 1))
+        metrics = (await d.http.get("/metrics")).text
+        assert "broadcastd_broker_reconnects_total 5.0" in metrics
+
+
+async def test_redis_that_went_back_in_time_starts_a_new_epoch(redis_server: RedisServer) -> None:
+    """Redis lost acknowledged writes (a crash between fsyncs): the offsets it would
+    give out again are never reused in the same epoch; subscribers are told."""
+    async with running_daemon(redis_settings(redis_server.url)) as d:
+        await broker_is(d, up=True)
+        async with d.connect("/?channel=clock") as ws:
+            epoch = (await recv_json(ws))["epoch"]
+            for i in range(3):
+                await d.publish("clock", i)
+            await messages(ws, 3)
+            client = redis_server.client()
+            await asyncio.to_thread(client.hset, "{broadcastd:clock}:m", "o", 1)
+            await asyncio.to_thread(kill_pubsub, redis_server)
+            event = await recv_json(ws)
+            assert (event["type"], event["reason"], event["offset"]) == ("resync", "epoch", 0)
+            assert event["epoch"] != epoch
+            answer = await d.publish("clock", "new")
+            assert (answer["epoch"], answer["offset"]) == (event["epoch"], 1)
+            assert (await messages(ws, 1))[0]["data"] == "new"
+
+
+async def test_garbage_on_a_pubsub_channel_harms_nobody(redis_server: RedisServer) -> None:
+    """Something else publishing to our pub/sub channel: logged, skipped, and the
+    subscribers' stream goes on."""
+    async with running_daemon(redis_settings(redis_server.url)) as d:
+        await broker_is(d, up=True)
+        async with d.connect("/?channel=junk") as ws:
+            await recv_json(ws)
+            await d.publish("junk", 1)
+            client = redis_server.client()
+            for garbage in (b"", b"nonsense", b"e x y", b"e 2 {not json", b"\xff\xfe 2 1"):
+                await asyncio.to_thread(client.publish, "broadcastd:p:junk", garbage)
+            await d.publish("junk", 2)
+            got = await messages(ws, 2)
+            assert [(m["offset"], m["data"]) for m in got] == [(1, 1), (2, 2)]
+            await ws.send(json.dumps({"op": "ping"}))
+            assert (await recv_json(ws))["type"] == "pong"
