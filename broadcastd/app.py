@@ -271,6 +271,8 @@ class Daemon:
         self.notifier.stopping()
         self.ws.stop_accepting()
         aborted = await self.ws.drain(deadline)
+        if self.ws.verifier is not None:
+            await self.ws.verifier.aclose()
         await self.control.close()
         if self.metrics_listener is not None:
             await self.metrics_listener.close()

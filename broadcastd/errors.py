@@ -128,6 +128,39 @@ class BrokerUnavailable(ClientError):
     http_status = 503
 
 
+class Forbidden(ClientError):
+    """The token is valid but does not allow this (a scope, a channel)."""
+
+    code = "forbidden"
+    http_status = 403
+
+
+class PermissionDenied(ClientError):
+    """A subscriber may not subscribe to this channel (its token does not allow it)."""
+
+    code = "permission_denied"
+    http_status = 403
+
+
+class UnknownNamespace(ClientError):
+    """The channel's namespace (before the first ``:``) is not declared."""
+
+    code = "unknown_namespace"
+
+
+class RecoveryDisabled(ClientError):
+    """``since`` was asked for in a namespace that does not allow recovery."""
+
+    code = "recovery_disabled"
+
+
+class TokenError(ClientError):
+    """A subscriber token was refused; ``code`` says why (the README lists them)."""
+
+    code = "token_invalid"
+    http_status = 401
+
+
 class CloseReason(Enum):
     """Every close broadcastd itself initiates: (RFC 6455 close code, reason text).
 
@@ -145,6 +178,9 @@ class CloseReason(Enum):
     KEEPALIVE_TIMEOUT = (1011, "keepalive ping timeout")
     SLOW_CONSUMER = (1013, "slow consumer")
     NO_SUBSCRIPTION = (4000, "no subscription")
+    AUTH_REQUIRED = (4001, "authentication required")
+    TOKEN_INVALID = (4002, "invalid token")
+    TOKEN_EXPIRED = (4003, "token expired")
 
     def __init__(self, code: int, reason: str) -> None:
         self.code = code

@@ -100,7 +100,7 @@ class Feeds:
         observer: Observer,
         fan_out: Callable[[str, Publication], FanOut],
         *,
-        history_on: bool,
+        history_on: Callable[[str], bool],
         max_recover: int,
     ) -> None:
         self.hub = hub
@@ -108,6 +108,7 @@ class Feeds:
         self.observer = observer
         self.fan_out = fan_out
         self.history_on = history_on
+        """Whether a channel keeps history and allows recovery (its namespace)."""
         self.max_recover = max_recover
         self._feeds: dict[str, Feed] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -192,16 +193,17 @@ class Feeds:
         if since is None:
             self._join_now(feed, joiner, None)
         elif isinstance(since, Last):
-            if since.number == 0 or feed.offset == 0 or not self.history_on:
+            if since.number == 0 or feed.offset == 0 or not self.history_on(feed.name):
                 self._join_now(feed, joiner, Recovery(True, None, []))
             else:
                 self._spawn(self._recover(feed, joiner), feed.name)
         else:
             missed = feed.offset - since.offset
-            if 0 < missed <= self.max_recover and since.epoch == feed.epoch and self.history_on:
+            history_on = self.history_on(feed.name)
+            if 0 < missed <= self.max_recover and since.epoch == feed.epoch and history_on:
                 self._spawn(self._recover(feed, joiner), feed.name)
                 return
-            read = _nothing_read if self.history_on else None  # not called in these cases
+            read = _nothing_read if history_on else None  # not called in these cases
             recovery = plan_recovery(feed.position, since, self.max_recover, read)
             self.observer.recovered(recovery.recovered, recovery.reason, 0)
             self._join_now(feed, joiner, recovery)

@@ -15,18 +15,27 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+from broadcastd.auth.claims import Claims, may_subscribe
 from broadcastd.broker import Broker, Health, History, Published, RemoteBroker
 from broadcastd.broker.memory import MemoryBroker
 from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import Payload
 from broadcastd.core.hub import FanOut, Hub
+from broadcastd.core.namespaces import ChannelOptions, Namespaces
 from broadcastd.core.observer import NullObserver, Observer
 from broadcastd.core.outbox import Outbox
 from broadcastd.core.publication import Item
 from broadcastd.core.stream import Last, Position, Publication, Recovery, Since, plan_recovery
-from broadcastd.errors import ChannelTableFull, ClientError, Draining, PayloadTooLarge
+from broadcastd.errors import (
+    ChannelTableFull,
+    ClientError,
+    Draining,
+    PayloadTooLarge,
+    PermissionDenied,
+    UnknownNamespace,
+)
 from broadcastd.feeds import Failed, Feeds, Joined
-from broadcastd.settings import Settings
+from broadcastd.settings import Settings, SlowConsumerPolicy
 
 
 class Node:
@@ -42,8 +51,11 @@ class Node:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.hub = Hub()
-        self.broker: Broker = broker if broker is not None else MemoryBroker(settings, clock)
+        self.namespaces = Namespaces(settings)
+        self.hub = Hub(self._policy_of)
+        self.broker: Broker = (
+            broker if broker is not None else MemoryBroker(settings, clock, self.namespaces)
+        )
         self.observer: Observer = observer if observer is not None else NullObserver()
         self.remote = remote
         """The broker when it is another process (Redis); ``broker`` is then unused."""
@@ -55,13 +67,11 @@ class Node:
                 remote,
                 self.observer,
                 self._fan_out,
-                history_on=settings.history.size > 0,
+                history_on=self.recovers,
                 max_recover=settings.history.max_recover,
             )
         )
-        self.max_payload_bytes = settings.control.max_payload_bytes
         self.max_recover = settings.history.max_recover
-        self.history_on = settings.history.size > 0
         self.ready = False
         """Every listener accepts connections and the daemon is not draining."""
         self.draining = False
@@ -205,10 +215,33 @@ class Node:
     def _check(self, channel: str, payload: Payload) -> None:
         if channel not in self.hub:  # channels with subscribers were checked already
             check_channel(channel)
-        if len(payload.json) > self.max_payload_bytes:
-            raise PayloadTooLarge(
-                f"payload is {len(payload.json)} bytes; the limit is {self.max_payload_bytes}"
-            )
+        limit = self.namespaces.of(channel).max_payload_bytes
+        if len(payload.json) > limit:
+            raise PayloadTooLarge(f"payload is {len(payload.json)} bytes; the limit is {limit}")
+
+    def _policy_of(self, channel: str) -> SlowConsumerPolicy | None:
+        return self.namespaces.of(channel).policy
+
+    def recovers(self, channel: str) -> bool:
+        """Whether ``since`` can recover anything on ``channel``: its namespace keeps
+        history and allows recovery."""
+        options = self.namespaces.of(channel)
+        return options.recover and options.history_size > 0
+
+    def check_subscribe(self, name: str, claims: Claims | None) -> ChannelOptions:
+        """May a client holding ``claims`` subscribe to ``name``? Its options if so;
+        else UnknownNamespace or PermissionDenied (with the reason as its code)."""
+        check_channel(name)
+        try:
+            options = self.namespaces.of(name)
+        except UnknownNamespace as exc:
+            self.observer.subscribe_denied(exc.code)
+            raise
+        refusal = may_subscribe(claims, name, options.subscribe)
+        if refusal is not None:
+            self.observer.subscribe_denied(refusal)
+            raise PermissionDenied(f"may not subscribe to {name!r}: {refusal}", str(refusal))
+        return options
 
     def _report(self, form: str, results: Iterable[Published]) -> None:
         messages = queued = refused = 0
@@ -262,7 +295,7 @@ class Node:
     def recover(self, name: str, since: Since, top: Position) -> Recovery:
         """The messages after ``since``, decided against the channel's ``top``."""
         if isinstance(since, Last):
-            count = min(since.number, self.max_recover)
+            count = min(since.number, self.max_recover) if self.recovers(name) else 0
             latest = self.broker.latest(name, count).publications or []
             return Recovery(True, None, [p for p in latest if p.offset <= top.offset])
         broker = self.broker
@@ -270,7 +303,9 @@ class Node:
         def read(after: int, limit: int) -> list[Publication] | None:
             return broker.history(name, after, limit).publications
 
-        recovery = plan_recovery(top, since, self.max_recover, read if self.history_on else None)
+        recovery = plan_recovery(
+            top, since, self.max_recover, read if self.recovers(name) else None
+        )
         self.observer.recovered(recovery.recovered, recovery.reason, len(recovery.replay))
         return recovery
 

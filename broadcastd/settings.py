@@ -55,6 +55,26 @@ class SlowConsumerPolicy(StrEnum):
 
     DISCONNECT = "disconnect"
     DROP_OLDEST = "drop_oldest"
+    CONFLATE = "conflate"
+
+
+class SubscribeRule(StrEnum):
+    """Who may subscribe to a channel."""
+
+    PUBLIC = "public"
+    """Anyone who can connect."""
+    TOKEN = "token"  # noqa: S105 - a rule's name, not a secret
+    """A client whose token's `channels` claim allows the channel."""
+    USER = "user"
+    """Any client with a valid token (any signed-in user)."""
+
+
+class Scope(StrEnum):
+    """What a control token may do."""
+
+    PUBLISH = "publish"
+    READ = "read"
+    ADMIN = "admin"
 
 
 class _Section(BaseModel):
@@ -94,7 +114,9 @@ class WebSocketSettings(_Section):
     """Unsent bytes per connection above which its writer pauses."""
     slow_consumer_policy: SlowConsumerPolicy = SlowConsumerPolicy.DISCONNECT
     """`disconnect` closes a client that falls behind with 1013; `drop_oldest` drops
-    its oldest queued messages and tells it how many it missed."""
+    its oldest queued messages and tells it how many it missed; `conflate` keeps only
+    the newest queued message of each channel and tells it how many it missed, per
+    channel. A namespace may set its own."""
     max_command_errors: int = Field(20, ge=1)
     """Invalid commands tolerated on one connection before it is closed with 1008."""
     open_timeout: float = Field(10.0, gt=0)
@@ -114,6 +136,9 @@ class WebSocketSettings(_Section):
     tens of KiB per connection."""
     allowed_origins: list[str] | None = None
     """Accepted `Origin` header values; unset accepts any (including none)."""
+    require_origin: bool = False
+    """Refuse handshakes without an `Origin` header (403) when `allowed_origins` is
+    set; off, a client that sends none (not a browser) is let through."""
     reuse_port: bool = False
     """Bind the subscriber and control ports with SO_REUSEPORT, so that several
     processes on one machine share them (the kernel spreads connections); each
@@ -129,7 +154,10 @@ class ControlSettings(_Section):
     port: int = Field(8766, ge=0, le=65535)
     """Port of the control listener (0 picks a free one)."""
     token: SecretStr | None = None
-    """Bearer token required on every control request except /healthz and /readyz."""
+    """Bearer token required on every control request except /healthz and /readyz
+    (all scopes)."""
+    tokens: list[ControlToken] = []
+    """More tokens, each with a name, scopes and channel patterns."""
     unix_path: Path | None = None
     """Also listen on this Unix domain socket."""
     unix_mode: int = Field(0o660, ge=0, le=0o777)
@@ -157,7 +185,13 @@ class ControlSettings(_Section):
 
 
 class ChannelSettings(_Section):
-    """Channel table bounds."""
+    """Channel table bounds, and the options of channels outside any namespace."""
+
+    subscribe: SubscribeRule | None = None
+    """Who may subscribe: `public`, `token` or `user`. Unset: `public` when no
+    `[auth]` key is configured, `token` once one is."""
+    recover: bool = True
+    """Allow `since` (resuming from a position, or the last N messages)."""
 
     max_channels: int = Field(100_000, ge=1)
     """Channels remembered at once. Channels without subscribers are forgotten oldest
@@ -236,6 +270,87 @@ class BrokerSettings(_Section):
     redis: RedisSettings = RedisSettings()
 
 
+class AuthSettings(_Section):
+    """Subscriber tokens (JWT). Configuring any key turns authentication on."""
+
+    hmac_secret: SecretStr | None = None
+    """Secret of HS256/HS384/HS512 tokens."""
+    hmac_previous_secret: SecretStr | None = None
+    """A previous secret, accepted too while tokens signed with it are in use."""
+    public_key_file: Path | None = None
+    """PEM public key of RS256, ES256 or EdDSA tokens (the algorithm follows the key)."""
+    jwks_url: str | None = None
+    """A JWKS document of public keys, chosen by the token's `kid`."""
+    jwks_timeout: float = Field(2.0, gt=0)
+    """Seconds a fetch of the JWKS document may take."""
+    jwks_cache_ttl: float = Field(300.0, gt=0)
+    """Seconds the JWKS document is kept before it is fetched again; an unknown `kid`
+    fetches it at once (at most once per `jwks_min_refresh`)."""
+    jwks_min_refresh: float = Field(10.0, ge=0)
+    """Fewest seconds between two fetches of the JWKS document."""
+    audience: str | None = None
+    """Required `aud` claim."""
+    issuer: str | None = None
+    """Required `iss` claim."""
+    leeway: float = Field(5.0, ge=0)
+    """Seconds of clock skew allowed on `exp`, `nbf` and `iat`."""
+    expiring_notice: float = Field(30.0, gt=0)
+    """Seconds before `exp` that a client is sent an `expiring` event (it may then send
+    `refresh` with a new token); without one it is closed with 4003 at `exp` plus
+    `leeway`."""
+    auth_timeout: float = Field(10.0, gt=0)
+    """Seconds a connection may stay unauthenticated (waiting for `{"op": "auth"}`)
+    where a channel it wants needs a token."""
+
+    @property
+    def enabled(self) -> bool:
+        return any(
+            key is not None for key in (self.hmac_secret, self.public_key_file, self.jwks_url)
+        )
+
+
+class NamespaceSettings(_Section):
+    """Options of the channels named `NAME:...`; unset options are the top-level ones."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.@-]{1,64}$")
+    """The part of a channel name before its first `:`."""
+    subscribe: SubscribeRule | None = None
+    """Who may subscribe: `public`, `token` or `user`."""
+    recover: bool | None = None
+    """Allow `since` (resuming, or the last N messages)."""
+    slow_consumer_policy: SlowConsumerPolicy | None = None
+    """What a full outbox does to this namespace's messages."""
+    history_size: int | None = Field(None, ge=0)
+    """Messages kept per channel (0: no history, no recovery)."""
+    history_ttl: float | None = Field(None, gt=0)
+    """Seconds a message is kept."""
+    max_payload_bytes: int | None = Field(None, ge=16)
+    """Largest payload published to this namespace (at most `control.max_payload_bytes`)."""
+
+
+class ControlToken(_Section):
+    """One control token: who it is, what it may do, and where."""
+
+    name: str = Field(min_length=1, max_length=64)
+    """Names the token in logs and metrics (never the secret)."""
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    """Hex SHA-256 of the token: the configuration never holds the token itself."""
+    file: Path | None = None
+    """A file holding the token (one line), instead of `sha256`."""
+    scopes: list[Scope] = Field(default_factory=lambda: [Scope.PUBLISH])
+    """`publish` (the publish routes), `read` (channels, history, stats, metrics,
+    openapi), `admin` (everything)."""
+    namespaces: list[str] | None = None
+    """Channel patterns this token may publish to or read (`orders:*`, `news`);
+    unset: every channel."""
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ControlToken:
+        if (self.sha256 is None) == (self.file is None):
+            raise ValueError(f"control token {self.name!r} needs exactly one of sha256 and file")
+        return self
+
+
 class MetricsSettings(_Section):
     """Prometheus metrics."""
 
@@ -276,6 +391,9 @@ class Settings(BaseSettings):
     history: HistorySettings = HistorySettings()
     publish: PublishSettings = PublishSettings()
     broker: BrokerSettings = BrokerSettings()
+    auth: AuthSettings = AuthSettings()
+    namespaces: list[NamespaceSettings] = []
+    """Channel namespaces (`[[namespaces]]` tables; env: a JSON list)."""
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     drain_timeout: float = Field(10.0, gt=0)
@@ -283,7 +401,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _control_needs_token_off_loopback(self) -> Settings:
-        if self.control.token is None and not is_loopback(self.control.host):
+        names = [namespace.name for namespace in self.namespaces]
+        if len(set(names)) != len(names):
+            raise ValueError("namespaces: each name may be declared once")
+        if (
+            self.control.token is None
+            and not self.control.tokens
+            and not is_loopback(self.control.host)
+        ):
             raise ValueError(
                 f"control.host={self.control.host!r} is not loopback: set control.token "
                 "(BROADCASTD_CONTROL__TOKEN) so that only your backends can publish"

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from broadcastd.broker import Deliver, Health, History, HistoryStats, Published
 from broadcastd.core.envelope import Payload
 from broadcastd.core.idempotency import Idempotency
+from broadcastd.core.namespaces import Namespaces
 from broadcastd.core.stream import Position, Streams
 from broadcastd.settings import Settings
 
@@ -32,11 +33,18 @@ def new_epoch() -> str:
 class MemoryBroker:
     """Channels live in this process only."""
 
-    def __init__(self, settings: Settings, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Callable[[], float],
+        namespaces: Namespaces | None = None,
+    ) -> None:
         history = settings.history
+        namespaces = namespaces or Namespaces(settings)
         self.streams = Streams(
-            size=history.size,
+            size=namespaces.max_history_size,
             ttl=history.ttl,
+            options=lambda name: (namespaces.history_size(name), namespaces.history_ttl(name)),
             max_bytes=history.max_bytes,
             max_streams=settings.channels.max_channels,
             new_epoch=new_epoch,

@@ -1,12 +1,13 @@
 """The channel-name grammar.
 
-A name is 1 to 128 characters from ``A-Z a-z 0-9 _ - . : @``. Names are taken
+A name is 1 to 128 characters from ``A-Z a-z 0-9 _ - . : @ #``. Names are taken
 literally: no case folding, trimming or decoding, so two names are the same
 channel exactly when they are the same string. The grammar leaves out ``,``
 and ``/`` (the separators of the URL path form), ``%`` (so a percent-encoded
 name can never alias a plain one), whitespace and control characters, so a name
-can be written in a URL path, a query string, a log line or a metric label
-unescaped and can never collide with another.
+can be written in a log line or a metric label unescaped and can never collide
+with another. ``#`` marks a user channel (``ns:room#alice`` belongs to user
+``alice``); in a URL it is written ``%23``, as a ``#`` there starts the fragment.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import re
 from broadcastd.errors import BadChannel
 
 MAX_CHANNEL_LENGTH = 128
-CHANNEL_ALPHABET = "A-Za-z0-9_\\-.:@"
+CHANNEL_ALPHABET = "A-Za-z0-9_\\-.:@#"
 _CHANNEL_RE = re.compile(f"[{CHANNEL_ALPHABET}]{{1,{MAX_CHANNEL_LENGTH}}}")
 
 
@@ -35,4 +36,4 @@ def check_channel(name: object) -> str:
         raise BadChannel("channel must not be empty")
     if len(name) > MAX_CHANNEL_LENGTH:
         raise BadChannel(f"channel is longer than {MAX_CHANNEL_LENGTH} characters")
-    raise BadChannel("channel may contain only letters, digits and _ - . : @")
+    raise BadChannel("channel may contain only letters, digits and _ - . : @ #")

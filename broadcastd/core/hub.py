@@ -14,22 +14,27 @@ and history) is the broker's to keep or forget.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from broadcastd.core.outbox import DROPPED, Outbox
 from broadcastd.core.stream import Position, Publication
+from broadcastd.settings import SlowConsumerPolicy
 
 
 class Channel:
     """One channel's local subscribers and the last position delivered to them."""
 
-    __slots__ = ("epoch", "json_subscribers", "name", "offset", "raw_subscribers")
+    __slots__ = ("epoch", "json_subscribers", "name", "offset", "policy", "raw_subscribers")
 
-    def __init__(self, name: str, position: Position) -> None:
+    def __init__(
+        self, name: str, position: Position, policy: SlowConsumerPolicy | None = None
+    ) -> None:
         self.name = name
         self.epoch, self.offset = position
         self.json_subscribers: dict[Outbox, None] = {}
         self.raw_subscribers: dict[Outbox, None] = {}
+        self.policy = policy
+        """Its namespace's slow-consumer policy; None: each subscriber's own."""
 
     @property
     def subscriber_count(self) -> int:
@@ -57,10 +62,13 @@ class FanOut:
 class Hub:
     """Channel -> local subscribers. No I/O, never awaits."""
 
-    __slots__ = ("_channels", "subscriptions")
+    __slots__ = ("_channels", "_policy_of", "subscriptions")
 
-    def __init__(self) -> None:
+    def __init__(
+        self, policy_of: Callable[[str], SlowConsumerPolicy | None] = lambda name: None
+    ) -> None:
         self._channels: dict[str, Channel] = {}
+        self._policy_of = policy_of
         self.subscriptions = 0
 
     def __len__(self) -> int:
@@ -77,7 +85,7 @@ class Hub:
 
     def add(self, name: str, position: Position) -> Channel:
         """A channel gains its first local subscriber, at ``position``."""
-        channel = self._channels[name] = Channel(name, position)
+        channel = self._channels[name] = Channel(name, position, self._policy_of(name))
         return channel
 
     def join(self, channel: Channel, outbox: Outbox, raw: bool) -> None:
@@ -112,11 +120,35 @@ class Hub:
             return result
         channel.epoch = publication.epoch
         channel.offset = publication.offset
+        if channel.policy is not None:
+            self._push_as(channel, publication, result)
+            return result
         if channel.json_subscribers:
             self._push(publication.frame(), channel.json_subscribers, result)
         if channel.raw_subscribers:
             self._push(publication.raw_frame(), channel.raw_subscribers, result)
         return result
+
+    @staticmethod
+    def _push_as(channel: Channel, publication: Publication, result: FanOut) -> None:
+        """The fan-out of a channel whose namespace sets the slow-consumer policy
+        (``conflate`` needs to know the channel of each queued frame)."""
+        policy = channel.policy
+        assert policy is not None
+        name = channel.name
+        for subscribers, frame in (
+            (channel.json_subscribers, publication.frame() if channel.json_subscribers else b""),
+            (channel.raw_subscribers, publication.raw_frame() if channel.raw_subscribers else b""),
+        ):
+            for outbox in subscribers:
+                status = outbox.push_to(frame, name, policy)
+                if status == DROPPED:
+                    result.dropped += 1
+                    result.queued += 1
+                elif status:
+                    result.refused += 1
+                else:
+                    result.queued += 1
 
     @staticmethod
     def _push(frame: bytes, subscribers: dict[Outbox, None], result: FanOut) -> None:

@@ -63,6 +63,13 @@ class Observer(Protocol):
         """A gap in a channel's offsets was ``repaired`` from history, or could not
         be and its subscribers were told to ``resync``."""
 
+    def auth_refused(self, reason: str) -> None:
+        """A subscriber's token was refused (``reason`` is the refusal's code), or a
+        connection was closed for want of one (``token_required``)."""
+
+    def subscribe_denied(self, reason: str) -> None:
+        """A subscribe was refused by its namespace's rule (``reason`` as replied)."""
+
 
 class NullObserver:
     """Reports to nobody."""
@@ -113,4 +120,10 @@ class NullObserver:
         return None
 
     def gap_repair(self, outcome: str) -> None:
+        return None
+
+    def auth_refused(self, reason: str) -> None:
+        return None
+
+    def subscribe_denied(self, reason: str) -> None:
         return None

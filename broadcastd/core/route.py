@@ -9,8 +9,9 @@ Two equivalent forms, which may be combined::
 seen, ``since=news:EPOCH:OFFSET``, or from the last N kept, ``since=news:last:N``.
 
 The path is ``/`` or a comma-separated list of channel names; the query may
-repeat ``channel`` and may set ``format`` to ``json`` (the default: each message
-is a JSON envelope) or ``raw`` (the payload alone). Channel names follow the
+repeat ``channel``, may set ``format`` to ``json`` (the default: each message
+is a JSON envelope) or ``raw`` (the payload alone), and may give a subscriber
+``token`` (browsers cannot set an Authorization header on a WebSocket). Channel names follow the
 grammar in broadcastd.core.channels and are never percent-decoded in the path,
 so each channel has exactly one spelling. Unknown query parameters are refused
 rather than ignored, so a typo such as ``chanel=`` fails loudly. The query is
@@ -28,6 +29,7 @@ from broadcastd.core.stream import Since, parse_since_text
 from broadcastd.errors import BadChannel, ClientError, TooManyChannels
 
 FORMATS = ("json", "raw")
+MAX_TOKEN_LENGTH = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,8 @@ class Route:
     channels: tuple[str, ...]
     raw: bool
     since: tuple[tuple[str, Since], ...] = ()
+    token: str | None = None
+    """A subscriber token (JWT) given as ``?token=`` (browsers cannot set headers)."""
 
 
 def parse_route(target: str, max_channels: int) -> Route:
@@ -50,6 +54,7 @@ def parse_route(target: str, max_channels: int) -> Route:
             except BadChannel as exc:
                 raise BadChannel(f"path {path[:64]!r}: {exc.message}") from None
     raw = False
+    token: str | None = None
     since: dict[str, Since] = {}
     try:
         pairs = parse_qsl(
@@ -67,6 +72,12 @@ def parse_route(target: str, max_channels: int) -> Route:
             name, where = parse_since_text(value)
             channels[check_channel(name)] = None
             since[name] = where
+        elif key == "token":
+            if token is not None or not 0 < len(value) <= MAX_TOKEN_LENGTH:
+                raise ClientError(
+                    f"token must be given once, at most {MAX_TOKEN_LENGTH} characters"
+                )
+            token = value
         elif key == "format":
             if value not in FORMATS:
                 raise ClientError(f"format must be one of {', '.join(FORMATS)}")
@@ -75,4 +86,4 @@ def parse_route(target: str, max_channels: int) -> Route:
             raise ClientError(f"unknown query parameter {key[:32]!r}")
     if len(channels) > max_channels:
         raise TooManyChannels(f"at most {max_channels} channels per connection")
-    return Route(tuple(channels), raw, tuple(since.items()))
+    return Route(tuple(channels), raw, tuple(since.items()), token)

@@ -7,6 +7,8 @@ A client sends small JSON text frames::
     {"op": "subscribe",   "channel": "chat", "since": {"last": 20}}
     {"op": "unsubscribe", "channel": "news"}
     {"op": "ping"}
+    {"op": "auth",        "token": "eyJ..."}     (a JWT, when [auth] is configured)
+    {"op": "refresh",     "token": "eyJ..."}     (a new one before the first expires)
 
 and gets one reply per command through its own outbox, so replies and messages
 reach it in the order they happened (a ``subscribed`` reply always precedes the
@@ -37,9 +39,11 @@ from typing import Any, Protocol
 
 import orjson
 
+from broadcastd.auth.claims import Claims
 from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import reply_frame
 from broadcastd.core.outbox import Outbox
+from broadcastd.core.route import MAX_TOKEN_LENGTH
 from broadcastd.core.stream import Position, Recovery, Since, parse_since
 from broadcastd.errors import (
     BadCommand,
@@ -51,7 +55,8 @@ from broadcastd.errors import (
     UnknownOp,
 )
 
-OPS = ("subscribe", "unsubscribe", "ping")
+OPS = ("subscribe", "unsubscribe", "ping", "auth", "refresh")
+TOKEN_OPS = ("auth", "refresh")
 MAX_ID_LENGTH = 64
 
 CommandId = str | int | None
@@ -63,6 +68,7 @@ class Command:
     channel: str | None = None
     id: CommandId = None
     since: Since | None = None
+    token: str | None = None
 
 
 class Channels(Protocol):
@@ -84,6 +90,14 @@ class Channels(Protocol):
     def unsubscribe(self, outbox: Outbox, name: str) -> None:
         """Leave the channel (or stop waiting to join it)."""
 
+    def check_subscribe(self, name: str, claims: Claims | None) -> object:
+        """Raise the ClientError that refuses ``claims`` the channel ``name``
+        (an unknown namespace, a token that does not allow it), if any."""
+
+
+TokenHandler = Callable[[str, str, "CommandId"], None]
+"""What the transport does with ``auth``/``refresh``: (op, token, command id)."""
+
 
 def parse_command(text: str | bytes) -> Command:
     """Parse and validate one command frame; raise a ClientError saying what is wrong."""
@@ -103,6 +117,13 @@ def parse_command(text: str | bytes) -> Command:
         raise UnknownOp(f"unknown op {op[:32]!r}; expected one of {', '.join(OPS)}")
     if op == "ping":
         return Command(op, None, command_id)
+    if op in TOKEN_OPS:
+        token = doc.get("token")
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_TOKEN_LENGTH:
+            raise BadCommand(
+                f'{op} needs a "token" string of at most {MAX_TOKEN_LENGTH} characters'
+            )
+        return Command(op, None, command_id, token=token)
     if "channel" not in doc:
         raise BadCommand(f'{op} needs a "channel"')
     channel = check_channel(doc["channel"])
@@ -140,10 +161,12 @@ class Session:
     __slots__ = (
         "_channels",
         "channels",
+        "claims",
         "errors",
         "id",
         "max_channels",
         "max_errors",
+        "on_token",
         "outbox",
         "raw",
     )
@@ -166,6 +189,10 @@ class Session:
         self.errors = 0
         self.max_channels = max_channels
         self.max_errors = max_errors
+        self.claims: Claims | None = None
+        """What the client's token says (None: no token given, or none accepted yet)."""
+        self.on_token: TokenHandler | None = None
+        """Set by the transport when subscriber authentication is configured."""
 
     def open(self, channels: Iterable[str], since: Sequence[tuple[str, Since]] = ()) -> None:
         """Subscribe to the channels named in the URL (already validated).
@@ -208,6 +235,11 @@ class Session:
         """Run a command; its reply, or None when it was queued already."""
         if command.op == "ping":
             return {"type": "pong"}
+        if command.token is not None:
+            if self.on_token is None:
+                raise BadCommand("authentication is not configured on this server")
+            self.on_token(command.op, command.token, command.id)
+            return None
         name = command.channel
         assert name is not None
         if command.op == "subscribe":
@@ -226,6 +258,7 @@ class Session:
         the channel (``_joined``), or an error reply if it could not."""
         if name not in self.channels and len(self.channels) >= self.max_channels:
             raise TooManyChannels(f"at most {self.max_channels} channels per connection")
+        self._channels.check_subscribe(name, self.claims)
         self.channels[name] = None
 
         def joined(position: Position, recovery: Recovery | None) -> None:
@@ -274,6 +307,26 @@ class Session:
             else:
                 for publication in recovery.replay:
                     push(publication.frame())
+
+    def authenticated(self, claims: Claims, op: str, command_id: CommandId) -> None:
+        """A token (``op`` auth or refresh, or given at connect) was accepted."""
+        self.claims = claims
+        reply: dict[str, Any] = {"type": "authenticated", "user": claims.user}
+        if claims.expires is not None:
+            reply["expires"] = int(claims.expires)
+        if op != "connect":
+            reply["op"] = op
+        if command_id is not None:
+            reply["id"] = command_id
+        self._reply(reply)
+
+    def refused(self, exc: ClientError, op: str, command_id: CommandId) -> CloseReason | None:
+        """A command the transport answered later (a token) failed."""
+        return self._error(exc, op, command_id)
+
+    def notify(self, event: dict[str, Any]) -> None:
+        """An event the transport raises (``expiring``)."""
+        self._reply(event)
 
     def _error(self, exc: ClientError, op: str | None, command_id: CommandId) -> CloseReason | None:
         self.errors += 1

@@ -129,14 +129,17 @@ class Publication:
 class Stream:
     """One channel's count and the publications kept of it, oldest first."""
 
-    __slots__ = ("entries", "epoch", "name", "offset", "prefix")
+    __slots__ = ("entries", "epoch", "name", "offset", "prefix", "size", "ttl")
 
-    def __init__(self, name: str, epoch: str) -> None:
+    def __init__(self, name: str, epoch: str, size: int, ttl: float) -> None:
         self.name = name
         self.epoch = epoch
         self.offset = 0
         self.prefix = channel_prefix(name)
         self.entries: list[Publication] = []
+        self.size = size
+        """Most entries kept (0: none); its namespace's, or the top-level one."""
+        self.ttl = ttl
 
     @property
     def position(self) -> Position:
@@ -167,9 +170,13 @@ class Streams:
         max_streams: int,
         new_epoch: Callable[[], str],
         clock: Callable[[], float],
+        options: Callable[[str], tuple[int, float]] | None = None,
     ) -> None:
         self.size = size
+        """The largest history size of any channel (0: history is off everywhere)."""
         self.ttl = ttl
+        self.options = options or (lambda name: (size, ttl))
+        """A channel's (size, ttl): its namespace's."""
         self.max_bytes = max_bytes
         self.max_streams = max_streams
         self.new_epoch = new_epoch
@@ -215,7 +222,7 @@ class Streams:
                     f"the server holds {self.max_streams} channels, all with subscribers"
                 )
             self._forget(self._streams[next(iter(self._idle))])
-        stream = self._streams[name] = Stream(name, self.new_epoch())
+        stream = self._streams[name] = Stream(name, self.new_epoch(), *self.options(name))
         self._idle[name] = None
         return stream
 
@@ -239,7 +246,7 @@ class Streams:
             self._idle[name] = None
         stream.offset += 1
         publication = Publication(stream.prefix, stream.epoch, stream.offset, payload, self.clock())
-        if self.size:
+        if stream.size:
             self._keep(stream, publication)
         return publication
 
@@ -248,7 +255,7 @@ class Streams:
         entries.append(publication)
         publication.stream = stream
         self._fifo.append(publication)
-        if len(entries) > self.size:  # the usual case once a channel is warm: one in, one out
+        if len(entries) > stream.size:  # the usual case once a channel is warm: one in, one out
             first = entries.pop(0)
             first.stream = None
             self.bytes += publication.size - first.size
@@ -273,16 +280,22 @@ class Streams:
         self.bytes -= entry.size
 
     def expire(self) -> int:
-        """Drop every entry older than the TTL; forget idle streams whose history is
-        then empty. Returns how many entries went. Cost: O(entries expired)."""
+        """Drop every entry older than its channel's TTL, oldest first, up to the first
+        that is not; forget idle streams whose history is then empty. Returns how many
+        entries went. Cost: O(entries expired). (With TTLs that differ by namespace an
+        entry of a short TTL behind one of a longer TTL waits for it here; reads
+        never return it, as ``_live`` applies each channel's own TTL.)"""
         if not self.size:
             return 0
-        horizon = self.clock() - self.ttl
+        now = self.clock()
         fifo = self._fifo
         expired = 0
-        while fifo and fifo[0].time < horizon:
-            entry = fifo.popleft()
+        while fifo:
+            entry = fifo[0]
             stream = entry.stream
+            if stream is not None and entry.time >= now - stream.ttl:
+                break
+            fifo.popleft()
             if stream is not None:
                 self._drop_first(stream)
                 expired += 1
@@ -322,8 +335,8 @@ class Streams:
     def _live(self, stream: Stream) -> list[Publication]:
         """The stream's entries, less any that expired since the last sweep."""
         entries = stream.entries
-        if entries and entries[0].time < self.clock() - self.ttl:
-            horizon = self.clock() - self.ttl
+        if entries and entries[0].time < self.clock() - stream.ttl:
+            horizon = self.clock() - stream.ttl
             while entries and entries[0].time < horizon:
                 self._drop_first(stream)
                 self.evicted.ttl += 1

@@ -3,9 +3,20 @@
 Routes map HTTP onto Node calls; the request forms are parsed in
 broadcastd.core.publication. Every error is ``{"error": {"code", "message"}}``
 with the status its ClientError carries (500 ``internal`` for a failure of
-ours, answered by the HTTP layer). A bearer token, when set, is required on
-every route except the probes (/healthz, /readyz) and is compared in constant
-time. HEAD is served wherever GET is.
+ours, answered by the HTTP layer). HEAD is served wherever GET is.
+
+Tokens. Once ``control.token`` or any ``control.tokens`` entry is set, every
+route but the probes (/healthz, /readyz) needs ``Authorization: Bearer TOKEN``.
+Each token is a Grant: the scopes it holds (which routes) and the channel
+patterns it may touch (which channels). ``control.token`` holds every scope on
+every channel, as it always has. The presented token is hashed once (SHA-256)
+and its digest compared in constant time with the digest of every configured
+token, all of them, so neither the time taken nor the order of the entries says
+which matched; only digests are kept in memory. A missing or wrong token is a
+401 ``unauthorized``; a valid token without the route's scope, or naming a
+channel outside its patterns, is a 403 ``forbidden``, decided before anything
+is read from a broker or published (and before the body is sent, where the
+route and its channel say enough: ``Expect: 100-continue``).
 
 The API is described by ``broadcastd/openapi.json`` (OpenAPI 3.1), written by
 hand as the one source of truth and served at ``GET /openapi.json``; a test
@@ -16,20 +27,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import os
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 import orjson
 
+from broadcastd import log
 from broadcastd.broker import Published
 from broadcastd.core.channels import is_valid_channel
 from broadcastd.core.hub import page
 from broadcastd.core.publication import (
+    Item,
     body_payload,
     check_key,
     is_json_type,
@@ -39,8 +54,10 @@ from broadcastd.core.publication import (
 from broadcastd.core.stream import Position, Publication
 from broadcastd.errors import (
     ClientError,
+    ConfigError,
     Draining,
     EpochMismatch,
+    Forbidden,
     InternalError,
     MethodNotAllowed,
     NotFound,
@@ -48,14 +65,122 @@ from broadcastd.errors import (
     UnsupportedMediaType,
 )
 from broadcastd.node import Node
-from broadcastd.settings import ControlSettings
+from broadcastd.settings import ControlSettings, ControlToken, Scope
 from broadcastd.transport.http import Api, HttpProtocol, Limits, Request, Response
 
-Route = Callable[[Request, str], Response | Awaitable[Response]]
 _PUBLIC = frozenset(("/healthz", "/readyz"))
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PAGE_LIMIT = 1000
 """Default and largest ``limit`` of ``GET /channels``."""
+
+
+_log = log.get("broadcastd.control")
+_throttle = log.Throttle(per_second=10)
+
+_SCOPES: dict[str, Scope] = {
+    "publish": Scope.PUBLISH,
+    "publish_channel": Scope.PUBLISH,
+    "batch": Scope.PUBLISH,
+    "channels": Scope.READ,
+    "channels_channel": Scope.READ,
+    "stats": Scope.READ,
+    "metrics": Scope.READ,
+    "openapi.json": Scope.READ,
+}
+"""The scope each endpoint needs. An endpoint missing here needs ``admin``, so a
+route added later is closed to scoped tokens until it is given a scope (there
+are no admin-only routes yet: ``admin`` is every scope at once)."""
+
+_EMPTY_DIGEST = hashlib.sha256(b"").digest()
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What the bearer of one control token may do: the routes its scopes open
+    and the channels its patterns cover (``exact`` None: every channel)."""
+
+    name: str
+    scopes: frozenset[Scope]
+    exact: frozenset[str] | None = None
+    prefixes: tuple[str, ...] = ()
+
+    def allows(self, scope: Scope) -> bool:
+        return Scope.ADMIN in self.scopes or scope in self.scopes
+
+    def covers(self, channel: str) -> bool:
+        """``channel`` matches a pattern: its exact name, or a prefix ending in ``*``."""
+        if self.exact is None:
+            return True
+        return channel in self.exact or channel.startswith(self.prefixes)
+
+    @property
+    def everywhere(self) -> bool:
+        return self.exact is None
+
+
+OPEN = Grant("", frozenset(Scope))
+"""Every request's grant when no token is configured (and the probes' always)."""
+
+Route = Callable[[Request, str, Grant], Response | Awaitable[Response]]
+
+
+def load_grants(settings: ControlSettings) -> list[tuple[bytes, Grant]]:
+    """Every configured token as (SHA-256 digest, Grant), read once at start.
+
+    A ``file`` entry is read here and only its digest kept. Raises ConfigError for
+    a token file that is missing, unreadable or empty, a digest of the empty
+    string (``printf %s "$TOKEN" | sha256sum`` with TOKEN unset), a pattern with
+    ``*`` anywhere but at its end, and two entries holding the same token (which
+    of their grants would apply?). Messages name the entry, never a secret.
+    """
+    grants: list[tuple[bytes, Grant]] = []
+    if settings.token is not None:
+        secret = settings.token.get_secret_value().encode()
+        grants.append((hashlib.sha256(secret).digest(), Grant("control.token", frozenset(Scope))))
+    for index, entry in enumerate(settings.tokens):
+        where = f"control.tokens[{index}] ({entry.name!r})"
+        digest = _token_digest(entry, where)
+        if digest == _EMPTY_DIGEST:
+            raise ConfigError(f"{where}: sha256 is the digest of an empty token")
+        for known, grant in grants:
+            if hmac.compare_digest(known, digest):
+                raise ConfigError(f"{where}: the same token as {grant.name!r}")
+        grants.append((digest, _grant(entry, where)))
+    return grants
+
+
+def _token_digest(entry: ControlToken, where: str) -> bytes:
+    if entry.sha256 is not None:
+        return bytes.fromhex(entry.sha256)
+    assert entry.file is not None
+    try:
+        secret = entry.file.read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"{where}: cannot read token file {entry.file}: {exc.strerror or exc}"
+        ) from None
+    if not secret:
+        raise ConfigError(f"{where}: token file {entry.file} is empty")
+    return hashlib.sha256(secret).digest()
+
+
+def _grant(entry: ControlToken, where: str) -> Grant:
+    scopes = frozenset(entry.scopes)
+    if entry.namespaces is None:
+        return Grant(entry.name, scopes)
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    for pattern in entry.namespaces:
+        if not pattern or "*" in pattern[:-1]:
+            raise ConfigError(
+                f"{where}: channel pattern {pattern[:64]!r} must be a channel name, "
+                "or a prefix ending in * (orders:*)"
+            )
+        if pattern.endswith("*"):
+            prefixes.append(pattern[:-1])
+        else:
+            exact.add(pattern)
+    return Grant(entry.name, scopes, frozenset(exact), tuple(prefixes))
 
 
 def openapi_document() -> bytes:
@@ -93,8 +218,7 @@ class ControlApi:
         self.node = node
         self.client_count = client_count
         self.metrics = metrics
-        token = settings.token
-        self._token = None if token is None else f"Bearer {token.get_secret_value()}".encode()
+        self._grants = load_grants(settings)
         self._exact: dict[str, dict[str, Route]] = {
             "/healthz": {"GET": self._healthz},
             "/readyz": {"GET": self._readyz},
@@ -131,8 +255,9 @@ class ControlApi:
             found = self._route(request.path)
             if found is None:
                 raise NotFound(f"no route for {request.path[:64]!r}")
-            methods, argument, endpoint = found
-            response = self._method(request, methods)(request, argument)
+            endpoint = found[2]
+            route, grant = self._gate(request, found)
+            response = route(request, found[1], grant)
         except ClientError as error:
             response = error_response(error)
         if not isinstance(response, Response):
@@ -154,7 +279,7 @@ class ControlApi:
         if found is None:
             return NotFound(f"no route for {request.path[:64]!r}")
         try:
-            self._method(request, found[0])
+            self._gate(request, found)
         except ClientError as error:
             return error
         return None
@@ -170,15 +295,43 @@ class ControlApi:
         self.node.observer.control_request(endpoint, response.status)
         return response
 
-    def _method(self, request: Request, methods: dict[str, Route]) -> Route:
-        """The route for the request's method, once its token is checked."""
-        if self._token is not None and request.path not in _PUBLIC:
-            self._authorize(request)
+    def _gate(
+        self, request: Request, found: tuple[dict[str, Route], str, str]
+    ) -> tuple[Route, Grant]:
+        """The route for the request's method and the grant of its token: 401 without
+        a valid token, then 405 for a method the route lacks, then 403 for a token
+        without the route's scope or, on the routes that name a channel in their
+        path, without that channel. Judged from the head alone."""
+        methods, argument, endpoint = found
+        grant = OPEN
+        if self._grants and request.path not in _PUBLIC:
+            grant = self._authenticate(request, endpoint)
         method = request.method
         route = methods.get("GET" if method == "HEAD" else method)
         if route is None:
             raise MethodNotAllowed(f"{method[:16]} is not allowed here", _methods(methods))
-        return route
+        if grant is not OPEN:
+            scope = _SCOPES.get(endpoint, Scope.ADMIN)
+            if not grant.allows(scope):
+                held = ", ".join(sorted(grant.scopes)) or "none"
+                raise self._forbidden(
+                    grant,
+                    endpoint,
+                    "scope",
+                    f"{method[:16]} {request.path[:64]} needs the {scope.value!r} scope; "
+                    f"token {grant.name!r} has: {held}",
+                )
+            if argument and not grant.everywhere:
+                channel = argument.partition("/")[0] if endpoint == "channels_channel" else argument
+                if not grant.covers(channel):
+                    raise self._forbidden(
+                        grant,
+                        endpoint,
+                        "channel",
+                        f"channel {channel[:64]!r} is outside the channels token "
+                        f"{grant.name!r} may use",
+                    )
+        return route, grant
 
     def _route(self, path: str) -> tuple[dict[str, Route], str, str] | None:
         methods = self._exact.get(path)
@@ -193,21 +346,90 @@ class ControlApi:
                 return prefixed, argument, prefix.strip("/") + "_channel"
         return None
 
-    def _authorize(self, request: Request) -> None:
-        if self._token is None:
-            return
+    def _authenticate(self, request: Request, endpoint: str) -> Grant:
+        """The grant of the request's bearer token. Its digest is compared with every
+        configured digest, without stopping at a match (load_grants made sure at
+        most one can match)."""
         given = request.headers.get("authorization")
         if given is None:
-            raise Unauthorized("missing bearer token")
-        if not hmac.compare_digest(given.encode("latin-1"), self._token):
-            raise Unauthorized("invalid bearer token")
+            raise self._unauthorized(endpoint, "missing bearer token")
+        scheme, _, credentials = given.partition(" ")
+        if scheme.lower() != "bearer":
+            raise self._unauthorized(endpoint, "invalid bearer token")
+        # Headers are decoded as latin-1: this gives back the bytes that were sent.
+        digest = hashlib.sha256(credentials.encode("latin-1")).digest()
+        matched: Grant | None = None
+        for known, grant in self._grants:
+            if hmac.compare_digest(digest, known):
+                matched = grant
+        if matched is None:
+            raise self._unauthorized(endpoint, "invalid bearer token")
+        return matched
+
+    @staticmethod
+    def _unauthorized(endpoint: str, message: str) -> Unauthorized:
+        """A refusal logged (throttled) with what was asked for, never what was sent."""
+        if _throttle.allow("unauthorized"):
+            _log.warning(
+                "control.refused",
+                reason="unauthorized",
+                endpoint=endpoint,
+                detail=message,
+                suppressed=_throttle.suppressed("unauthorized"),
+            )
+        return Unauthorized(message)
+
+    @staticmethod
+    def _forbidden(grant: Grant, endpoint: str, reason: str, message: str) -> Forbidden:
+        """A valid token refused (``reason``: ``scope`` or ``channel``), logged
+        (throttled) with the token's configured name: it names the backend to fix."""
+        if _throttle.allow(reason):
+            _log.warning(
+                "control.refused",
+                reason=reason,
+                endpoint=endpoint,
+                token_name=grant.name,
+                suppressed=_throttle.suppressed(reason),
+            )
+        return Forbidden(message)
+
+    def _require_channels(self, grant: Grant, channels: Iterable[str], endpoint: str) -> None:
+        """Refuse a multi-channel publish naming any channel outside the grant, before
+        any is published: the request stays all or nothing."""
+        if grant.everywhere:
+            return
+        for channel in channels:
+            if not grant.covers(channel):
+                raise self._forbidden(
+                    grant,
+                    endpoint,
+                    "channel",
+                    f"channel {channel[:64]!r} is outside the channels token {grant.name!r} "
+                    "may use: nothing was published",
+                )
+
+    def _require_items(self, grant: Grant, items: Sequence[Item | ClientError]) -> None:
+        """Refuse a whole batch if an item names a channel outside the grant. Items
+        already refused on their own (bad channel, bad data) publish nothing either
+        way and are not judged."""
+        if grant.everywhere:
+            return
+        for index, item in enumerate(items):
+            if not isinstance(item, ClientError) and not grant.covers(item[0]):
+                raise self._forbidden(
+                    grant,
+                    "batch",
+                    "channel",
+                    f"item {index} (channel {item[0][:64]!r}) is outside the channels token "
+                    f"{grant.name!r} may use: the whole batch is refused, nothing was published",
+                )
 
     # routes
 
-    def _healthz(self, request: Request, _: str) -> Response:
+    def _healthz(self, request: Request, _: str, grant: Grant) -> Response:
         return json_response(200, {"status": "ok"})
 
-    def _readyz(self, request: Request, _: str) -> Response:
+    def _readyz(self, request: Request, _: str, grant: Grant) -> Response:
         node = self.node
         health = node.broker_health
         if node.ready and health.up:
@@ -215,23 +437,25 @@ class ControlApi:
         reason = "draining" if node.draining else "starting" if not node.ready else health.reason
         return json_response(503, {"ready": False, "reason": reason}, [("Retry-After", "5")])
 
-    def _publish_channel(self, request: Request, channel: str) -> Response:
+    def _publish_channel(self, request: Request, channel: str, grant: Grant) -> Response:
         payload = body_payload(request.body, request.headers.get("content-type"))
         published = self.node.publish(channel, payload, "channel", _key(request))
         return json_response(200, _result(channel, published))
 
-    def _publish(self, request: Request, _: str) -> Response:
+    def _publish(self, request: Request, _: str, grant: Grant) -> Response:
         self._require_json(request)
         channels, payload, multi = parse_publish(request.body, self.settings.max_batch_items)
+        self._require_channels(grant, channels, "publish")
         published = self.node.publish_all(channels, payload, "json", _key(request))
         results = [_result(c, p) for c, p in zip(channels, published, strict=True)]
         return json_response(200, {"results": results} if multi else results[0])
 
-    def _batch(self, request: Request, _: str) -> Response:
+    def _batch(self, request: Request, _: str, grant: Grant) -> Response:
         self._require_json(request)
         if self.node.draining:  # refuse the whole batch, not item by item
             raise Draining("the server is shutting down")
         items = parse_batch(request.body, self.settings.max_batch_items, self.node.hub)
+        self._require_items(grant, items)
         results: list[dict[str, Any]] = []
         failed = 0
         for item, result in zip(items, self.node.publish_many(items, "batch"), strict=True):
@@ -247,7 +471,9 @@ class ControlApi:
 
     # The same routes through a remote broker (Redis)
 
-    async def _publish_channel_remote(self, request: Request, channel: str) -> Response:
+    async def _publish_channel_remote(
+        self, request: Request, channel: str, grant: Grant
+    ) -> Response:
         payload = body_payload(request.body, request.headers.get("content-type"))
         (published,) = await self.node.publish_remote(
             [(channel, payload, _key(request))], "channel", all_or_none=True
@@ -255,9 +481,10 @@ class ControlApi:
         assert isinstance(published, Published)
         return json_response(200, self._remote_result(channel, published))
 
-    async def _publish_remote(self, request: Request, _: str) -> Response:
+    async def _publish_remote(self, request: Request, _: str, grant: Grant) -> Response:
         self._require_json(request)
         channels, payload, multi = parse_publish(request.body, self.settings.max_batch_items)
+        self._require_channels(grant, channels, "publish")
         key = _key(request)
         answers = await self.node.publish_remote(
             [(c, payload, key) for c in channels], "json", all_or_none=True
@@ -269,11 +496,12 @@ class ControlApi:
         ]
         return json_response(200, {"results": results} if multi else results[0])
 
-    async def _batch_remote(self, request: Request, _: str) -> Response:
+    async def _batch_remote(self, request: Request, _: str, grant: Grant) -> Response:
         self._require_json(request)
         if self.node.draining:
             raise Draining("the server is shutting down")
         items = parse_batch(request.body, self.settings.max_batch_items, self.node.hub)
+        self._require_items(grant, items)
         valid = [item for item in items if not isinstance(item, ClientError)]
         answers = iter(await self.node.publish_remote(valid, "batch"))
         results: list[dict[str, Any]] = []
@@ -298,7 +526,7 @@ class ControlApi:
         doc["subscribers"] = 0 if local is None else local.subscriber_count
         return doc
 
-    async def _channel_remote(self, request: Request, name: str) -> Response:
+    async def _channel_remote(self, request: Request, name: str, grant: Grant) -> Response:
         name, slash, rest = name.partition("/")
         if slash:
             if rest != "history":
@@ -311,10 +539,15 @@ class ControlApi:
             raise NotFound(f"no channel {name[:64]!r}")
         return json_response(200, _channel_doc(name, *state))
 
-    def _channels(self, request: Request, _: str) -> Response:
+    def _channels(self, request: Request, _: str, grant: Grant) -> Response:
+        """A page of the channels, of those the token covers only: a token limited
+        to ``orders:*`` does not learn the names of the others."""
         after, limit = _page_query(request.query)
         node = self.node
-        names, cursor = page(node.channel_names(), after, limit)
+        known: Iterable[str] = node.channel_names()
+        if not grant.everywhere:
+            known = filter(grant.covers, known)
+        names, cursor = page(known, after, limit)
         channels = []
         for name in names:
             state = node.channel_state(name)
@@ -322,7 +555,7 @@ class ControlApi:
                 channels.append(_channel_doc(name, *state))
         return json_response(200, {"count": len(channels), "channels": channels, "next": cursor})
 
-    def _channel(self, request: Request, name: str) -> Response:
+    def _channel(self, request: Request, name: str, grant: Grant) -> Response:
         name, slash, rest = name.partition("/")
         if slash:
             if rest != "history":
@@ -368,7 +601,7 @@ class ControlApi:
             },
         )
 
-    def _stats(self, request: Request, _: str) -> Response:
+    def _stats(self, request: Request, _: str, grant: Grant) -> Response:
         hub = self.node.hub
         return json_response(
             200,
@@ -381,11 +614,11 @@ class ControlApi:
             },
         )
 
-    def _metrics(self, request: Request, _: str) -> Response:
+    def _metrics(self, request: Request, _: str, grant: Grant) -> Response:
         assert self.metrics is not None
         return Response(200, self.metrics(), content_type=METRICS_CONTENT_TYPE)
 
-    def _openapi(self, request: Request, _: str) -> Response:
+    def _openapi(self, request: Request, _: str, grant: Grant) -> Response:
         return Response(200, self._openapi_body)
 
     @staticmethod

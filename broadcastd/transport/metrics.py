@@ -118,6 +118,8 @@ class Metrics:
         self.gap_repairs: Counter[str] = Counter()
         self.probe_rtt = Histogram(LATENCY_BUCKETS)
         self.broker_commands = Histogram(LATENCY_BUCKETS)
+        self.auth_refusals: Counter[str] = Counter()
+        self.subscribe_denials: Counter[str] = Counter()
 
     # Observer
 
@@ -183,6 +185,12 @@ class Metrics:
 
     def gap_repair(self, outcome: str) -> None:
         self.gap_repairs[outcome] += 1
+
+    def auth_refused(self, reason: str) -> None:
+        self.auth_refusals[reason] += 1
+
+    def subscribe_denied(self, reason: str) -> None:
+        self.subscribe_denials[reason] += 1
 
 
 class LoopLagProbe:
@@ -492,6 +500,21 @@ class DaemonCollector(Collector):
             "channel's subscribers were sent a resync event).",
             ["outcome"],
             _complete(m.gap_repairs, ("repaired", "resync")),
+        )
+        yield _counter(
+            "auth_refusals",
+            "Subscriber tokens refused, by reason (token_invalid, token_expired, "
+            "token_not_yet_valid, token_audience, token_issuer, token_unavailable, "
+            "token_user), and connections closed for want of one (token_required).",
+            ["reason"],
+            {(reason,): n for reason, n in m.auth_refusals.items()},
+        )
+        yield _counter(
+            "subscribe_denials",
+            "Subscribes refused by a channel's rule, by reason (token_required, "
+            "channel_not_allowed, not_your_channel, unknown_namespace).",
+            ["reason"],
+            {(reason,): n for reason, n in m.subscribe_denials.items()},
         )
         yield _counter(
             "control_requests",

@@ -47,6 +47,7 @@ connection holds no subscription, enforces ``ws.subscribe_timeout``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http
 import logging
 import struct
@@ -64,6 +65,7 @@ from websockets.protocol import SEND_EOF, State
 from websockets.server import ServerProtocol
 
 from broadcastd import log
+from broadcastd.auth.tokens import TokenVerifier
 from broadcastd.core.envelope import frame_payload, missed_frame
 from broadcastd.core.outbox import Outbox
 from broadcastd.core.route import Route, parse_route
@@ -71,6 +73,7 @@ from broadcastd.core.session import Session
 from broadcastd.errors import ClientError, CloseReason
 from broadcastd.node import Node
 from broadcastd.settings import WebSocketSettings
+from broadcastd.transport.wsauth import ConnectionAuth
 
 _log = log.get("broadcastd.ws")
 _throttle = log.Throttle(per_second=10)
@@ -83,7 +86,7 @@ READ_SLICE = 16 * 1024
 """Most input bytes parsed per connection per event-loop turn (about 2700 of the
 smallest frames): the rest waits, with reading paused, for the next turn."""
 _PING_STAMP = struct.Struct("!d")
-_WRITE_FULL, _BACKLOG = 1, 2
+_WRITE_FULL, _BACKLOG, _AUTH = 1, 2, 4
 """Why reading is paused: the socket is above its write limit; input is waiting."""
 
 
@@ -171,6 +174,8 @@ class WsServer:
         bytes, writes, and when the oldest frame written was queued."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gone: asyncio.Event | None = None
+        auth = node.settings.auth
+        self.verifier = TokenVerifier.from_settings(auth) if auth.enabled else None
 
     @property
     def port(self) -> int:
@@ -286,12 +291,28 @@ class WsServer:
         origins = request.headers.get_all("Origin")
         if len(origins) > 1:
             return Refusal(http.HTTPStatus.BAD_REQUEST, "bad_request", "more than one Origin")
-        if s.allowed_origins is not None and origins and origins[0] not in s.allowed_origins:
-            return Refusal(http.HTTPStatus.FORBIDDEN, "origin", "origin not allowed", "origin")
+        if s.allowed_origins is not None:
+            if origins and origins[0] not in s.allowed_origins:
+                return Refusal(http.HTTPStatus.FORBIDDEN, "origin", "origin not allowed", "origin")
+            if not origins and s.require_origin:
+                return Refusal(
+                    http.HTTPStatus.FORBIDDEN, "origin", "an Origin is required", "origin"
+                )
         try:
-            conn.route = parse_route(request.path, s.max_channels_per_client)
+            route = parse_route(request.path, s.max_channels_per_client)
         except ClientError as exc:
             return Refusal(http.HTTPStatus.BAD_REQUEST, exc.code, exc.message)
+        authorization = request.headers.get_all("Authorization")
+        if authorization and route.token is None:
+            scheme, _, token = authorization[0].partition(" ")
+            if len(authorization) > 1 or scheme.lower() != "bearer" or not token.strip():
+                return Refusal(
+                    http.HTTPStatus.BAD_REQUEST,
+                    "bad_request",
+                    "Authorization must be one header: Bearer TOKEN",
+                )
+            route = dataclasses.replace(route, token=token.strip())
+        conn.route = route
         return None
 
     def connected(self, conn: Connection) -> None:
@@ -319,6 +340,7 @@ class Connection(asyncio.Protocol):
         "_pending",
         "_ping_sent",
         "_read_paused",
+        "auth",
         "channels",
         "closing",
         "compressed",
@@ -347,6 +369,7 @@ class Connection(asyncio.Protocol):
         )
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
+        self.auth: ConnectionAuth | None = None
         self.outbox: Outbox | None = None
         self.route: Route | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -400,6 +423,8 @@ class Connection(asyncio.Protocol):
                 self.idle_timer = None
             self.transport = None
             self._pending = b""
+            if self.auth is not None:
+                self.auth.close()
             self._leave()
             self.server.closed(self)
             if self.session is not None:
@@ -589,7 +614,21 @@ class Connection(asyncio.Protocol):
         self.remote = _address(self._peer())
         if node.draining:
             outbox.close(CloseReason.SHUTDOWN)
-        session.open(route.channels, route.since)
+        if server.verifier is None:
+            session.open(route.channels, route.since)
+        else:
+            auth = self.auth = ConnectionAuth(
+                server.verifier, node.settings.auth, session, node.observer, self._end
+            )
+            if route.token is not None:
+                self._pause_reading(_AUTH)  # commands wait for the token's verdict
+
+            def open_channels() -> None:
+                session.open(route.channels, route.since)
+                self._resume_reading(_AUTH)
+                self._watch_subscriptions()
+
+            auth.start(route.token, open_channels)
         node.observer.connection_opened()
         _log.info(
             "connection.open",

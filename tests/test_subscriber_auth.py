@@ -1,0 +1,216 @@
+"""Subscriber tokens and namespaces on a real daemon, with real WebSocket clients.
+
+Tokens are real HS256 JWTs; the daemon's own clock decides expiry, so tokens
+that must expire during a test are made to expire a second or two ahead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jwt
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from .conftest import Running, recv_json
+
+SECRET = "s" * 64
+
+
+def token(sub: str = "alice", channels: list[str] | None = None, **claims: Any) -> str:
+    payload: dict[str, Any] = {"sub": sub, "exp": int(time.time()) + 3600, **claims}
+    if channels is not None:
+        payload["channels"] = channels
+    return jwt.encode(payload, SECRET, algorithm="HS256")
+
+
+AUTH = {"auth__hmac_secret": SECRET}
+NAMESPACES = [
+    {"name": "public", "subscribe": "public"},
+    {"name": "members", "subscribe": "user"},
+    {"name": "paid", "subscribe": "token"},
+    {"name": "short", "subscribe": "public", "history_size": 2},
+    {"name": "live", "subscribe": "public", "recover": False},
+    {"name": "tiny", "subscribe": "public", "max_payload_bytes": 32},
+]
+
+
+async def closed_with(ws: Any) -> int:
+    """Read until the server closes; its close code."""
+    try:
+        while True:
+            await recv_json(ws)
+    except ConnectionClosed:
+        pass
+    code: int = ws.close_code
+    return code
+
+
+async def test_a_token_in_the_url_the_header_or_a_command(daemon_factory: Any) -> None:
+    async with daemon_factory(**AUTH, namespaces=NAMESPACES) as d:
+        good = token(channels=["paid:*"])
+        async with d.connect(f"/?channel=paid:gold&token={good}") as ws:
+            assert (await recv_json(ws))["type"] == "authenticated"
+            assert (await recv_json(ws))["type"] == "subscribed"
+        headers = {"Authorization": f"Bearer {good}"}
+        async with d.connect("/?channel=paid:gold", additional_headers=headers) as ws:
+            assert (await recv_json(ws))["type"] == "authenticated"
+            assert (await recv_json(ws))["type"] == "subscribed"
+        async with d.connect("/") as ws:
+            await ws.send(json.dumps({"op": "auth", "token": good, "id": 1}))
+            reply = await recv_json(ws)
+            assert (reply["type"], reply["user"], reply["id"]) == ("authenticated", "alice", 1)
+            await ws.send(json.dumps({"op": "subscribe", "channel": "paid:gold"}))
+            assert (await recv_json(ws))["type"] == "subscribed"
+            await d.publish("paid:gold", "hi")
+            assert (await recv_json(ws))["data"] == "hi"
+
+
+async def test_subscribe_rules(daemon_factory: Any) -> None:
+    async with daemon_factory(**AUTH, namespaces=NAMESPACES) as d:
+        cases = [
+            # (token, channel, expected error code or None)
+            (None, "public:news", None),
+            (None, "members:lounge", "token_required"),
+            (token(), "members:lounge", None),
+            (token(channels=["paid:gold"]), "paid:gold", None),
+            (token(channels=["paid:gold"]), "paid:silver", "channel_not_allowed"),
+            (token(channels=["paid:*"]), "paid:silver", None),
+            (token("alice"), "members:inbox#alice", None),
+            (token("bob", channels=["*"]), "members:inbox#alice", "not_your_channel"),
+            (None, "public:inbox#alice", "token_required"),
+            (token(channels=["*"]), "nowhere:x", "unknown_namespace"),
+            (token(channels=["*"]), "plain", None),
+        ]
+        for given, channel, expected in cases:
+            async with d.connect("/") as ws:
+                if given is not None:
+                    await ws.send(json.dumps({"op": "auth", "token": given}))
+                    assert (await recv_json(ws))["type"] == "authenticated"
+                await ws.send(json.dumps({"op": "subscribe", "channel": channel}))
+                reply = await recv_json(ws)
+                got = reply["code"] if reply["type"] == "error" else None
+                assert got == expected, (channel, reply)
+        metrics = (await d.http.get("/metrics")).text
+        assert 'broadcastd_subscribe_denials_total{reason="not_your_channel"} 1.0' in metrics
+
+
+@pytest.mark.parametrize(
+    ("make", "code", "close"),
+    [
+        (lambda: "not.a.jwt", "token_invalid", 4002),
+        (lambda: jwt.encode({"sub": "a"}, "other" * 13, algorithm="HS256"), "token_invalid", 4002),
+        (lambda: token(exp=int(time.time()) - 60), "token_expired", 4003),
+        (lambda: token(nbf=int(time.time()) + 600), "token_not_yet_valid", 4002),
+        (lambda: jwt.encode({"sub": "a"}, None, algorithm="none"), "token_invalid", 4002),
+    ],
+)
+async def test_a_bad_token_at_connect_is_refused_and_closed(
+    daemon_factory: Any, make: Any, code: str, close: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = make()
+    async with daemon_factory(**AUTH, namespaces=NAMESPACES) as d:
+        async with d.connect(
+            "/?channel=public:news", additional_headers={"Authorization": f"Bearer {bad}"}
+        ) as ws:
+            error = await recv_json(ws)
+            assert (error["type"], error["code"], error["op"]) == ("error", code, "connect")
+            assert await closed_with(ws) == close
+        async with d.connect("/?channel=public:news") as witness:  # nobody else affected
+            assert (await recv_json(witness))["type"] == "subscribed"
+        metrics = (await d.http.get("/metrics")).text
+        assert f'broadcastd_auth_refusals_total{{reason="{code}"}} 1.0' in metrics
+    assert bad not in capsys.readouterr().out  # never logged
+
+
+async def test_refresh_keeps_the_connection_and_no_refresh_closes_it(daemon_factory: Any) -> None:
+    settings = {**AUTH, "auth__leeway": 0, "auth__expiring_notice": 60, "namespaces": NAMESPACES}
+    async with daemon_factory(**settings) as d:
+        soon = int(time.time()) + 2
+        async with d.connect(f"/?channel=members:lounge&token={token(exp=soon)}") as ws:
+            assert (await recv_json(ws))["type"] == "authenticated"
+            assert (await recv_json(ws))["type"] == "subscribed"
+            assert await recv_json(ws) == {"type": "expiring", "expires": soon}
+            await ws.send(json.dumps({"op": "refresh", "token": token(), "id": "r"}))
+            reply = await recv_json(ws)
+            assert (reply["type"], reply["op"], reply["id"]) == ("authenticated", "refresh", "r")
+            # Past the first token's exp: still connected, still subscribed.
+            while time.time() < soon + 0.5:
+                await ws.send(json.dumps({"op": "ping"}))
+                assert (await recv_json(ws))["type"] == "pong"
+            await d.publish("members:lounge", "still here")
+            assert (await recv_json(ws))["data"] == "still here"
+        soon = int(time.time()) + 2
+        async with d.connect(f"/?channel=members:lounge&token={token(exp=soon)}") as ws:
+            assert (await recv_json(ws))["type"] == "authenticated"
+            assert (await recv_json(ws))["type"] == "subscribed"
+            assert (await recv_json(ws))["type"] == "expiring"
+            assert await closed_with(ws) == 4003
+        async with d.connect("/") as ws:  # another user's token cannot take over
+            await ws.send(json.dumps({"op": "auth", "token": token("alice")}))
+            assert (await recv_json(ws))["type"] == "authenticated"
+            await ws.send(json.dumps({"op": "refresh", "token": token("mallory")}))
+            assert (await recv_json(ws))["code"] == "token_user"
+
+
+async def test_a_connection_that_never_authenticates_is_closed(daemon_factory: Any) -> None:
+    async with daemon_factory(**AUTH, auth__auth_timeout=0.3) as d, d.connect("/") as ws:
+        await ws.send(json.dumps({"op": "subscribe", "channel": "news"}))
+        assert (await recv_json(ws))["code"] == "token_required"
+        assert await closed_with(ws) == 4001
+
+
+async def test_auth_commands_without_auth_configured(daemon: Running) -> None:
+    async with daemon.connect("/") as ws:
+        await ws.send(json.dumps({"op": "auth", "token": "x", "id": 3}))
+        reply = await recv_json(ws)
+        assert (reply["type"], reply["code"], reply["id"]) == ("error", "bad_command", 3)
+        await ws.send(json.dumps({"op": "auth", "id": 4}))
+        assert (await recv_json(ws))["code"] == "bad_command"
+
+
+async def test_namespace_options_take_effect(daemon_factory: Any) -> None:
+    async with daemon_factory(namespaces=NAMESPACES) as d:
+        async with d.connect("/?channel=short:a&channel=live:a&channel=plain") as ws:
+            epochs = {r["channel"]: r["epoch"] for r in [await recv_json(ws) for _ in range(3)]}
+            for channel in ("short:a", "live:a", "plain"):
+                for i in range(3):
+                    await d.publish(channel, i)
+            for _ in range(9):
+                await recv_json(ws)
+        since = "&".join(f"since={c}:{epochs[c]}:0" for c in ("short:a", "live:a", "plain"))
+        async with d.connect("/?" + since) as ws:
+            replies = {}
+            for _ in range(6):
+                frame = await recv_json(ws)
+                if frame.get("type") == "subscribed":
+                    replies[frame["channel"]] = frame
+            assert (replies["short:a"]["recovered"], replies["short:a"]["reason"]) == (
+                False,
+                "too_old",
+            )
+            assert (replies["live:a"]["recovered"], replies["live:a"]["reason"]) == (
+                False,
+                "disabled",
+            )
+            assert replies["plain"]["recovered"] is True
+        big = await d.http.post("/publish/tiny:x", json="x" * 40)
+        assert big.status_code == 413
+        assert (await d.http.post("/publish/plain", json="x" * 40)).status_code == 200
+        unknown = await d.http.post("/publish/nowhere:x", json=1)
+        assert (unknown.status_code, unknown.json()["error"]["code"]) == (400, "unknown_namespace")
+        async with d.connect("/?channel=nowhere:x") as ws:
+            assert (await recv_json(ws))["code"] == "unknown_namespace"
+
+
+async def test_origin_is_optional_unless_required(daemon_factory: Any) -> None:
+    origins = {"ws__allowed_origins": ["https://app.example"]}
+    async with daemon_factory(**origins) as d, d.connect("/?channel=a") as ws:
+        assert (await recv_json(ws))["type"] == "subscribed"  # no Origin: not a browser
+    async with daemon_factory(**origins, ws__require_origin=True) as d:
+        with pytest.raises(InvalidStatus, match="403"):
+            await d.connect("/?channel=a").__aenter__()
+        async with d.connect("/?channel=a", origin="https://app.example") as ws:
+            assert (await recv_json(ws))["type"] == "subscribed"
