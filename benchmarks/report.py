@@ -139,6 +139,7 @@ def _suspect(details: dict[str, Any]) -> list[str]:
             found.append(
                 f"load client CPU {phase['client_cpu_util']:.0%}: the client may be the bottleneck"
             )
+    found += details.get("problems", [])
     if details.get("connect_errors"):
         found.append(f"connect errors {details['connect_errors']}")
     if details.get("closed_by_server"):

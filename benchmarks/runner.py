@@ -20,7 +20,7 @@ from typing import Any
 
 from benchmarks.procstat import busy_elsewhere, raise_nofile
 from benchmarks.report import format_cores
-from benchmarks.scenarios import SCENARIOS, Params, server_env, unsupported
+from benchmarks.scenarios import SCENARIOS, Params, compare, server_env, unsupported
 from benchmarks.servers import SERVERS, ServerError
 
 SERVER_LOG_LINES = 20
@@ -95,6 +95,9 @@ async def run(
                     client = format_cores({"load client": results["host"]["affinity"]})
                     progress(f"[{name}] cores: {format_cores(res['pinning'])}; {client}")
                 progress(f"[{name}] {scenario} {_summary(res)}")
+            compare(outcome["scenarios"])  # S5t against S5
+            if "time_ratio" in outcome["scenarios"].get("S5t", {}).get("metrics", {}):
+                progress(f"[{name}] S5t vs S5 {_summary(outcome['scenarios']['S5t'], 'ratio')}")
     return results
 
 
@@ -139,11 +142,14 @@ async def _one(server: Any, scenario: str, params: Params) -> dict[str, Any]:
     return res
 
 
-def _summary(res: dict[str, Any]) -> str:
+def _summary(res: dict[str, Any], only: str = "") -> str:
+    """The scenario's metrics in a line (those whose key contains ``only``)."""
     if "error" in res:
         return f"FAILED: {res['error']}"
     parts = []
-    for m in res.get("metrics", {}).values():
+    for key, m in res.get("metrics", {}).items():
+        if only not in key:
+            continue
         value = m["value"]
         shown = "n/a" if value is None else f"{value:.4g}{m['unit']}"
         parts.append(f"{m['label']}={shown}")

@@ -1,4 +1,4 @@
-"""The benchmark scenarios, S1 to S5 and R, each against one freshly started server.
+"""The benchmark scenarios, S1 to S5, S5t, S1c and R, each against one freshly started server.
 
 Every scenario returns ``{"metrics": {...}, "details": {...}}``: metrics are
 the headline figures the report tabulates (each with its label, unit and which
@@ -11,7 +11,11 @@ server, was the bottleneck).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
+import secrets
+import socket
 import statistics
 import time
 from collections import Counter
@@ -19,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from benchmarks.conflation import SlowGroup, SlowReader
 from benchmarks.procstat import (
     descendants,
     load_elsewhere,
@@ -27,7 +32,14 @@ from benchmarks.procstat import (
     tree_cpu_seconds,
     tree_rss_bytes,
 )
-from benchmarks.publisher import HttpPipe, batch_flat_out, flat_out, paced, steady
+from benchmarks.publisher import (
+    HttpPipe,
+    PublishStats,
+    batch_flat_out,
+    flat_out,
+    paced,
+    steady,
+)
 from benchmarks.recovery import Fleet, Resumer, Track
 from benchmarks.servers import HOST, Server
 from benchmarks.stats import percentiles_ms
@@ -57,6 +69,20 @@ class Params:
     s4_counts: tuple[int, ...] = (10_000, 19_500)
     s5_clients: int = 10_000
     s5_in_flight: int = 500
+    """S5 and S5t: handshakes in flight."""
+    s1c_slow: int = 10
+    """S1c: slow readers among the ``s1_subscribers`` (half paused, half lagging)."""
+    s1c_max_messages: int = 5_000_000
+    """S1c: publishes at most (``s1_duration`` bounds it too)."""
+    s1c_lag_delay: float = 0.2
+    """S1c: seconds a lagging reader stops reading after each read."""
+    s1c_slow_rcvbuf: int = 4096
+    """S1c: SO_RCVBUF of the slow readers (the kernel doubles it), set before connecting."""
+    s1c_slow_mss: int = 1460
+    """S1c: TCP_MAXSEG of the slow readers, set before connecting: an Ethernet client's.
+    With loopback's 64 KiB MSS the daemon's kernel grows the send buffer of each
+    connection to ~4 MiB, which holds ~20,000 of S1's messages for a reader that does
+    not read, and S1c would conflate nothing; with 1460 it stays near 120 KiB."""
     r_clients: int = 1000
     r_channels: int = 10
     r_rate: float = 200.0
@@ -102,6 +128,8 @@ QUICK = Params(
     s4_counts=(100, 195),
     s5_clients=200,
     s5_in_flight=50,
+    s1c_slow=4,
+    s1c_max_messages=5000,
     r_clients=20,
     r_channels=2,
     r_rate=40.0,
@@ -116,6 +144,16 @@ QUICK = Params(
 
 HISTORY_SIZE = "BROADCASTD_HISTORY__SIZE"
 """The daemon setting R raises (``Params.r_history_size``)."""
+
+AUTH_SECRET = secrets.token_urlsafe(48)
+"""S5t's HS256 secret (64 characters, the daemon's minimum), new for every run."""
+TOKEN_TTL = 3600
+TOKEN_COST_TARGET = 1.2
+"""S5t may take at most 20 % more than S5 (time, and server CPU)."""
+
+CONFLATE_NAMESPACE = "px"
+CONFLATE_CHANNEL = f"{CONFLATE_NAMESPACE}:feed"
+"""S1c's channel, in a namespace whose slow-consumer policy is ``conflate``."""
 
 MIN_CPU_S = 0.05
 """Less server CPU than this (5 ticks of /proc's 10 ms clock) is too little to
@@ -133,11 +171,22 @@ def _mode(server: Server, p: Params) -> tuple[bool, bool]:
 
 
 async def _connect(
-    server: Server, pool: Pool, channels: list[str], p: Params, concurrency: int | None = None
+    server: Server,
+    pool: Pool,
+    channels: list[str],
+    p: Params,
+    concurrency: int | None = None,
+    tokens: list[str] | None = None,
 ) -> ConnectResult:
-    """One connection per entry of ``channels``, each subscribed to that channel."""
+    """One connection per entry of ``channels``, each subscribed to that channel (with
+    the token of the same index in ``?token=``, if given)."""
     raw, json_mode = _mode(server, p)
     paths = [server.ws_path([c], raw) for c in channels]
+    if tokens is not None:
+        paths = [
+            f"{path}{'&' if '?' in path else '?'}token={token}"
+            for path, token in zip(paths, tokens, strict=True)
+        ]
     return await pool.connect(
         HOST,
         server.ws_ports,  # a cluster's nodes take turns
@@ -281,6 +330,196 @@ async def s1_fanout(server: Server, p: Params) -> dict[str, Any]:
         return {"metrics": metrics, "details": details}
     finally:
         pool.abort_all()
+
+
+async def s1c_conflate(server: Server, p: Params) -> dict[str, Any]:
+    """S1c: S1's fan-out (one phase, ``s1_depth`` pipelined) on a conflating channel,
+    with ``s1c_slow`` deliberately slow readers among the subscribers.
+
+    The daemon declares the namespace ``px`` with ``slow_consumer_policy =
+    "conflate"``; everyone subscribes to ``px:feed`` (JSON mode, always: the
+    checks need offsets and ``missed`` events). Half the slow readers stop
+    reading right after subscribing, the others read one small chunk every
+    ``s1c_lag_delay`` seconds (see benchmarks/conflation.py). Once the normal
+    subscribers have every message, the daemon's RSS is read (the slow readers'
+    outboxes are still full), then the slow readers read at full speed, and
+    each must end with received + missed == published and the last message.
+    """
+    p = dataclasses.replace(p, raw=False)
+    loop = asyncio.get_running_loop()
+    channel = CONFLATE_CHANNEL
+    slow_n = max(1, min(p.s1c_slow, p.s1_subscribers - 1))
+    pool = Pool(json_mode=True, sample_every=p.sample_every)
+    slow_pool = Pool(json_mode=True)
+    group = SlowGroup(channel)
+    pipe: HttpPipe | None = None
+
+    def slow_reader(
+        i: int, request: bytes, accept: bytes, ready: asyncio.Future[None]
+    ) -> SlowReader:
+        delay = None if i % 2 == 0 else p.s1c_lag_delay
+        return SlowReader(slow_pool, request, accept, ready, group, delay=delay)
+
+    try:
+        base_rss = tree_rss_bytes(server.pid)
+        conn = await _connect(server, pool, [channel] * (p.s1_subscribers - slow_n), p)
+        slow_conn = await slow_pool.connect(
+            HOST,
+            server.ws_ports,
+            [server.ws_path([channel], False)] * slow_n,
+            replies_expected=1,
+            concurrency=p.connect_concurrency,
+            deadline=loop.time() + p.connect_timeout,
+            make=slow_reader,
+            sockopts=(
+                (socket.SOL_SOCKET, socket.SO_RCVBUF, p.s1c_slow_rcvbuf),
+                (socket.IPPROTO_TCP, socket.TCP_MAXSEG, p.s1c_slow_mss),
+            ),
+        )
+        group.readers = [r for r in group.readers if r.top is not None]
+        total = conn.subscribed + slow_conn.subscribed
+        seen = await server.wait_subscribers(channel, total, acknowledged=True)
+        subscribed_rss = tree_rss_bytes(server.pid)
+        pipe = await HttpPipe.open(HOST, server.control_port)
+        meter = _Meter(server)
+        stats = await flat_out(
+            pipe,
+            [channel],
+            depth=p.s1_depth,
+            duration=p.s1_duration,
+            max_messages=p.s1c_max_messages,
+        )
+        result = await _deliveries(pool, stats.ok * conn.subscribed, meter, p)
+        held_rss = tree_rss_bytes(server.pid)
+        top = max((r.top or 0 for r in group.readers), default=0)
+        group.release(top + stats.ok)
+        try:
+            async with asyncio.timeout(p.settle_timeout):
+                await group.all_done.wait()
+        except TimeoutError:
+            pass
+        readers = [r.report(stats.ok) for r in group.readers]
+        return _conflation_result(
+            p,
+            (conn, slow_conn),
+            (pool, slow_pool),
+            stats,
+            result,
+            readers,
+            {
+                "server_subscribers": seen,
+                "base_rss_mib": base_rss / 2**20,
+                "subscribed_rss_mib": subscribed_rss / 2**20,
+                "held_rss_mib": held_rss / 2**20,
+                "end_rss_mib": tree_rss_bytes(server.pid) / 2**20,
+            },
+        )
+    finally:
+        if pipe is not None:
+            pipe.close()
+        pool.abort_all()
+        slow_pool.abort_all()
+
+
+def _conflation_result(
+    p: Params,
+    conns: tuple[ConnectResult, ConnectResult],
+    pools: tuple[Pool, Pool],
+    stats: PublishStats,
+    result: dict[str, Any],
+    readers: list[dict[str, Any]],
+    memory: dict[str, Any],
+) -> dict[str, Any]:
+    """S1c's rows and details: the fan-out to the normal subscribers, the slow readers'
+    counts and checks, the daemon's RSS with the slow readers' outboxes full."""
+    conn, slow_conn = conns
+    pool, slow_pool = pools
+    n, slow_n = conn.subscribed, slow_conn.subscribed
+    published = stats.ok
+    wrong = [
+        r
+        for r in readers
+        if not (r["adds_up"] and r["got_last"]) or r["offset_violations"] or r["unexpected_replies"]
+    ]
+    problems = [
+        f"slow reader {i} ({r['kind']}): received {r['received']:,} + missed "
+        f"{r['missed']:,} of {published:,} published, last offset {r['last_offset']}"
+        f"{'' if r['got_last'] else ' (not the last)'}, "
+        f"{r['offset_violations']} offset violation(s), unexpected {r['unexpected_replies']}"
+        for i, r in enumerate(readers)
+        if r in wrong
+    ]
+    if slow_n < slow_conn.attempted:
+        problems.append(f"only {slow_n} of {slow_conn.attempted} slow readers subscribed")
+    if slow_pool.closed_by_server or slow_pool.lost_connections:
+        closed = {str(k): v for k, v in slow_pool.closed_by_server.items()}
+        problems.append(
+            f"slow readers closed by the server {closed}, lost {slow_pool.lost_connections}"
+        )
+    if not any(r["missed"] for r in readers):
+        problems.append("no slow reader missed anything: nothing was conflated")
+    if pool.missed:
+        problems.append(
+            f"the normal subscribers missed {pool.missed:,} messages (conflated): "
+            "the load client fell behind"
+        )
+    label = f"S1c fan-out {n} subs + {slow_n} slow, conflating channel, {p.s1_depth} pipelined"
+    metrics = {
+        "deliveries_per_s": metric(
+            f"{label}: deliveries/s", "msg/s", "higher", result["deliveries_per_s"]
+        ),
+        "cpu_s_per_1m": metric(
+            "S1c server CPU-s per 1M deliveries (normal subscribers)",
+            "s",
+            "lower",
+            result["cpu_s_per_1m"],
+        ),
+        **_helper_rows(result, published, "S1c", ""),
+        "slow_received": metric(
+            f"S1c slow readers: messages received (of {published:,} each)",
+            "msg",
+            "higher",
+            sum(r["received"] for r in readers),
+        ),
+        "slow_missed": metric(
+            "S1c slow readers: missed (sum of counts told)",
+            "msg",
+            "lower",
+            sum(r["missed"] for r in readers),
+        ),
+        "slow_wrong": metric(
+            "S1c slow readers: received + missed != published, or last message missing",
+            "readers",
+            "lower",
+            len(wrong) + slow_conn.attempted - slow_n,
+        ),
+        "held_rss_mib": metric(
+            "S1c server RSS, slow readers' outboxes full", "MiB", "lower", memory["held_rss_mib"]
+        ),
+        "held_growth_mib": metric(
+            "S1c server RSS growth since all subscribed",
+            "MiB",
+            "lower",
+            memory["held_rss_mib"] - memory["subscribed_rss_mib"],
+        ),
+    }
+    details: dict[str, Any] = {
+        **_pool_details(pool, conn),
+        **result,
+        **memory,
+        "published": published,
+        "publish_statuses": stats.statuses,
+        "publishes_per_s": published / stats.seconds if stats.seconds else None,
+        "normal_missed": pool.missed,
+        "slow_connected": slow_n,
+        "slow_connect_errors": dict(slow_pool.errors),
+        "slow_closed_by_server": {str(k): v for k, v in slow_pool.closed_by_server.items()},
+        "slow_lost_connections": slow_pool.lost_connections,
+        "slow_readers": readers,
+    }
+    if problems:
+        details["problems"] = problems
+    return {"metrics": metrics, "details": details}
 
 
 async def s2b_latency(server: Server, p: Params) -> dict[str, Any]:
@@ -454,28 +693,114 @@ async def s4_memory(server: Server, p: Params) -> dict[str, Any]:
 
 async def s5_storm(server: Server, p: Params) -> dict[str, Any]:
     """S5: clients connect and subscribe at once (bounded in flight), own channel each."""
+    return await _storm(server, p, with_tokens=False)
+
+
+async def s5t_storm(server: Server, p: Params) -> dict[str, Any]:
+    """S5t: S5 against a daemon with subscriber auth on (``auth.hmac_secret``): each
+    client passes its own HS256 token (``sub`` its own, ``channels`` its one channel)
+    as ``?token=``, and counts as subscribed at its ``subscribed`` reply, which
+    comes after the token was verified (and after an ``authenticated`` event).
+    Always JSON mode: in raw mode a client would count itself subscribed at the 101,
+    before the token is checked. The tokens are signed before the clock starts."""
+    p = dataclasses.replace(p, raw=False)
+    return await _storm(server, p, with_tokens=True)
+
+
+def subscriber_tokens(channels: list[str]) -> list[str]:
+    """One HS256 token per channel, signed with AUTH_SECRET, valid for TOKEN_TTL."""
+    import jwt  # PyJWT, a dependency of broadcastd; only S5t needs it
+
+    expires = int(time.time()) + TOKEN_TTL
+    return [
+        jwt.encode(
+            {"sub": f"bench-{i}", "channels": [channel], "exp": expires},
+            AUTH_SECRET,
+            algorithm="HS256",
+        )
+        for i, channel in enumerate(channels)
+    ]
+
+
+async def _storm(server: Server, p: Params, *, with_tokens: bool) -> dict[str, Any]:
+    """S5 and S5t: the connect+subscribe storm, timed, and the server's CPU over it."""
+    name = "S5t" if with_tokens else "S5"
     _, json_mode = _mode(server, p)
     pool = Pool(json_mode=json_mode)
     try:
         channels = [f"s5-{i}" for i in range(p.s5_clients)]
-        conn = await _connect(server, pool, channels, p, concurrency=p.s5_in_flight)
+        tokens = subscriber_tokens(channels) if with_tokens else None
+        meter = _Meter(server)
+        conn = await _connect(server, pool, channels, p, concurrency=p.s5_in_flight, tokens=tokens)
+        usage = meter.done(time.monotonic())
         all_ok = conn.subscribed == conn.attempted
+        cpu_ms = (
+            usage["server_cpu_s"] / conn.subscribed * 1000
+            if conn.subscribed and usage["server_cpu_s"] >= MIN_CPU_S
+            else None
+        )
+        how = ", an HS256 token each" if with_tokens else ""
         return {
             "metrics": {
                 "seconds": metric(
-                    f"S5 {conn.attempted} connect+subscribe ({p.s5_in_flight} in flight)",
+                    f"{name} {conn.attempted} connect+subscribe{how} ({p.s5_in_flight} in flight)",
                     "s",
                     "lower",
                     conn.seconds if all_ok else None,
                 ),
                 "per_s": metric(
-                    "S5 subscriptions/s", "conn/s", "higher", conn.subscribed / conn.seconds
+                    f"{name} subscriptions/s", "conn/s", "higher", conn.subscribed / conn.seconds
+                ),
+                "cpu_ms": metric(
+                    f"{name} server CPU-ms per connect+subscribe", "ms", "lower", cpu_ms
                 ),
             },
-            "details": _pool_details(pool, conn),
+            "details": {
+                **_pool_details(pool, conn),
+                "json_mode": json_mode,
+                "tokens": with_tokens,
+                "cpu_ms_per_connect": cpu_ms,
+                "usage": usage,
+            },
         }
     finally:
         pool.abort_all()
+
+
+def compare(scenarios: dict[str, Any]) -> None:
+    """Rows that need two scenarios of one server: S5t's cost against S5 (both in JSON
+    mode), added to S5t's metrics, with a problem noted above TOKEN_COST_TARGET."""
+    plain, tokens = scenarios.get("S5", {}), scenarios.get("S5t", {})
+    if "metrics" not in plain or "metrics" not in tokens:
+        return
+    if not plain["details"].get("json_mode"):
+        tokens["details"]["vs_S5"] = "not compared: S5 ran in raw mode (--raw)"
+        return
+
+    def ratio(key: str) -> float | None:
+        a, b = tokens["metrics"][key]["value"], plain["metrics"][key]["value"]
+        return a / b if a is not None and b else None
+
+    time_ratio, cpu_ratio = ratio("seconds"), ratio("cpu_ms")
+    target = f"target <= {TOKEN_COST_TARGET:.2f}"
+    tokens["metrics"]["time_ratio"] = metric(
+        f"S5t / S5 time: what tokens cost ({target})", "x", "lower", time_ratio
+    )
+    tokens["metrics"]["cpu_ratio"] = metric(
+        "S5t / S5 server CPU per connect+subscribe", "x", "lower", cpu_ratio
+    )
+    tokens["details"]["vs_S5"] = {
+        "time_ratio": time_ratio,
+        "cpu_ratio": cpu_ratio,
+        "per_s_without": plain["metrics"]["per_s"]["value"],
+        "per_s_with": tokens["metrics"]["per_s"]["value"],
+        "target": TOKEN_COST_TARGET,
+    }
+    for what, value in (("time", time_ratio), ("server CPU", cpu_ratio)):
+        if value is not None and value > TOKEN_COST_TARGET:
+            tokens["details"].setdefault("problems", []).append(
+                f"tokens cost {value:.2f}x the {what} of S5 ({target})"
+            )
 
 
 async def r_recovery(server: Server, p: Params) -> dict[str, Any]:
@@ -686,23 +1011,35 @@ def unsupported(scenario: str, server: type[Server]) -> str | None:
         return server.only_why
     if scenario == "R" and not server.recovery:
         return "no resume from a position (since=CHANNEL:EPOCH:OFFSET): R is for broadcastd"
+    if scenario == "S5t" and not server.tokens:
+        return "no subscriber tokens (?token=JWT): S5t is for broadcastd"
+    if scenario == "S1c" and not server.conflation:
+        return "no conflating namespaces: S1c is for broadcastd"
     return None
 
 
 def server_env(scenario: str, p: Params) -> dict[str, str]:
-    """Environment the server of ``scenario`` gets on top of the runner's (which
-    wins: ``BROADCASTD_HISTORY__SIZE=100 python -m benchmarks`` measures 100)."""
+    """Environment the server of ``scenario`` gets on top of the runner's. For R the
+    runner's wins (``BROADCASTD_HISTORY__SIZE=100 python -m benchmarks`` measures
+    100); S5t's secret and S1c's namespace are what those scenarios are about."""
     if scenario == "R" and p.r_history_size is not None and HISTORY_SIZE not in os.environ:
         return {HISTORY_SIZE: str(p.r_history_size)}
+    if scenario == "S5t":
+        return {"BROADCASTD_AUTH__HMAC_SECRET": AUTH_SECRET}
+    if scenario == "S1c":
+        namespaces = [{"name": CONFLATE_NAMESPACE, "slow_consumer_policy": "conflate"}]
+        return {"BROADCASTD_NAMESPACES": json.dumps(namespaces)}
     return {}
 
 
 Scenario = Callable[[Server, Params], Awaitable[dict[str, Any]]]
 SCENARIOS: dict[str, Scenario] = {
     "S1": s1_fanout,
+    "S1c": s1c_conflate,
     "S2b": s2b_latency,
     "S3": s3_channels,
     "S4": s4_memory,
     "S5": s5_storm,
+    "S5t": s5t_storm,
     "R": r_recovery,
 }

@@ -40,6 +40,7 @@ from typing import cast
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _T_FIELD = re.compile(rb'"t": ?(\d+)')
+_MISSED_COUNT = re.compile(rb'"count": ?(\d+)')
 _MAX_HANDSHAKE = 16 * 1024
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING = 0x0, 0x1, 0x2, 0x8, 0x9
 _OP_PONG = 0xA
@@ -90,6 +91,9 @@ class Pool:
         self.countdown = sample_every
         self.latencies_ns: array[int] = array("q")
         self.messages = 0
+        self.missed = 0
+        """Messages the server said were lost (``missed`` events of a conflating or
+        drop_oldest channel): they count towards the expected total."""
         self.replies = 0
         self.handshakes = 0
         self.open = 0
@@ -105,9 +109,17 @@ class Pool:
 
     def expect(self, total_messages: int) -> None:
         """Arm :meth:`wait_for_messages` to wake once ``messages`` reaches the total."""
-        self.target = total_messages
+        self.target = total_messages - self.missed
         self.target_reached.clear()
-        if self.messages >= total_messages:
+        if self.messages >= self.target:
+            self.target_reached.set()
+
+    def add_missed(self, count: int) -> None:
+        """``count`` messages will never come (the server said so): the target is
+        lowered instead of the hot path checking ``messages + missed``."""
+        self.missed += count
+        self.target -= count
+        if self.messages >= self.target:
             self.target_reached.set()
 
     async def wait_for_messages(self, deadline: float) -> bool:
@@ -123,6 +135,7 @@ class Pool:
     def reset_counts(self) -> None:
         """Zero the message counters between phases of one test."""
         self.messages = 0
+        self.missed = 0
         self.latencies_ns = array("q")
         self.countdown = self.sample_every
         self.target = _NEVER
@@ -153,6 +166,7 @@ class Pool:
         concurrency: int,
         deadline: float,
         make: MakeSubscriber | None = None,
+        sockopts: Sequence[SockOpt] = (),
     ) -> ConnectResult:
         """Open one connection per path with at most ``concurrency`` handshakes in flight.
 
@@ -163,7 +177,11 @@ class Pool:
         raised: a benchmark reports them. ``make(index, request, accept, ready)``
         builds the protocol of ``paths[index]`` instead of a plain Subscriber.
         Given several ports (the nodes of a cluster), ``paths[index]`` connects to
-        ``port[index % len(port)]``.
+        ``port[index % len(port)]``. ``sockopts`` (level, option, value) are set
+        on each socket before it connects: SO_RCVBUF and TCP_MAXSEG must be, since
+        the SYN carries the window scale and the MSS (shrinking the buffer of an
+        established connection makes the kernel drop segments it already allowed,
+        and the sender stalls in retransmits).
         """
         loop = asyncio.get_running_loop()
         ports = [port] if isinstance(port, int) else list(port)
@@ -182,7 +200,12 @@ class Pool:
                     sub = make(index, request, accept, ready)
                 try:
                     async with asyncio.timeout(OPEN_TIMEOUT):
-                        await loop.create_connection(functools.partial(_same, sub), host, to)
+                        factory = functools.partial(_same, sub)
+                        if sockopts:
+                            sock = await _socket_with(loop, host, to, sockopts)
+                            await loop.create_connection(factory, sock=sock)
+                        else:
+                            await loop.create_connection(factory, host, to)
                         await ready
                 except TimeoutError:
                     self.errors["timeout"] += 1
@@ -207,6 +230,22 @@ class Pool:
         return ConnectResult(ok, len(paths), time.monotonic() - started)
 
 
+async def _socket_with(
+    loop: asyncio.AbstractEventLoop, host: str, port: int, sockopts: Sequence[SockOpt]
+) -> socket.socket:
+    """A TCP socket connected to ``host:port``, ``sockopts`` set before the SYN."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        for level, option, value in sockopts:
+            sock.setsockopt(level, option, value)
+        await loop.sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _same(protocol: Subscriber) -> Subscriber:
     """A protocol factory returning a protocol made beforehand."""
     return protocol
@@ -218,6 +257,9 @@ class ConnectResult:
     attempted: int
     seconds: float
 
+
+SockOpt = tuple[int, int, int]
+"""(level, option, value) for ``socket.setsockopt``."""
 
 MakeSubscriber = Callable[[int, bytes, bytes, "asyncio.Future[None]"], "Subscriber"]
 """Builds the protocol of one connection: (index of its path, upgrade request,
@@ -413,6 +455,10 @@ class Subscriber(asyncio.Protocol):
             self.replies_left -= 1
             if self.replies_left == 0 and not self.ready.done():
                 self.ready.set_result(None)
+        elif b'"missed"' in payload:
+            match = _MISSED_COUNT.search(payload)
+            if match is not None:
+                pool.add_missed(int(match.group(1)))
 
     def _closed_by_server(self, payload: bytes) -> None:
         code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005

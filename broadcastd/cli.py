@@ -25,7 +25,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -113,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subscribe.add_argument(
         "--once", action="store_true", help="exit when the connection ends instead of reconnecting"
+    )
+    who = subscribe.add_mutually_exclusive_group()
+    who.add_argument("--token", help="subscriber token (JWT), sent as Authorization: Bearer")
+    who.add_argument(
+        "--token-file",
+        metavar="PATH",
+        help="read the subscriber token from PATH at each connection, so that a token "
+        "renewed there is picked up when the old one expires (close 4003)",
     )
     _add_client_flags(subscribe)
     return parser
@@ -282,6 +291,9 @@ def _is_json(data: bytes) -> bool:
 
 GIVE_UP_CODES = frozenset((1003, 1007, 1008, 1009))
 """Close codes that mean the client is at fault: reconnecting would fail again."""
+TOKEN_CODES = frozenset((4001, 4002, 4003))
+"""Closes for want of a (valid, current) token: worth retrying only with a token
+file that may have been renewed meanwhile."""
 
 
 class Backoff:
@@ -415,17 +427,43 @@ def _raw_payload(text: str, data: Any) -> str:
 def subscribe(settings: Settings, args: argparse.Namespace) -> int:
     base = args.url or f"ws://{_local(settings.ws.host)}:{settings.ws.port}/"
     resume = Resume(args.channels, raw=args.raw)
+    token_file = args.token_file
+
+    def token() -> str | None:
+        if token_file is not None:
+            return Path(token_file).read_text().strip() or None
+        value: str | None = args.token
+        return value
+
     try:
         return asyncio.run(
-            _subscribe(base.rstrip("/") + "/?", resume, Backoff(cap=args.max_backoff), args.once)
+            _subscribe(
+                base.rstrip("/") + "/?",
+                resume,
+                Backoff(cap=args.max_backoff),
+                args.once,
+                token,
+                renewable=token_file is not None,
+            )
         )
     except KeyboardInterrupt:  # before the signal handlers were installed
         return 128 + signal.SIGINT
 
 
-async def _subscribe(base: str, resume: Resume, backoff: Backoff, once: bool) -> int:
+async def _subscribe(
+    base: str,
+    resume: Resume,
+    backoff: Backoff,
+    once: bool,
+    token: Callable[[], str | None] = lambda: None,
+    *,
+    renewable: bool = False,
+) -> int:
     """Print every frame, one per line; reconnect after ``backoff`` unless ``once``,
-    from where each channel's output stands (``resume``).
+    from where each channel's output stands (``resume``), with the ``token`` of the
+    moment (a ``renewable`` one is read again at each connection, so an expired
+    token, close 4003, is replaced by a renewed one; a static one that expired or
+    was refused ends the command).
 
     SIGINT (Ctrl-C) or SIGTERM closes the connection normally (1000: the server
     sees a client that left, not one that failed) and exits 128 + the signal
@@ -457,7 +495,11 @@ async def _subscribe(base: str, resume: Resume, backoff: Backoff, once: bool) ->
         while True:
             try:
                 url = base + urlencode(resume.query())
-                async with connect(url, compression=None, max_size=None) as ws:
+                bearer = token()
+                headers = {} if bearer is None else {"Authorization": f"Bearer {bearer}"}
+                async with connect(
+                    url, compression=None, max_size=None, additional_headers=headers
+                ) as ws:
                     current = ws
                     backoff.opened(time.monotonic())
                     async for message in ws:
@@ -482,7 +524,7 @@ async def _subscribe(base: str, resume: Resume, backoff: Backoff, once: bool) ->
             except ConnectionClosed as exc:
                 code = exc.rcvd.code if exc.rcvd is not None else 1006
                 print(f"broadcastd: connection closed ({code})", file=sys.stderr)
-                if code in GIVE_UP_CODES:
+                if code in GIVE_UP_CODES or (code in TOKEN_CODES and not renewable):
                     return EXIT_FAILURE
             except OSError as exc:
                 print(f"broadcastd: cannot connect: {exc}", file=sys.stderr)

@@ -14,6 +14,12 @@ def test_benchmark_scenarios_run_against_the_daemon() -> None:
     assert outcome["scenarios"], outcome
     for name, scenario in outcome["scenarios"].items():
         assert "error" not in scenario, (name, scenario.get("error"))
+    # S1c's checks are exact: every slow reader's received + missed == published,
+    # and it got the last message; and the paused ones were conflated.
+    s1c = outcome["scenarios"]["S1c"]
+    assert s1c["metrics"]["slow_wrong"]["value"] == 0, s1c["details"].get("problems")
+    assert s1c["metrics"]["slow_missed"]["value"] > 0, s1c["details"]["slow_readers"]
+    assert "time_ratio" in outcome["scenarios"]["S5t"]["metrics"]  # compared with S5
 
 
 @pytest.mark.parametrize(

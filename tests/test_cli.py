@@ -12,10 +12,12 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import jwt
 import pytest
 
 from broadcastd.cli import Backoff, Position, Resume
@@ -481,3 +483,37 @@ def test_subscribe_tells_a_lost_recovery_after_a_daemon_restart_and_carries_on()
         first.kill()
         if second is not None:
             second.kill()
+
+
+async def test_subscribe_renews_an_expired_token_from_its_file(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """The token expires (close 4003); the command reads the renewed token from its
+    file, reconnects and resumes, nothing lost, nothing printed twice."""
+
+    secret = "k" * 64
+
+    def token(lifetime: float) -> str:
+        claims = {"sub": "cli", "channels": ["*"], "exp": int(time.time() + lifetime)}
+        return jwt.encode(claims, secret, algorithm="HS256")
+
+    token_file = tmp_path / "token"
+    token_file.write_text(token(2))
+    settings = {"auth__hmac_secret": secret, "auth__leeway": 0, "auth__expiring_notice": 60}
+    async with daemon_factory(**settings) as daemon:
+        sub = await start_subscribe(daemon, "--token-file", str(token_file), "ticks")
+        try:
+            kinds = [json.loads(await next_line(sub))["type"] for _ in range(3)]
+            assert kinds == ["authenticated", "subscribed", "expiring"]
+            await daemon.publish("ticks", 1)
+            assert json.loads(await next_line(sub))["data"] == 1
+            token_file.write_text(token(3600))  # renewed, as a sidecar would
+            assert json.loads(await next_line(sub))["type"] == "authenticated"
+            reply = json.loads(await next_line(sub))
+            assert (reply["type"], reply["recovered"]) == ("subscribed", True)
+            await daemon.publish("ticks", 2)
+            assert json.loads(await next_line(sub))["data"] == 2
+        finally:
+            rest, errors = await stop(sub)
+        assert rest == b""
+        assert b"connection closed (4003)" in errors

@@ -491,3 +491,25 @@ async def test_garbage_on_a_pubsub_channel_harms_nobody(redis_server: RedisServe
             assert [(m["offset"], m["data"]) for m in got] == [(1, 1), (2, 2)]
             await ws.send(json.dumps({"op": "ping"}))
             assert (await recv_json(ws))["type"] == "pong"
+
+
+async def test_namespace_history_options_reach_redis(redis_server: RedisServer) -> None:
+    namespaces = [{"name": "short", "history_size": 2}, {"name": "nohist", "history_size": 0}]
+    async with running_daemon(redis_settings(redis_server.url, namespaces=namespaces)) as d:
+        await broker_is(d, up=True)
+        for channel in ("short:a", "nohist:a", "plain"):
+            for i in range(4):
+                await d.publish(channel, i)
+        client = redis_server.client()
+        lengths = [
+            await asyncio.to_thread(client.xlen, "{broadcastd:" + c + "}:s")
+            for c in ("short:a", "nohist:a", "plain")
+        ]
+        assert lengths == [2, 0, 4]
+        epoch = (await d.http.get("/channels/short:a")).json()["epoch"]
+        async with d.connect(f"/?since=short:a:{epoch}:1") as ws:
+            reply = await recv_json(ws)
+            assert (reply["recovered"], reply["reason"]) == (False, "too_old")
+        async with d.connect(f"/?since=short:a:{epoch}:2") as ws:
+            assert (await recv_json(ws))["recovered"] is True
+            assert [m["data"] for m in await messages(ws, 2)] == [2, 3]

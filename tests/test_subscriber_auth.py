@@ -6,6 +6,7 @@ that must expire during a test are made to expire a second or two ahead.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -35,6 +36,10 @@ NAMESPACES = [
     {"name": "live", "subscribe": "public", "recover": False},
     {"name": "tiny", "subscribe": "public", "max_payload_bytes": 32},
 ]
+
+
+async def read_all(ws: Any, count: int) -> list[dict[str, Any]]:
+    return [await recv_json(ws) for _ in range(count)]
 
 
 async def closed_with(ws: Any) -> int:
@@ -214,3 +219,50 @@ async def test_origin_is_optional_unless_required(daemon_factory: Any) -> None:
             await d.connect("/?channel=a").__aenter__()
         async with d.connect("/?channel=a", origin="https://app.example") as ws:
             assert (await recv_json(ws))["type"] == "subscribed"
+
+
+async def test_a_slow_reader_of_a_conflating_feed_gets_every_channels_latest(
+    daemon_factory: Any,
+) -> None:
+    """Ten channels published far faster than one client reads: it gets, per
+    channel, increasing offsets, missed counts that add up, and the last message;
+    a fast reader of the same channels gets everything."""
+    namespaces = [{"name": "px", "slow_consumer_policy": "conflate"}]
+    channels = [f"px:s{i}" for i in range(10)]
+    query = "/?" + "&".join(f"channel={c}" for c in channels)
+    async with (
+        daemon_factory(namespaces=namespaces, ws__outbox_messages=16, ws__write_limit=1024) as d,
+        d.connect(query, max_queue=1) as slow,
+        d.connect(query) as fast,
+    ):
+        for ws in (slow, fast):
+            for _ in channels:
+                assert (await recv_json(ws))["type"] == "subscribed"
+        reading = asyncio.create_task(read_all(fast, 3000))
+        for first in range(0, 300, 100):  # 9 MB: far more than the socket buffers hold
+            batch = [
+                {"channel": c, "data": {"n": n, "pad": "x" * 3000}}
+                for n in range(first, first + 100)
+                for c in channels
+            ]
+            answer = await d.http.post("/batch", json=batch)
+            assert answer.json()["published"] == 1000
+        got_fast = await reading
+        assert sorted((m["channel"], m["offset"]) for m in got_fast) == sorted(
+            (c, n) for c in channels for n in range(1, 301)
+        )
+        offsets: dict[str, list[int]] = {c: [] for c in channels}
+        missed: dict[str, int] = dict.fromkeys(channels, 0)
+        while any(not o or o[-1] < 300 for o in offsets.values()):
+            frame = await recv_json(slow)
+            if frame.get("type") == "missed":
+                missed[frame["channel"]] += frame["count"]
+            else:
+                offsets[frame["channel"]].append(frame["offset"])
+        assert sum(missed.values()) > 0  # it really was slow
+        for c in channels:
+            assert offsets[c] == sorted(offsets[c])
+            assert offsets[c][-1] == 300
+            assert len(offsets[c]) + missed[c] == 300, c
+        metrics = (await d.http.get("/metrics")).text
+        assert 'broadcastd_messages_dropped_total{reason="conflate"}' in metrics

@@ -27,6 +27,8 @@ class Broadcastd(Server):
 
     name = "broadcastd"
     recovery = True
+    tokens = True
+    conflation = True
     log_noise = ('"level":"info"',)
 
     @classmethod

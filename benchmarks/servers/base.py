@@ -65,7 +65,8 @@ class Process:
         self.pin_core = pin_core
         self.proc: asyncio.subprocess.Process | None = None
         self.extra_env: dict[str, str] = {}
-        """Set by the runner for one scenario (R's history size), over the environment."""
+        """Set by the runner for one scenario (R's history size, S5t's auth secret, S1c's
+        namespace), over the environment."""
         self.log_path = workdir / log_name
 
     def argv(self) -> list[str]:
@@ -169,6 +170,10 @@ class Server(Process):
     """Has ``POST /batch``."""
     recovery: ClassVar[bool] = False
     """Resumes a subscriber from a position (``since=CHANNEL:EPOCH:OFFSET``, scenario R)."""
+    tokens: ClassVar[bool] = False
+    """Checks an HS256 subscriber token given as ``?token=`` (scenario S5t)."""
+    conflation: ClassVar[bool] = False
+    """Has namespaces whose channels conflate for slow consumers (scenario S1c)."""
     only: ClassVar[tuple[str, ...] | None] = None
     """The scenarios this server runs (None: all it supports); ``only_why`` says why."""
     only_why: ClassVar[str] = ""

@@ -167,6 +167,17 @@ class TokenVerifier:
             clock=clock,
         )
 
+    def verify_now(self, token: str) -> Claims | None:
+        """``verify`` without waiting: the claims, or TokenError, or None when the
+        token names a JWKS key (which may need a fetch: use ``verify``). A
+        connection storm with HMAC or PEM keys then costs no task per connection."""
+        if len(token) > MAX_TOKEN_CHARS:
+            raise _refusal(TokenCode.INVALID, "token is too long")
+        alg, kid = _peek_header(token)
+        if kid is not None and self._jwks is not None and alg in JWKS_ALGORITHMS:
+            return None
+        return self._verify_local(token, alg)
+
     async def verify(self, token: str) -> Claims:
         """The claims of a valid token; raises TokenError (``code``: a TokenCode value) otherwise.
 
@@ -176,15 +187,19 @@ class TokenVerifier:
         if len(token) > MAX_TOKEN_CHARS:
             raise _refusal(TokenCode.INVALID, "token is too long")
         alg, kid = _peek_header(token)
+        if kid is not None and self._jwks is not None and alg in JWKS_ALGORITHMS:
+            jwk = await self._jwks.key(kid)
+            # The bare key with the JWK's one algorithm (not the PyJWK itself,
+            # which jwt.decode accepts only from PyJWT 2.10).
+            return self._claims(self._decode(token, (jwk.key,), (jwk.algorithm_name,)))
+        return self._verify_local(token, alg)
+
+    def _verify_local(self, token: str, alg: str) -> Claims:
+        """A token checked with the configured secrets or public key."""
         if alg in HMAC_ALGORITHMS:
             if not self._secrets:
                 raise _refusal(TokenCode.INVALID, "token algorithm is not accepted")
             payload = self._decode(token, self._secrets, HMAC_ALGORITHMS)
-        elif kid is not None and self._jwks is not None and alg in JWKS_ALGORITHMS:
-            jwk = await self._jwks.key(kid)
-            # The bare key with the JWK's one algorithm (not the PyJWK itself,
-            # which jwt.decode accepts only from PyJWT 2.10).
-            payload = self._decode(token, (jwk.key,), (jwk.algorithm_name,))
         elif self._public_key is not None and alg in self._public_algorithms:
             payload = self._decode(token, (self._public_key,), self._public_algorithms)
         else:

@@ -41,6 +41,7 @@ from broadcastd.broker.memory import new_epoch
 from broadcastd.broker.pubsub import PubSubConnection
 from broadcastd.broker.scripts import HISTORY, POSITION, PUBLISH, RESTART
 from broadcastd.core.envelope import Payload, channel_prefix
+from broadcastd.core.namespaces import Namespaces
 from broadcastd.core.observer import Observer
 from broadcastd.core.publication import Item
 from broadcastd.core.stream import Position, Publication
@@ -179,9 +180,8 @@ class RedisBroker:
 
     def __init__(self, settings: Settings, observer: Observer) -> None:
         self.settings = settings.broker.redis
-        self.history_size = settings.history.size
-        self.history_ttl_ms = int(settings.history.ttl * 1000)
-        self.history_ttl_s = max(1, int(settings.history.ttl))
+        self.namespaces = Namespaces(settings)
+        """Each channel's history size and TTL (its namespace's)."""
         self.meta_ttl_ms = int(self.settings.meta_ttl * 1000)
         self.key_ttl_ms = int(settings.publish.idempotency_ttl * 1000)
         self.observer = observer
@@ -326,8 +326,8 @@ class RedisBroker:
         seen = f"{self._key_prefix}{channel}}}:k:{'' if key is None else key}"
         return [meta, stream, seen], [
             payload.json,
-            self.history_size,
-            self.history_ttl_ms,
+            self.namespaces.history_size(channel),
+            int(self.namespaces.history_ttl(channel) * 1000),
             self.meta_ttl_ms,
             new_epoch(),
             self.key_ttl_ms,
@@ -441,11 +441,12 @@ class RedisBroker:
     ) -> tuple[Position, list[Publication]]:
         shard = self._shard(channel)
         keys = list(self._keys(channel))
-        args = [since, max(count, 0), self.history_ttl_s, "1" if newest else "0"]
+        ttl = max(1, int(self.namespaces.history_ttl(channel)))
+        args = [since, max(count, 0), ttl, "1" if newest else "0"]
         script = shard.history_script
         epoch_b, offset_b, rows = await shard.call(lambda: script(keys=keys, args=args))
         top = Position(epoch_b.decode(), int(offset_b))
-        if count <= 0 or self.history_size == 0:
+        if count <= 0 or self.namespaces.history_size(channel) == 0:
             return top, []
         prefix = self._prefixes.get(channel) or channel_prefix(channel)
         now = time.monotonic()

@@ -249,6 +249,7 @@ class Session:
             raise NotSubscribed(f"not subscribed to {name!r}")
         del self.channels[name]
         self._channels.unsubscribe(self.outbox, name)
+        self.outbox.forget(name)
         return {"type": "unsubscribed", "channel": name}
 
     def _subscribe(

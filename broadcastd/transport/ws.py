@@ -599,6 +599,7 @@ class Connection(asyncio.Protocol):
         self.route = None
         self.compressed = bool(self.protocol.extensions)
         outbox = self.outbox = Outbox(s.outbox_messages, s.outbox_bytes, s.slow_consumer_policy)
+        outbox.tell_missed = not route.raw
         outbox.wake = self.wake
         outbox.drain = self.drain_now
         session = self.session = Session(
@@ -620,15 +621,14 @@ class Connection(asyncio.Protocol):
             auth = self.auth = ConnectionAuth(
                 server.verifier, node.settings.auth, session, node.observer, self._end
             )
-            if route.token is not None:
-                self._pause_reading(_AUTH)  # commands wait for the token's verdict
 
             def open_channels() -> None:
                 session.open(route.channels, route.since)
                 self._resume_reading(_AUTH)
-                self._watch_subscriptions()
+                if self.session is not None:
+                    self._watch_subscriptions()
 
-            auth.start(route.token, open_channels)
+            auth.start(route.token, open_channels, lambda: self._pause_reading(_AUTH))
         node.observer.connection_opened()
         _log.info(
             "connection.open",
@@ -748,6 +748,8 @@ class Connection(asyncio.Protocol):
             return
         if outbox.missed:
             self._report_missed(outbox.take_missed(), frames)
+        if outbox.channel_missed:
+            self._report_conflated(outbox.take_channel_missed())
         if self.compressed:
             data = self._compress(frames)
         else:
@@ -803,6 +805,21 @@ class Connection(asyncio.Protocol):
                 client=self.session.id,
                 missed=missed,
                 suppressed=_throttle.suppressed("slow_consumer.drop"),
+            )
+
+    def _report_conflated(self, missed: int) -> None:
+        """Messages a namespace's policy let go (conflate, or a namespace's
+        drop_oldest): the client was told per channel by the outbox."""
+        observer = self.server.node.observer
+        observer.dropped("conflate", missed)
+        observer.slow_consumer("conflate")
+        if _throttle.allow("slow_consumer.conflate"):
+            assert self.session is not None
+            _log.info(
+                "slow_consumer.conflate",
+                client=self.session.id,
+                missed=missed,
+                suppressed=_throttle.suppressed("slow_consumer.conflate"),
             )
 
     # Timers

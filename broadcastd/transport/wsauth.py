@@ -4,8 +4,10 @@ A token may come three ways: ``?token=`` in the URL (browsers cannot set headers
 on a WebSocket), ``Authorization: Bearer`` (servers), or a first command
 ``{"op": "auth", "token": ...}``, which keeps it out of URLs and proxy logs.
 Verification may need a round trip (a JWKS fetch for an unknown key), so it runs
-as a task: a token given at connect holds the connection's input and its URL
-subscriptions until it is decided; a command's token is answered when decided.
+as a task when it does: a token given at connect then holds the connection's
+input and its URL subscriptions until it is decided, and a command's token is
+answered when decided. Tokens checked with a secret or a PEM key are decided at
+once, in the callback that received them.
 
 Then the token's ``exp`` is watched: ``auth.expiring_notice`` seconds before it
 the client gets ``{"type": "expiring", "expires": EXP}`` and may send
@@ -74,15 +76,29 @@ class ConnectionAuth:
         self.closed = False
         session.on_token = self.on_command
 
-    def start(self, token: str | None, then: Callable[[], None]) -> None:
+    def start(
+        self, token: str | None, then: Callable[[], None], hold: Callable[[], None]
+    ) -> None:
         """The connection is open: check ``token`` (if one came with it), then call
-        ``then`` (which subscribes the URL's channels), unless it was refused."""
+        ``then`` (which subscribes the URL's channels), unless it was refused.
+        ``hold`` stops reading the client's commands while the verdict waits."""
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self.settings.auth_timeout, self._no_token)
         if token is None:
             then()
             return
-        self._spawn(self._connect(token, then))
+        try:
+            claims = self.verifier.verify_now(token)
+        except TokenError as exc:
+            self._refused(exc, CONNECT, None)
+            self._close(_close_reason(exc))
+            return
+        if claims is None:  # a JWKS key: perhaps a fetch
+            hold()
+            self._spawn(self._connect(token, then))
+            return
+        self._accept(claims, CONNECT, None)
+        then()
 
     async def _connect(self, token: str, then: Callable[[], None]) -> None:
         try:
@@ -99,7 +115,15 @@ class ConnectionAuth:
 
     def on_command(self, op: str, token: str, command_id: CommandId) -> None:
         """``{"op": "auth" | "refresh", "token": ...}``: answered once decided."""
-        self._spawn(self._command(op, token, command_id))
+        try:
+            claims = self.verifier.verify_now(token)
+        except TokenError as exc:
+            self._refused(exc, op, command_id)
+            return
+        if claims is None:
+            self._spawn(self._command(op, token, command_id))
+        else:
+            self._accept(claims, op, command_id)
 
     async def _command(self, op: str, token: str, command_id: CommandId) -> None:
         try:
