@@ -107,6 +107,8 @@ class Shard:
         """Pub/sub channels wanted on this shard (the probe's included)."""
         self.queue: list[tuple[Item, asyncio.Future[Published]]] = []
         """Publishes asked for in this turn of the event loop, sent together."""
+        self.joining: list[tuple[str, bytes, asyncio.Future[Position]]] = []
+        """Channels subscribed in this turn of the event loop, subscribed together."""
         self.pubsub: PubSubConnection | None = None
         self.subscribed = False
         """Every wanted channel is confirmed on a live pub/sub connection."""
@@ -345,16 +347,59 @@ class RedisBroker:
         topic = self._topic_prefix + channel.encode()
         shard.topics.add(topic)
         self._prefixes[channel] = channel_prefix(channel)
-        pubsub = shard.pubsub
         try:
-            if pubsub is None or not shard.subscribed:
+            if shard.pubsub is None or not shard.subscribed:
                 raise BrokerUnavailable("Redis is not reachable; try again shortly")
-            (confirmed,) = pubsub.subscribe([topic])
-            await shard.call(lambda: confirmed)
-            return await self._position(shard, channel, create=True)
+            loop = asyncio.get_running_loop()
+            joined: asyncio.Future[Position] = loop.create_future()
+            shard.joining.append((channel, topic, joined))
+            if len(shard.joining) == 1:
+                loop.call_soon(self._join_flush, shard)
+            return await joined
         except BaseException:
             self._forget(shard, channel, topic)
             raise
+
+    def _join_flush(self, shard: Shard) -> None:
+        """Everything subscribed in one turn of the event loop goes to Redis as one
+        SUBSCRIBE and one pipeline of position reads: a storm of new channels costs
+        two round trips per turn, not two per channel."""
+        batch, shard.joining = shard.joining, []
+        task = asyncio.get_running_loop().create_task(self._join(shard, batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _join(
+        self, shard: Shard, batch: list[tuple[str, bytes, asyncio.Future[Position]]]
+    ) -> None:
+        script = shard.position_script
+        try:
+            pubsub = shard.pubsub
+            if pubsub is None or not shard.subscribed:
+                raise BrokerUnavailable("Redis is not reachable; try again shortly")
+            confirmations = pubsub.subscribe([topic for _, topic, _ in batch])
+            await shard.call(lambda: asyncio.gather(*confirmations))
+
+            async def positions() -> list[Any]:
+                async with shard.client.pipeline(transaction=False) as pipe:
+                    for channel, _, _ in batch:
+                        args: list[str | int] = [new_epoch(), self.meta_ttl_ms]
+                        await script(keys=list(self._keys(channel)), args=args, client=pipe)
+                    return await pipe.execute()
+
+            answers = await shard.call(positions)
+        except asyncio.CancelledError:
+            for _, _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, _, future), (epoch, offset) in zip(batch, answers, strict=True):
+            if not future.done():
+                future.set_result(Position(epoch.decode(), int(offset)))
 
     def unsubscribe(self, channel: str) -> None:
         shard = self._shard(channel)
