@@ -3,6 +3,7 @@
 #   nginx        - `nginx -t` on deploy/nginx/broadcastd.conf (Debian: nginx-light)
 #   promtool     - checks and unit tests of deploy/prometheus/ (Debian: prometheus)
 #   redis-server - the real Redis servers of the broker tests  (Debian: redis-server)
+#   chromium     - the JavaScript client's browser test         (Debian: chromium)
 # Without them those tests skip and say why; nothing else depends on them.
 # The services these packages start on install are disabled again.
 set -u
@@ -10,6 +11,7 @@ missing=""
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$missing nginx-light"
 command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
 command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 [ -n "$missing" ] || exit 0
 if ! command -v apt-get >/dev/null 2>&1; then
     echo "note: no apt-get; tests needing$missing will skip" >&2; exit 0

@@ -1,0 +1,169 @@
+// TypeScript declarations of the broadcastd client (src/index.js).
+
+/** A message: what `message` listeners get, the frame exactly as parsed (shared by
+ * all listeners of the channel: read it, do not modify it). */
+export interface Message<T = unknown> {
+  channel: string;
+  /** 1 for the channel's first message, +1 for each one. */
+  offset: number;
+  data: T;
+}
+
+/** The daemon's answer to a subscribe (also for each reconnection). */
+export interface SubscribedFrame {
+  type: "subscribed";
+  channel: string;
+  /** The channel's latest position: the next message is offset + 1. */
+  epoch: string;
+  offset: number;
+  /** Present when the subscribe resumed from a position. */
+  recovered?: boolean;
+  /** Why it could not be recovered: "epoch", "too_old", "too_many", "disabled" or "position". */
+  reason?: string;
+  id?: number | string;
+}
+
+/** What `recovered` listeners get: a `subscribed` reply that says whether the
+ * messages missed while disconnected were replayed. When `recovered` is false,
+ * some may be lost: reload the state this channel feeds. */
+export interface RecoveredFrame extends SubscribedFrame {
+  recovered: boolean;
+}
+
+export interface MissedFrame {
+  type: "missed";
+  /** Absent under the drop_oldest policy (the connection's channels); present under conflate. */
+  channel?: string;
+  count: number;
+}
+
+export interface ResyncFrame {
+  type: "resync";
+  channel: string;
+  epoch: string;
+  offset: number;
+  /** "gap" (messages lost) or "epoch" (the count restarted). */
+  reason: string;
+}
+
+export interface ErrorFrame {
+  type: "error";
+  code: string;
+  message: string;
+  /** "subscribe", "connect" (a close follows), "auth", "refresh", ... */
+  op?: string;
+  id?: number | string;
+}
+
+export interface AuthenticatedFrame {
+  type: "authenticated";
+  user: string;
+  expires?: number;
+  op?: string;
+}
+
+export interface ExpiringFrame {
+  type: "expiring";
+  expires: number;
+}
+
+export type State = "connecting" | "connected" | "disconnected" | "closed";
+
+/** Given with "disconnected" and "closed" when a connection ended. */
+export interface StateDetail {
+  /** The close code (0 when the client gave up on the connection itself). */
+  code: number;
+  reason: string;
+  /** Milliseconds until the next attempt, when one is planned. */
+  delay?: number;
+}
+
+/** Why getToken() is called. */
+export type TokenReason = "connect" | "expiring" | "expired" | "invalid" | "required";
+
+export type Since = { epoch: string; offset: number } | { last: number };
+
+export interface ClientOptions {
+  /** A subscriber JWT, given as ?token= (browsers cannot set headers on a WebSocket). */
+  token?: string;
+  /** Called for a (new) token: before connecting without one, on an `expiring`
+   * event (then sent as a refresh), and after a close with 4001, 4002 or 4003.
+   * Without it such a close ends the client ("closed"). */
+  getToken?: (reason: TokenReason) => string | Promise<string>;
+  /** Upper bound of the reconnection delay in ms (default 20000). */
+  maxBackoff?: number;
+  /** Bound of the first reconnection delay in ms, doubled at each failure (default 500). */
+  minBackoff?: number;
+  /** A connection must stay up this long (ms) for the backoff to start over (default 10000). */
+  stableAfter?: number;
+  /** Give up on a handshake after this long (ms, default 10000). */
+  connectTimeout?: number;
+  /** Ping after this long (ms) without a frame; a second silent interval drops the
+   * connection (default 25000; 0: never). */
+  pingInterval?: number;
+  /** The WebSocket class when there is none in globalThis (Node.js < 22: the ws package's). */
+  WebSocket?: unknown;
+}
+
+export interface SubscribeOptions {
+  /** Resume after a position (a stored `sub.position`), or start with the last N messages kept. */
+  since?: Since;
+}
+
+declare class Emitter {
+  /** Remove a listener added with on(). */
+  off(event: string, listener: (...args: any[]) => void): this;
+}
+
+export declare class Subscription<T = unknown> extends Emitter {
+  readonly client: BroadcastClient;
+  readonly channel: string;
+  readonly state: "subscribing" | "subscribed" | "unsubscribed";
+  /** The epoch of the channel's count; null until the first `subscribed`. */
+  readonly epoch: string | null;
+  /** The offset of the last message delivered (or the channel's, when subscribed). */
+  readonly offset: number;
+  /** {epoch, offset} to store and give back as `since` later; null before the first `subscribed`. */
+  readonly position: { epoch: string; offset: number } | null;
+
+  on(event: "message", listener: (message: Message<T>) => void): this;
+  on(event: "subscribed", listener: (reply: SubscribedFrame) => void): this;
+  on(event: "recovered", listener: (reply: RecoveredFrame) => void): this;
+  on(event: "missed", listener: (event: MissedFrame) => void): this;
+  on(event: "resync", listener: (event: ResyncFrame) => void): this;
+  on(event: "error", listener: (error: ErrorFrame) => void): this;
+
+  /** Leave the channel. */
+  unsubscribe(): void;
+}
+
+export declare class BroadcastClient extends Emitter {
+  constructor(url: string, options?: ClientOptions);
+  /** The daemon's URL (channels, since and token are added to it). */
+  readonly url: string;
+  readonly state: State;
+  /** Every current subscription. */
+  readonly subscriptions: Subscription[];
+
+  /** Start connecting (the socket opens once a channel is subscribed). */
+  connect(): this;
+  /** Close with 1000 and stop reconnecting; subscriptions are kept for a later connect(). */
+  close(): this;
+  /** Subscribe to a channel; throws if it is already subscribed. */
+  subscribe<T = unknown>(channel: string, options?: SubscribeOptions): Subscription<T>;
+  getSubscription(channel: string): Subscription | undefined;
+  /** Use this token from now on (a refresh on the open connection, the URL of the next). */
+  setToken(token: string): this;
+
+  on(event: "state", listener: (state: State, detail?: StateDetail) => void): this;
+  /** Every channel's recovery outcome (also told to its subscription). */
+  on(event: "recovered", listener: (reply: RecoveredFrame) => void): this;
+  on(event: "missed", listener: (event: MissedFrame) => void): this;
+  on(event: "resync", listener: (event: ResyncFrame) => void): this;
+  /** Error replies (any channel's too), and failures of getToken() or of JSON parsing. */
+  on(event: "error", listener: (error: ErrorFrame | Error) => void): this;
+  on(event: "authenticated", listener: (reply: AuthenticatedFrame) => void): this;
+  on(event: "expiring", listener: (event: ExpiringFrame) => void): this;
+}
+
+export default BroadcastClient;

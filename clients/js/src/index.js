@@ -1,0 +1,626 @@
+// broadcastd client: subscribe to channels of a broadcastd daemon over WebSocket,
+// in browsers and in Node.js. No dependencies. See ../README.md for the API.
+//
+// One connection carries every subscription. It reconnects by itself with
+// full-jitter exponential backoff, and each channel resumes from the last
+// position it saw (`since=CHANNEL:EPOCH:OFFSET` in the URL): what the daemon's
+// history still holds is replayed, and when it cannot be (`recovered: false`)
+// the subscription is told so with a `recovered` event, never silently.
+//
+// Hot path: a message frame costs one JSON.parse and one Map lookup; the parsed
+// object itself is what `message` listeners get. Nothing else is allocated per
+// message (no closures, no wrapper objects, no copies of the listener list).
+
+const CONNECTING = "connecting";
+const CONNECTED = "connected";
+const DISCONNECTED = "disconnected";
+const CLOSED = "closed";
+
+const OPEN = 1; // WebSocket.OPEN, the same in browsers and in the ws package
+const CHANNEL = /^[A-Za-z0-9_.:@#-]{1,128}$/;
+const MAX_URL = 6144; // the daemon takes request lines up to 8 KiB; the rest go as commands
+const PING = '{"op":"ping"}';
+const TRANSIENT = new Set(["broker_unavailable", "channel_table_full"]);
+
+const noop = () => {};
+
+function checkToken(token) {
+  if (typeof token !== "string" || token === "") throw new TypeError("a token must be a non-empty string");
+  return token;
+}
+
+function rethrow(error) {
+  // A listener threw: the other listeners and the client carry on, and the
+  // error surfaces as an uncaught one (the console in a browser).
+  if (typeof globalThis.reportError === "function") globalThis.reportError(error);
+  else setTimeout(() => { throw error; }, 0);
+}
+
+class Emitter {
+  constructor() {
+    this._listeners = new Map();
+  }
+
+  /** Add a listener; returns this. */
+  on(event, listener) {
+    if (typeof listener !== "function") throw new TypeError("a listener must be a function");
+    const list = this._listeners.get(event);
+    // Copy on write: emitting iterates the current array without copying it,
+    // and a listener that adds or removes listeners affects the next emit only.
+    this._listeners.set(event, list === undefined ? [listener] : list.concat(listener));
+    return this;
+  }
+
+  /** Remove a listener added with on(); returns this. */
+  off(event, listener) {
+    const list = this._listeners.get(event);
+    const at = list === undefined ? -1 : list.indexOf(listener);
+    if (at !== -1) {
+      if (list.length === 1) this._listeners.delete(event);
+      else this._listeners.set(event, list.filter((_, i) => i !== at));
+    }
+    return this;
+  }
+
+  _emit(event, a, b) {
+    const list = this._listeners.get(event);
+    if (list === undefined) return false;
+    for (let i = 0; i < list.length; i++) {
+      try {
+        list[i].call(this, a, b);
+      } catch (error) {
+        rethrow(error);
+      }
+    }
+    return true;
+  }
+}
+
+/** One channel of a BroadcastClient; made by client.subscribe(). */
+export class Subscription extends Emitter {
+  constructor(client, channel, since) {
+    super();
+    this.client = client;
+    this.channel = channel;
+    /** "subscribing" until the daemon confirms, "subscribed", or "unsubscribed". */
+    this.state = "subscribing";
+    /** The epoch of the channel's count (null until the first `subscribed`). */
+    this.epoch = null;
+    /** The offset of the last message delivered (or of the channel when subscribed). */
+    this.offset = 0;
+    this._last = 0; // since {last: N}, until the first `subscribed`
+    this._joined = false; // `subscribed` received on the current connection
+    this._sentOn = 0; // the connection (generation) its subscribe went out on
+    this._requestId = 0; // the id of its subscribe command (0: named in the URL)
+    this._failedOn = 0; // the connection on which the daemon refused it
+    if (since != null) {
+      if (typeof since.epoch === "string" && Number.isInteger(since.offset) && since.offset >= 0) {
+        this.epoch = since.epoch;
+        this.offset = since.offset;
+      } else if (Number.isInteger(since.last) && since.last > 0) {
+        this._last = since.last;
+      } else {
+        throw new TypeError("since must be {epoch, offset} or {last: N}");
+      }
+    }
+  }
+
+  /** {epoch, offset} of the last message seen (store it to resume later), or null. */
+  get position() {
+    return this.epoch === null ? null : { epoch: this.epoch, offset: this.offset };
+  }
+
+  /** Leave the channel. */
+  unsubscribe() {
+    this.client._remove(this);
+  }
+}
+
+/**
+ * A connection to a broadcastd daemon.
+ *
+ *   const client = new BroadcastClient("ws://host:8765/", { getToken });
+ *   const sub = client.subscribe("news");
+ *   sub.on("message", (m) => show(m.data));
+ *   client.connect();
+ */
+export class BroadcastClient extends Emitter {
+  constructor(url, options = {}) {
+    super();
+    const WebSocketImpl = options.WebSocket ?? globalThis.WebSocket;
+    if (typeof WebSocketImpl !== "function") {
+      throw new TypeError("no WebSocket: pass options.WebSocket (e.g. the ws package's)");
+    }
+    const parsed = new URL(url);
+    parsed.hash = "";
+    if (parsed.protocol === "http:" || parsed.protocol === "https:") {
+      parsed.protocol = parsed.protocol === "http:" ? "ws:" : "wss:";
+    }
+    if (parsed.protocol !== "ws:" && parsed.protocol !== "wss:") {
+      throw new TypeError(`not a WebSocket URL: ${url}`);
+    }
+    /** The daemon's URL, as given (channels, since and token are added to it). */
+    this.url = parsed.href;
+    /** connecting, connected, disconnected or closed. */
+    this.state = DISCONNECTED;
+    this._WebSocket = WebSocketImpl;
+    this._token = options.token ?? null;
+    this._getToken = options.getToken ?? null;
+    this._needToken = this._token === null && this._getToken !== null;
+    this._minBackoff = options.minBackoff ?? 500;
+    this._maxBackoff = options.maxBackoff ?? 20000;
+    this._stableAfter = options.stableAfter ?? 10000;
+    this._connectTimeout = options.connectTimeout ?? 10000;
+    this._pingInterval = options.pingInterval ?? 25000;
+    this._subs = new Map();
+    this._ws = null;
+    this._generation = 0; // counts connection attempts
+    this._wanted = false; // connect() was called, close() was not since
+    this._suspended = false; // the page is hidden in the back/forward cache
+    this._fetching = false; // a getToken() call is under way
+    this._attempt = 0; // failed attempts since the last stable connection
+    this._inUrl = []; // the subscriptions named in the current connection's URL
+    this._requests = 0;
+    this._received = false;
+    this._pinged = false;
+    this._retryTimer = null;
+    this._openTimer = null;
+    this._stableTimer = null;
+    this._pingTimer = null;
+    // Bound once: no closure is made per connection or per message.
+    this._onOpen = this._onOpen.bind(this);
+    this._onMessage = this._onMessage.bind(this);
+    this._onClose = this._onClose.bind(this);
+    this._onRetry = this._onRetry.bind(this);
+    this._onOpenTimeout = this._onOpenTimeout.bind(this);
+    this._onStable = this._onStable.bind(this);
+    this._onPingTick = this._onPingTick.bind(this);
+    this._onPageHide = this._onPageHide.bind(this);
+    this._onPageShow = this._onPageShow.bind(this);
+    this._onOnline = this._onOnline.bind(this);
+  }
+
+  /** Start (or restart after close()) connecting; the socket opens once a channel is subscribed. */
+  connect() {
+    if (this._wanted) return this;
+    this._wanted = true;
+    this._attempt = 0;
+    this._page(true);
+    if (this._subs.size === 0) this._setState(DISCONNECTED);
+    else this._open();
+    return this;
+  }
+
+  /** Close the connection (code 1000) and stop reconnecting. Subscriptions are kept:
+   * connect() again resumes them from their positions. */
+  close() {
+    this._wanted = false;
+    this._page(false);
+    this._drop(1000, "client closed");
+    this._setState(CLOSED);
+    return this;
+  }
+
+  /**
+   * Subscribe to a channel. `since` resumes after a known position ({epoch, offset},
+   * e.g. a stored sub.position) or starts with the last N messages kept ({last: N}).
+   */
+  subscribe(channel, options = {}) {
+    if (typeof channel !== "string" || !CHANNEL.test(channel)) {
+      throw new TypeError(`bad channel name: ${String(channel).slice(0, 140)}`);
+    }
+    if (this._subs.has(channel)) throw new Error(`already subscribed to ${channel}`);
+    const sub = new Subscription(this, channel, options.since);
+    this._subs.set(channel, sub);
+    if (this._ws !== null) {
+      if (this._ws.readyState === OPEN) this._sendSubscribe(sub);
+      // else it is sent when the connection under way opens
+    } else {
+      this._open();
+    }
+    return sub;
+  }
+
+  /** Use `token` from now on: sent as a `refresh` on the open connection (answered by an
+   * `authenticated` event) and given in the URL of the next ones. */
+  setToken(token) {
+    this._token = checkToken(token);
+    this._needToken = false;
+    this._send(JSON.stringify({ op: "refresh", token: this._token }));
+    return this;
+  }
+
+  /** The subscription of `channel`, if any. */
+  getSubscription(channel) {
+    return this._subs.get(channel);
+  }
+
+  /** All current subscriptions. */
+  get subscriptions() {
+    return Array.from(this._subs.values());
+  }
+
+  // -- connection --------------------------------------------------------
+
+  _open() {
+    if (!this._wanted || this._suspended || this._ws !== null || this._fetching) return;
+    if (this._retryTimer !== null || this._subs.size === 0) return;
+    this._setState(CONNECTING);
+    if (!this._wanted || this._ws !== null || this._fetching) return; // a listener acted
+    if (this._needToken) {
+      this._fetchToken(this._needToken === true ? "connect" : this._needToken);
+      return;
+    }
+    const generation = ++this._generation;
+    let ws;
+    try {
+      ws = new this._WebSocket(this._connectUrl(generation));
+    } catch (error) {
+      this._emit("error", error);
+      this._retry(0, String(error && error.message));
+      return;
+    }
+    ws.onopen = this._onOpen;
+    ws.onmessage = this._onMessage;
+    ws.onclose = this._onClose;
+    ws.onerror = noop; // a failed handshake is reported by onclose (1006)
+    this._ws = ws;
+    this._openTimer = setTimeout(this._onOpenTimeout, this._connectTimeout);
+  }
+
+  _connectUrl(generation) {
+    const url = new URL(this.url);
+    const query = url.searchParams;
+    if (this._token !== null) query.set("token", this._token);
+    let length = url.href.length;
+    this._inUrl.length = 0;
+    for (const sub of this._subs.values()) {
+      sub._joined = false;
+      sub._requestId = 0;
+      let key = "since";
+      let value;
+      if (sub.epoch !== null) value = `${sub.channel}:${sub.epoch}:${sub.offset}`;
+      else if (sub._last > 0) value = `${sub.channel}:last:${sub._last}`;
+      else [key, value] = ["channel", sub.channel];
+      const more = key.length + value.length + 8; // '&', '=' and room for %23
+      if (length + more > MAX_URL) {
+        sub._sentOn = 0; // subscribed by a command once open
+        continue;
+      }
+      length += more;
+      query.append(key, value);
+      sub._sentOn = generation;
+      this._inUrl.push(sub);
+    }
+    return url.href;
+  }
+
+  _onOpen(event) {
+    if (event.target !== this._ws) return;
+    clearTimeout(this._openTimer);
+    this._openTimer = null;
+    this._received = false;
+    this._pinged = false;
+    this._stableTimer = setTimeout(this._onStable, this._stableAfter);
+    if (this._pingInterval > 0) this._pingTimer = setInterval(this._onPingTick, this._pingInterval);
+    // Channels unsubscribed while the connection was being made: leave them.
+    for (const sub of this._inUrl) {
+      if (this._subs.get(sub.channel) !== sub) {
+        this._send(JSON.stringify({ op: "unsubscribe", channel: sub.channel }));
+      }
+    }
+    // Channels subscribed meanwhile, or that did not fit in the URL.
+    for (const sub of this._subs.values()) {
+      if (sub._sentOn !== this._generation) this._sendSubscribe(sub);
+    }
+    this._setState(CONNECTED);
+  }
+
+  _onClose(event) {
+    if (event.target !== this._ws) return;
+    this._lost(event.code, event.reason);
+  }
+
+  _onOpenTimeout() {
+    this._openTimer = null;
+    this._lost(0, "connect timeout");
+  }
+
+  _onStable() {
+    this._stableTimer = null;
+    this._attempt = 0; // only a connection that stayed up resets the backoff
+  }
+
+  _onPingTick() {
+    // Any frame proves the path works. A silent interval sends a ping; a second
+    // silent one means the connection is dead (a laptop that slept, a NAT that
+    // forgot it): drop it without waiting for TCP to notice.
+    if (this._received) {
+      this._received = false;
+      this._pinged = false;
+    } else if (!this._pinged) {
+      this._pinged = true;
+      this._send(PING);
+    } else {
+      this._lost(0, "no answer to ping");
+    }
+  }
+
+  _onRetry() {
+    this._retryTimer = null;
+    this._open();
+  }
+
+  /** The connection ended (or never opened): reconnect unless it makes no sense. */
+  _lost(code, reason) {
+    this._drop(1000, reason);
+    if (!this._wanted) return;
+    const detail = { code, reason };
+    if (code === 4001 || code === 4002 || code === 4003) {
+      // 4001 authentication required, 4002 token refused, 4003 token expired.
+      if (this._getToken === null) {
+        this._wanted = false;
+        this._page(false);
+        this._setState(CLOSED, detail);
+        return;
+      }
+      this._needToken = code === 4003 ? "expired" : code === 4002 ? "invalid" : "required";
+    }
+    if (this._subs.size === 0) {
+      this._setState(DISCONNECTED, detail); // idle until a subscribe
+      return;
+    }
+    this._retry(code, reason);
+  }
+
+  _retry(code, reason) {
+    const ceiling = Math.min(this._maxBackoff, this._minBackoff * 2 ** this._attempt);
+    if (ceiling < this._maxBackoff) this._attempt++;
+    const delay = Math.floor(Math.random() * ceiling); // full jitter
+    clearTimeout(this._retryTimer);
+    this._retryTimer = setTimeout(this._onRetry, delay);
+    this._setState(DISCONNECTED, { code, reason, delay });
+  }
+
+  /** Forget the current socket (closing it if it is still there) and its timers. */
+  _drop(code, reason) {
+    clearTimeout(this._openTimer);
+    clearTimeout(this._stableTimer);
+    clearInterval(this._pingTimer);
+    clearTimeout(this._retryTimer);
+    this._openTimer = this._stableTimer = this._pingTimer = this._retryTimer = null;
+    for (const sub of this._subs.values()) sub._joined = false;
+    const ws = this._ws;
+    if (ws === null) return;
+    this._ws = null;
+    ws.onopen = ws.onmessage = ws.onclose = null;
+    ws.onerror = noop;
+    try {
+      ws.close(code, reason.length > 100 ? reason.slice(0, 100) : reason);
+    } catch {
+      // already closed, or closing before it opened: nothing to do
+    }
+  }
+
+  _fetchToken(why) {
+    this._fetching = true;
+    Promise.resolve()
+      .then(() => this._getToken(why))
+      .then((token) => {
+        this._fetching = false;
+        this._token = checkToken(token);
+        this._needToken = false;
+        this._open(); // unless close() came meanwhile
+      })
+      .catch((error) => {
+        this._fetching = false;
+        this._emit("error", error);
+        if (this._wanted) this._retry(0, "getToken failed");
+      });
+  }
+
+  _refresh() {
+    // `expiring`: the token ends soon. Get a new one and send it on this connection.
+    Promise.resolve()
+      .then(() => this._getToken("expiring"))
+      .then((token) => this.setToken(token))
+      .catch((error) => this._emit("error", error)); // the close with 4003 follows and is handled
+  }
+
+  _send(text) {
+    if (this._ws !== null && this._ws.readyState === OPEN) this._ws.send(text);
+  }
+
+  _sendSubscribe(sub) {
+    const command = { op: "subscribe", channel: sub.channel, id: ++this._requests };
+    if (sub.epoch !== null) command.since = { epoch: sub.epoch, offset: sub.offset };
+    else if (sub._last > 0) command.since = { last: sub._last };
+    sub._joined = false;
+    sub._requestId = command.id;
+    sub._sentOn = this._generation;
+    this._send(JSON.stringify(command));
+  }
+
+  _remove(sub) {
+    if (this._subs.get(sub.channel) !== sub) return;
+    this._subs.delete(sub.channel);
+    sub.state = "unsubscribed";
+    sub._joined = false;
+    if (sub._sentOn === this._generation) {
+      this._send(JSON.stringify({ op: "unsubscribe", channel: sub.channel }));
+    }
+  }
+
+  _setState(state, detail) {
+    if (state === this.state) return;
+    this.state = state;
+    this._emit("state", state, detail);
+  }
+
+  // -- frames ------------------------------------------------------------
+
+  _onMessage(event) {
+    this._received = true;
+    let frame;
+    try {
+      frame = JSON.parse(event.data);
+    } catch (error) {
+      this._emit("error", error);
+      return;
+    }
+    if (frame === null || typeof frame !== "object") return;
+    if (frame.type === undefined) {
+      // A message: {channel, offset, data}.
+      const sub = this._subs.get(frame.channel);
+      if (sub === undefined || !sub._joined) return;
+      if (frame.offset <= sub.offset) return; // already delivered (never sent twice by the daemon)
+      sub.offset = frame.offset;
+      sub._emit("message", frame);
+      return;
+    }
+    this._onEvent(frame);
+  }
+
+  _onEvent(frame) {
+    switch (frame.type) {
+      case "subscribed":
+        this._onSubscribed(frame);
+        break;
+      case "error":
+        this._onError(frame);
+        break;
+      case "missed":
+        if (typeof frame.channel === "string") {
+          this._tell(this._subs.get(frame.channel), "missed", frame);
+        } else {
+          // drop_oldest: messages of some channels of this connection were dropped.
+          for (const sub of this._subs.values()) sub._emit("missed", frame);
+          this._emit("missed", frame);
+        }
+        break;
+      case "resync": {
+        // Redis broker: the channel lost messages or restarted its count.
+        const sub = this._subs.get(frame.channel);
+        if (sub !== undefined) {
+          sub.epoch = frame.epoch;
+          sub.offset = frame.offset;
+        }
+        this._tell(sub, "resync", frame);
+        break;
+      }
+      case "authenticated":
+        this._emit("authenticated", frame);
+        break;
+      case "expiring":
+        this._emit("expiring", frame);
+        if (this._getToken !== null) this._refresh();
+        break;
+      default:
+        break; // pong, unsubscribed, and types this version does not know
+    }
+  }
+
+  _onSubscribed(frame) {
+    const sub = this._subs.get(frame.channel);
+    if (sub === undefined) return;
+    if (frame.id !== undefined && frame.id !== sub._requestId) return; // an earlier request's reply
+    sub._joined = true;
+    sub.state = "subscribed";
+    if (frame.recovered === true) {
+      sub.epoch = frame.epoch; // the replay that follows brings the offset up to date
+    } else if (sub._last > 0 && frame.recovered === undefined) {
+      sub.epoch = frame.epoch; // the last N kept follow
+      sub.offset = Math.max(0, frame.offset - sub._last);
+    } else {
+      sub.epoch = frame.epoch;
+      sub.offset = frame.offset;
+    }
+    sub._last = 0;
+    sub._emit("subscribed", frame);
+    if (frame.recovered !== undefined) this._tell(sub, "recovered", frame);
+  }
+
+  _onError(frame) {
+    if (frame.op !== "subscribe") {
+      this._tell(undefined, "error", frame); // connect (a close follows), auth, refresh, ...
+      return;
+    }
+    const generation = this._generation;
+    let sub;
+    if (frame.id !== undefined) {
+      for (const candidate of this._subs.values()) {
+        if (candidate._requestId === frame.id) sub = candidate;
+      }
+    } else {
+      // A channel named in the URL: errors carry no channel, so take the refused
+      // one among those still waiting, by its name in the message, else the first.
+      for (const candidate of this._inUrl) {
+        if (candidate._joined || candidate._failedOn === generation) continue;
+        if (this._subs.get(candidate.channel) !== candidate) continue;
+        if (sub === undefined) sub = candidate;
+        if (typeof frame.message === "string" && frame.message.includes(`'${candidate.channel}'`)) {
+          sub = candidate;
+          break;
+        }
+      }
+    }
+    if (sub !== undefined) {
+      sub._failedOn = generation;
+      if (TRANSIENT.has(frame.code)) {
+        // The daemon says try again: do so on this connection, after a while.
+        const delay = 500 + Math.floor(Math.random() * 1500);
+        setTimeout(() => {
+          if (this._subs.get(sub.channel) === sub && !sub._joined && this._generation === generation) {
+            this._sendSubscribe(sub);
+          }
+        }, delay);
+      }
+    }
+    this._tell(sub, "error", frame);
+  }
+
+  /** An event of one channel: to its subscription and to the client's listeners. */
+  _tell(sub, event, frame) {
+    let heard = sub !== undefined && sub._emit(event, frame);
+    heard = this._emit(event, frame) || heard;
+    if (!heard && (event === "error" || event === "resync" || frame.recovered === false)) {
+      // Nobody listens for what means the state shown may be wrong: say it anyway.
+      console.warn(`broadcastd: ${event}`, frame);
+    }
+  }
+
+  // -- the page ----------------------------------------------------------
+
+  _page(listen) {
+    const w = typeof window === "object" && window !== null ? window : null;
+    if (w === null || typeof w.addEventListener !== "function") return;
+    const method = listen ? "addEventListener" : "removeEventListener";
+    w[method]("pagehide", this._onPageHide);
+    w[method]("pageshow", this._onPageShow);
+    w[method]("online", this._onOnline);
+  }
+
+  _onPageHide() {
+    // Leaving the page (or entering the back/forward cache): close cleanly with
+    // 1000 rather than leave the daemon to find out.
+    this._suspended = true;
+    this._drop(1000, "page hidden");
+    this._setState(DISCONNECTED);
+  }
+
+  _onPageShow() {
+    if (!this._suspended) return;
+    this._suspended = false;
+    this._open();
+  }
+
+  _onOnline() {
+    // The network is back: do not wait out the backoff.
+    if (this._retryTimer === null) return;
+    clearTimeout(this._retryTimer);
+    this._retryTimer = null;
+    this._open();
+  }
+}
+
+export default BroadcastClient;
