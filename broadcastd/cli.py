@@ -17,22 +17,24 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import http.client
 import json
-import random
 import resource
 import signal
-import socket
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
-from urllib.parse import quote, urlencode, urlsplit
+from typing import TYPE_CHECKING, Any
 
 from broadcastd import __version__, log
+from broadcastd.client.backoff import Backoff as Backoff
+from broadcastd.client.events import Event, Message, Missed, Recovered, Subscribed
+from broadcastd.client.events import Position as Position
+from broadcastd.client.subscriber import Tracker
 from broadcastd.errors import ConfigError
 from broadcastd.settings import Settings, effective, iter_fields, load_settings
+
+if TYPE_CHECKING:
+    from broadcastd.client import StateChanged, Subscriber
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -220,54 +222,43 @@ def _local(host: str) -> str:
 # publish
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str) -> None:
-        super().__init__("localhost")
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(self._path)
-        self.sock = sock
-
-
 def publish(settings: Settings, args: argparse.Namespace) -> int:
+    """``broadcastd publish``: one message through :class:`broadcastd.client.Publisher`
+    (not retried: no idempotency key), the daemon's answer printed as one line."""
+    from broadcastd.client import BroadcastdError, NetworkError, Publisher
+
     data = _stdin_message() if args.data == "-" else args.data.encode()
     content_type = args.content_type or ("application/json" if _is_json(data) else "text/plain")
     token = args.token or (
         settings.control.token.get_secret_value() if settings.control.token else None
     )
-    headers = {"Content-Type": content_type}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
     unix = args.unix or (
         str(settings.control.unix_path) if settings.control.unix_path and not args.url else None
     )
-    conn: http.client.HTTPConnection
-    if unix:
-        conn = _UnixConnection(unix)
-    else:
-        url = urlsplit(
-            args.url or f"http://{_local(settings.control.host)}:{settings.control.port}"
-        )
-        conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80, timeout=10)
+    url = args.url or f"http://{_netloc(settings.control.host, settings.control.port)}"
     try:
-        # ":" and "@" belong to channel names and are legal in a path: sent as they
-        # are (the daemon takes names literally). What a name cannot hold is
-        # percent-encoded, so the daemon answers bad_channel instead of bad_request.
-        conn.request("POST", f"/publish/{quote(args.channel, safe=':@')}", data, headers)
-        response = conn.getresponse()
-        body = response.read().decode("utf-8", "replace")
-    except OSError as exc:
-        print(f"broadcastd: cannot reach the daemon: {exc}", file=sys.stderr)
+        with Publisher(url, token=token, unix=unix, timeout=10) as publisher:
+            published = publisher.publish(args.channel, data, content_type=content_type)
+    except NetworkError as exc:
+        print(f"broadcastd: cannot reach the daemon: {exc.message}", file=sys.stderr)
         return EXIT_FAILURE
-    finally:
-        conn.close()
-    if response.status != 200:
-        print(f"broadcastd: HTTP {response.status}: {body}", file=sys.stderr)
+    except BroadcastdError as exc:
+        print(f"broadcastd: HTTP {exc.status}: {exc.body}", file=sys.stderr)
         return EXIT_FAILURE
-    print(body)
+    answer: dict[str, Any] = {"channel": published.channel}
+    if published.epoch is not None:
+        answer["epoch"] = published.epoch
+    answer |= {"offset": published.offset, "subscribers": published.subscribers}
+    if published.duplicate:
+        answer["duplicate"] = True
+    print(json.dumps(answer, ensure_ascii=False, separators=(",", ":")))
     return 0
+
+
+def _netloc(host: str, port: int) -> str:
+    """``host:port`` for a URL, an IPv6 address in brackets."""
+    host = _local(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _stdin_message() -> bytes:
@@ -289,124 +280,47 @@ def _is_json(data: bytes) -> bool:
 
 # subscribe
 
-GIVE_UP_CODES = frozenset((1003, 1007, 1008, 1009))
-"""Close codes that mean the client is at fault: reconnecting would fail again."""
-TOKEN_CODES = frozenset((4001, 4002, 4003))
-"""Closes for want of a (valid, current) token: worth retrying only with a token
-file that may have been renewed meanwhile."""
 
-
-class Backoff:
-    """Exponential backoff with full jitter between reconnection attempts.
-
-    The n-th consecutive failure waits a uniformly random time in
-    [0, min(cap, base * 2**n)], so many clients dropped at once do not return
-    at once. The count starts again only after a connection has stayed up for
-    ``stable_after`` seconds: a server that accepts and then drops clients
-    at once must not be hammered at the base rate.
-    """
-
-    def __init__(
-        self,
-        base: float = 0.5,
-        cap: float = 30.0,
-        stable_after: float = 10.0,
-        rng: random.Random | None = None,
-    ) -> None:
-        self.base = base
-        self.cap = cap
-        self.stable_after = stable_after
-        self.failures = 0
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
-        self._opened_at: float | None = None
-
-    def opened(self, now: float) -> None:
-        self._opened_at = now
-
-    def next_delay(self, now: float) -> float:
-        """Seconds to wait before the next attempt; call when a connection ends or fails."""
-        if self._opened_at is not None and now - self._opened_at >= self.stable_after:
-            self.failures = 0
-        self._opened_at = None
-        delay = self._rng.uniform(0, min(self.cap, self.base * 2**self.failures))
-        self.failures += 1
-        return delay
-
-
-class Position(NamedTuple):
-    epoch: str
-    offset: int
-
-
-class Resume:
+class Resume(Tracker):
     """Where the output of each channel stands, so a reconnection carries on from it.
 
-    A channel's position is (epoch, offset) of the last message printed: the epoch
-    comes from the ``subscribed`` reply (message frames do not repeat it), the
-    offset from each message. The next connection asks ``since=CHANNEL:EPOCH:OFFSET``
-    for every channel with a position and ``channel=CHANNEL`` for the others (an
-    old daemon that sends no epoch). The daemon then replays what was missed or
-    says why it cannot (``recovered: false``, with a reason): that is told on
-    stderr, one line, and the channel carries on from the position it gives.
+    The positions are :class:`broadcastd.client.subscriber.Tracker`'s, the same
+    that :class:`broadcastd.client.Subscriber` keeps for ``subscribe``: the next
+    connection asks ``since=CHANNEL:EPOCH:OFFSET`` for every channel with a
+    position and ``channel=CHANNEL`` for the others (an old daemon that sends no
+    epoch). What it adds is the command's output: :meth:`frame` gives the line to
+    print for a frame and the notice for stderr when the daemon could not resume a
+    channel (``recovered: false``, with a reason), after which the channel carries
+    on from the position the daemon gives.
 
-    Raw mode (``--raw``) frames carry no positions, so the client always connects
+    Raw mode (``--raw``) frames carry no positions, so the command always connects
     in JSON mode and prints what raw mode would have: each message's payload,
     nothing else but error replies.
     """
 
     def __init__(self, channels: Sequence[str], raw: bool = False) -> None:
-        self.channels = list(dict.fromkeys(channels))
+        super().__init__(channels)
         self.raw = raw
-        self.positions: dict[str, Position] = {}
-
-    def query(self) -> list[tuple[str, str]]:
-        """The query string parameters of the next connection."""
-        query: list[tuple[str, str]] = []
-        for channel in self.channels:
-            at = self.positions.get(channel)
-            if at is None:
-                query.append(("channel", channel))
-            else:
-                query.append(("since", f"{channel}:{at.epoch}:{at.offset}"))
-        return query
 
     def frame(self, text: str) -> tuple[str | None, str | None]:
         """Note one frame; return the line to print (None: nothing) and a notice for stderr."""
-        try:
-            doc = json.loads(text)
-        except ValueError:
-            return text, None
-        if not isinstance(doc, dict):
-            return text, None
-        kind, channel = doc.get("type"), doc.get("channel")
-        if kind is None and isinstance(channel, str) and "data" in doc:
-            offset = doc.get("offset")
-            at = self.positions.get(channel)
-            if at is not None and isinstance(offset, int):
-                self.positions[channel] = Position(at.epoch, offset)
-            return (_raw_payload(text, doc["data"]) if self.raw else text), None
-        notice = None
-        if kind == "subscribed" and isinstance(channel, str):
-            notice = self._subscribed(channel, doc)
-        if self.raw and kind in ("subscribed", "missed"):
-            return None, notice
-        return text, notice
+        return _output(self.feed(text), self.raw)
 
-    def _subscribed(self, channel: str, reply: dict[str, Any]) -> str | None:
-        epoch, offset, recovered = reply.get("epoch"), reply.get("offset"), reply.get("recovered")
-        if not isinstance(epoch, str) or not isinstance(offset, int):
-            self.positions.pop(channel, None)
-            return None
-        at = self.positions.get(channel)
-        if recovered is True and at is not None and at.epoch == epoch:
-            return None  # the replay that follows brings the offset up to date
-        self.positions[channel] = Position(epoch, offset)
-        if recovered is False:
-            return (
-                f"broadcastd subscribe: {channel}: could not recover "
-                f"(reason {reply.get('reason')}): messages may have been missed"
-            )
-        return None
+
+def _output(item: Message | Event, raw: bool) -> tuple[str | None, str | None]:
+    """The line ``subscribe`` prints for a message or event (None: nothing), and the
+    notice it writes on stderr (None: none)."""
+    if isinstance(item, Message):
+        return (_raw_payload(item.frame, item.data) if raw else item.frame), None
+    notice = None
+    if isinstance(item, Recovered) and not item.recovered:
+        notice = (
+            f"broadcastd subscribe: {item.channel}: could not recover "
+            f"(reason {item.reason}): messages may have been missed"
+        )
+    if raw and isinstance(item, Subscribed | Recovered | Missed):
+        return None, notice
+    return item.frame or None, notice
 
 
 def _raw_payload(text: str, data: Any) -> str:
@@ -425,58 +339,53 @@ def _raw_payload(text: str, data: Any) -> str:
 
 
 def subscribe(settings: Settings, args: argparse.Namespace) -> int:
-    base = args.url or f"ws://{_local(settings.ws.host)}:{settings.ws.port}/"
-    resume = Resume(args.channels, raw=args.raw)
+    """``broadcastd subscribe``: a :class:`broadcastd.client.Subscriber` printing
+    each frame; a ``--token-file`` is its ``get_token``, read at each connection
+    and when the daemon says the token is expiring."""
+    from broadcastd.client import Subscriber
+
+    url = args.url or f"ws://{_netloc(settings.ws.host, settings.ws.port)}/"
     token_file = args.token_file
 
-    def token() -> str | None:
-        if token_file is not None:
-            return Path(token_file).read_text().strip() or None
-        value: str | None = args.token
-        return value
+    async def read_token() -> str | None:
+        text = await asyncio.to_thread(Path(token_file).read_text)
+        return text.strip() or None
+
+    async def run() -> int:
+        try:
+            subscriber = Subscriber(
+                url,
+                token=args.token,
+                get_token=read_token if token_file is not None else None,
+                max_backoff=args.max_backoff,
+            )
+        except ValueError as exc:
+            print(f"broadcastd: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        return await _subscribe(subscriber, args.channels, args.raw, args.once)
 
     try:
-        return asyncio.run(
-            _subscribe(
-                base.rstrip("/") + "/?",
-                resume,
-                Backoff(cap=args.max_backoff),
-                args.once,
-                token,
-                renewable=token_file is not None,
-            )
-        )
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(run())
     except KeyboardInterrupt:  # before the signal handlers were installed
         return 128 + signal.SIGINT
 
 
-async def _subscribe(
-    base: str,
-    resume: Resume,
-    backoff: Backoff,
-    once: bool,
-    token: Callable[[], str | None] = lambda: None,
-    *,
-    renewable: bool = False,
-) -> int:
-    """Print every frame, one per line; reconnect after ``backoff`` unless ``once``,
-    from where each channel's output stands (``resume``), with the ``token`` of the
-    moment (a ``renewable`` one is read again at each connection, so an expired
-    token, close 4003, is replaced by a renewed one; a static one that expired or
-    was refused ends the command).
+async def _subscribe(subscriber: Subscriber, channels: Sequence[str], raw: bool, once: bool) -> int:
+    """Print every frame, one per line, and each failed recovery on stderr; the
+    subscriber reconnects and resumes by itself, unless ``once``: then the end of
+    the first connection (or attempt) ends the command.
 
     SIGINT (Ctrl-C) or SIGTERM closes the connection normally (1000: the server
     sees a client that left, not one that failed) and exits 128 + the signal
     number, as a shell reports an interrupted command; a second signal, or one
     while not connected, exits at once.
     """
-    from websockets.asyncio.client import ClientConnection, connect
-    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from broadcastd.client import ALL_EVENTS, ClosedByServer, RequestRefused, State, StateChanged
 
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
-    current: ClientConnection | None = None
     closing: list[asyncio.Task[None]] = []
     signalled = 0
 
@@ -484,57 +393,30 @@ async def _subscribe(
         nonlocal signalled
         first = not signalled
         signalled = signum
-        if first and current is not None:
-            closing.append(loop.create_task(current.close()))  # ends the loop below
+        if first and subscriber.state is State.CONNECTED:
+            closing.append(loop.create_task(subscriber.close()))  # ends the stream
         else:
             main.cancel()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
     try:
-        while True:
-            try:
-                url = base + urlencode(resume.query())
-                bearer = token()
-                headers = {} if bearer is None else {"Authorization": f"Bearer {bearer}"}
-                async with connect(
-                    url, compression=None, max_size=None, additional_headers=headers
-                ) as ws:
-                    current = ws
-                    backoff.opened(time.monotonic())
-                    async for message in ws:
-                        text = message if isinstance(message, str) else message.decode()
-                        line, notice = resume.frame(text)
-                        if notice is not None:
-                            print(notice, file=sys.stderr)
-                        if line is not None:
-                            sys.stdout.write(line + "\n")
-                            sys.stdout.flush()
-                if not signalled:
-                    print(f"broadcastd: connection closed ({ws.close_code})", file=sys.stderr)
-            except InvalidStatus as exc:
-                status = exc.response.status_code
-                print(
-                    f"broadcastd: handshake refused: HTTP {status} "
-                    f"{exc.response.body.decode('utf-8', 'replace')}",
-                    file=sys.stderr,
-                )
-                if 400 <= status < 500:
-                    return EXIT_FAILURE
-            except ConnectionClosed as exc:
-                code = exc.rcvd.code if exc.rcvd is not None else 1006
-                print(f"broadcastd: connection closed ({code})", file=sys.stderr)
-                if code in GIVE_UP_CODES or (code in TOKEN_CODES and not renewable):
-                    return EXIT_FAILURE
-            except OSError as exc:
-                print(f"broadcastd: cannot connect: {exc}", file=sys.stderr)
-            finally:
-                current = None
-            if signalled:
-                return 128 + signalled
-            if once:
-                return 0
-            await asyncio.sleep(backoff.next_delay(time.monotonic()))
+        async for item in subscriber.subscribe(*channels, events=ALL_EVENTS):
+            if isinstance(item, StateChanged):
+                if item.state is State.DISCONNECTED and not signalled:
+                    print(_disconnected(item), file=sys.stderr)
+                    if once and item.retry_in is not None:
+                        return 0
+                continue
+            line, notice = _output(item, raw)
+            if notice is not None:
+                print(notice, file=sys.stderr)
+            if line is not None:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+        return 128 + signalled if signalled else 0
+    except (RequestRefused, ClosedByServer):  # told by the DISCONNECTED event
+        return EXIT_FAILURE
     except asyncio.CancelledError:
         if signalled:
             return 128 + signalled
@@ -542,6 +424,18 @@ async def _subscribe(
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+
+
+def _disconnected(event: StateChanged) -> str:
+    """The stderr line for a connection that ended or an attempt that failed."""
+    from broadcastd.client import BroadcastdError
+
+    if event.close_code is not None:
+        return f"broadcastd: connection closed ({event.close_code})"
+    error = event.error
+    if isinstance(error, BroadcastdError) and error.status is not None:
+        return f"broadcastd: handshake refused: HTTP {error.status} {error.body}"
+    return f"broadcastd: cannot connect: {error}"
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -76,9 +76,7 @@ class ConnectionAuth:
         self.closed = False
         session.on_token = self.on_command
 
-    def start(
-        self, token: str | None, then: Callable[[], None], hold: Callable[[], None]
-    ) -> None:
+    def start(self, token: str | None, then: Callable[[], None], hold: Callable[[], None]) -> None:
         """The connection is open: check ``token`` (if one came with it), then call
         ``then`` (which subscribes the URL's channels), unless it was refused.
         ``hold`` stops reading the client's commands while the verdict waits."""
