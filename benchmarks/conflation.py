@@ -32,22 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import Counter
 from typing import Any
 
-from benchmarks.wsclient import (
-    _C,
-    _OP_BINARY,
-    _OP_CLOSE,
-    _OP_CONT,
-    _OP_PING,
-    _OP_PONG,
-    _OP_TEXT,
-    Pool,
-    Subscriber,
-    client_frame,
-)
+from benchmarks.wsclient import OffsetReader, Pool
 
 
 class SlowGroup:
@@ -81,7 +69,7 @@ class SlowGroup:
             self.all_done.set()
 
 
-class SlowReader(Subscriber):
+class SlowReader(OffsetReader):
     """One slow subscriber of ``group.channel``: every offset and ``missed`` count checked."""
 
     __slots__ = (
@@ -161,64 +149,21 @@ class SlowReader(Subscriber):
             transport.resume_reading()
         self.read_paused = False
 
-    def data_received(self, data: bytes) -> None:
-        if self.pending:
-            data = self.pending + data
-            self.pending = b""
-        if self.handshaking:
-            data = self._handshake(data)
-            if not data:
-                return
-        prefix = self.group.prefix
-        skip = len(prefix)
-        n = len(data)
-        pos = 0
-        count = 0
-        while n - pos >= 2:
-            b0 = data[pos]
-            b1 = data[pos + 1]
-            length = b1 & 0x7F
-            head = 2
-            if length == 126:
-                if n - pos < 4:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-                head = 4
-            elif length == 127:
-                if n - pos < 10:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                head = 10
-            if b1 & 0x80:
-                self.pool.errors["masked server frame"] += 1
-                self.abort()
-                return
-            start = pos + head
-            end = start + length
-            if end > n:
-                break
-            opcode = b0 & 0x0F
-            if opcode in (_OP_TEXT, _OP_BINARY) or (opcode == _OP_CONT and b0 & 0x80):
-                if data.startswith(prefix, start):
-                    comma = data.find(b",", start + skip, end)
-                    self._message(int(data[start + skip : comma]))
-                    count += 1
-                elif length >= 3 and data[start + 2] == _C:
-                    self.unexpected["envelope of another channel"] += 1
-                else:
-                    self._slow_reply(data[start:end])
-            elif opcode == _OP_PING:
-                if self.transport is not None:
-                    self.transport.write(client_frame(_OP_PONG, data[start:end]))
-            elif opcode == _OP_CLOSE:
-                self._closed_by_server(data[start:end])
-                return
-            pos = end
-        if pos < n:
-            self.pending = data[pos:]
-        if count:
-            self.pool.messages += count
-            self.pool.last_message_at = time.monotonic()
+    @property
+    def prefix(self) -> bytes:
+        return self.group.prefix
+
+    def on_offset(self, offset: int, now: float) -> None:
+        self._message(offset)
+
+    def on_foreign(self) -> None:
+        self.unexpected["envelope of another channel"] += 1
+
+    def on_reply(self, payload: bytes, now: float) -> None:
+        self._slow_reply(payload)
+
+    def after_read(self, messages: int, now: float) -> None:
+        if messages:
             self._check_final()
         if self.delay is not None and self.top is not None and self.timer is None:
             self._pause()

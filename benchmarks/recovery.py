@@ -23,23 +23,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import Counter
 from typing import Any
 from urllib.parse import quote
 
-from benchmarks.wsclient import (
-    _C,
-    _OP_BINARY,
-    _OP_CLOSE,
-    _OP_CONT,
-    _OP_PING,
-    _OP_PONG,
-    _OP_TEXT,
-    Pool,
-    Subscriber,
-    client_frame,
-)
+from benchmarks.wsclient import OffsetReader, Pool
 
 NO_EPOCH = "none"
 """Sent as the epoch when the server's ``subscribed`` reply had none (a server
@@ -209,7 +197,7 @@ class Track:
             self.fleet.went_live()
 
 
-class Resumer(Subscriber):
+class Resumer(OffsetReader):
     """One connection of a tracked client: every message's offset goes to its Track."""
 
     __slots__ = ("track",)
@@ -225,66 +213,18 @@ class Resumer(Subscriber):
         super().__init__(pool, request, accept, 1, ready)
         self.track = track
 
-    def data_received(self, data: bytes) -> None:
-        if self.pending:
-            data = self.pending + data
-            self.pending = b""
-        if self.handshaking:
-            data = self._handshake(data)
-            if not data:
-                return
-        track = self.track
-        prefix = track.prefix
-        skip = len(prefix)
-        now = time.monotonic()
-        n = len(data)
-        pos = 0
-        count = 0
-        while n - pos >= 2:
-            b0 = data[pos]
-            b1 = data[pos + 1]
-            length = b1 & 0x7F
-            head = 2
-            if length == 126:
-                if n - pos < 4:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-                head = 4
-            elif length == 127:
-                if n - pos < 10:
-                    break
-                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                head = 10
-            if b1 & 0x80:
-                self.pool.errors["masked server frame"] += 1
-                self.abort()
-                return
-            start = pos + head
-            end = start + length
-            if end > n:
-                break
-            opcode = b0 & 0x0F
-            if opcode in (_OP_TEXT, _OP_BINARY) or (opcode == _OP_CONT and b0 & 0x80):
-                if data.startswith(prefix, start):
-                    comma = data.find(b",", start + skip, end)
-                    track.on_message(int(data[start + skip : comma]), now)
-                    count += 1
-                elif length >= 3 and data[start + 2] == _C:
-                    track.foreign += 1
-                else:
-                    self._tracked_reply(data[start:end], now)
-            elif opcode == _OP_PING:
-                if self.transport is not None:
-                    self.transport.write(client_frame(_OP_PONG, data[start:end]))
-            elif opcode == _OP_CLOSE:
-                self._closed_by_server(data[start:end])
-                return
-            pos = end
-        if pos < n:
-            self.pending = data[pos:]
-        if count:
-            self.pool.messages += count
-            self.pool.last_message_at = now
+    @property
+    def prefix(self) -> bytes:
+        return self.track.prefix
+
+    def on_offset(self, offset: int, now: float) -> None:
+        self.track.on_message(offset, now)
+
+    def on_foreign(self) -> None:
+        self.track.foreign += 1
+
+    def on_reply(self, payload: bytes, now: float) -> None:
+        self._tracked_reply(payload, now)
 
     def _tracked_reply(self, payload: bytes, now: float) -> None:
         self.pool.replies += 1

@@ -485,3 +485,90 @@ class Subscriber(asyncio.Protocol):
         match = _T_FIELD.search(data, start, end)
         if match is not None:
             self.pool.latencies_ns.append(now_ns - int(match.group(1)))
+
+
+class OffsetReader(Subscriber):
+    """A subscriber of one channel that reads the offset of every message it gets,
+    for the scenarios that check each one (R, S1c) rather than count and sample.
+
+    Subclasses give ``prefix`` (the envelope head of their channel) and the hooks;
+    the frame walk is this one."""
+
+    __slots__ = ()
+
+    @property
+    def prefix(self) -> bytes:
+        raise NotImplementedError
+
+    def on_offset(self, offset: int, now: float) -> None:
+        """A message of the channel, at ``offset``."""
+
+    def on_foreign(self) -> None:
+        """An envelope of another channel (never expected)."""
+
+    def on_reply(self, payload: bytes, now: float) -> None:
+        """A reply or event (a JSON object with a ``type``)."""
+
+    def after_read(self, messages: int, now: float) -> None:
+        """Called after each read that did not end the connection."""
+
+    def data_received(self, data: bytes) -> None:
+        if self.pending:
+            data = self.pending + data
+            self.pending = b""
+        if self.handshaking:
+            data = self._handshake(data)
+            if not data:
+                return
+        prefix = self.prefix
+        skip = len(prefix)
+        now = time.monotonic()
+        n = len(data)
+        pos = 0
+        count = 0
+        while n - pos >= 2:
+            b0 = data[pos]
+            b1 = data[pos + 1]
+            length = b1 & 0x7F
+            head = 2
+            if length == 126:
+                if n - pos < 4:
+                    break
+                length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+                head = 4
+            elif length == 127:
+                if n - pos < 10:
+                    break
+                length = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                head = 10
+            if b1 & 0x80:
+                self.pool.errors["masked server frame"] += 1
+                self.abort()
+                return
+            start = pos + head
+            end = start + length
+            if end > n:
+                break
+            opcode = b0 & 0x0F
+            if opcode in (_OP_TEXT, _OP_BINARY) or (opcode == _OP_CONT and b0 & 0x80):
+                if data.startswith(prefix, start):
+                    comma = data.find(b",", start + skip, end)
+                    self.on_offset(int(data[start + skip : comma]), now)
+                    count += 1
+                elif length >= 3 and data[start + 2] == _C:
+                    self.on_foreign()
+                else:
+                    self.on_reply(data[start:end], now)
+            elif opcode == _OP_PING:
+                if self.transport is not None:
+                    self.transport.write(client_frame(_OP_PONG, data[start:end]))
+            elif opcode == _OP_CLOSE:
+                self._closed_by_server(data[start:end])
+                return
+            pos = end
+        if pos < n:
+            self.pending = data[pos:]
+        if count:
+            self.pool.messages += count
+            self.pool.last_message_at = now
+        self.after_read(count, now)

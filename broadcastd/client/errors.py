@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import msgspec
+
 if TYPE_CHECKING:
     from broadcastd.client.events import CommandFailed, Missed, Recovered, Resync
 
@@ -107,3 +109,35 @@ class MessagesLost(Exception):
     def __init__(self, event: Recovered | Resync | Missed) -> None:
         super().__init__(f"messages lost: {event!r}")
         self.event = event
+
+
+def refusal(
+    status: int, body: bytes | str, reason: str, retry_after: str | None
+) -> BroadcastdError:
+    """The daemon's ``{"error": {"code", "message"}}`` answer (to a request or a
+    handshake), typed by status: 4xx RequestRefused, 503 Unavailable, anything
+    else ServerError. An answer that is not the daemon's (a proxy's HTML page)
+    keeps its status, with code ``http_STATUS`` and the status's reason."""
+    text = body if isinstance(body, str) else body.decode("utf-8", "replace")
+    code, message = f"http_{status}", reason
+    try:
+        error = msgspec.json.decode(text)["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (msgspec.DecodeError, KeyError, TypeError):
+        pass
+    if status == 503:
+        return Unavailable(code, message, status, text, _seconds(retry_after))
+    if 400 <= status < 500:
+        return RequestRefused(code, message, status, text)
+    return ServerError(code, message, status, text)
+
+
+def _seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` in seconds (an HTTP date is not worth parsing here: ignored)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None

@@ -32,9 +32,9 @@ from broadcastd.client.backoff import Backoff
 from broadcastd.client.errors import (
     BroadcastdError,
     NetworkError,
-    RequestRefused,
     ServerError,
     Unavailable,
+    refusal,
 )
 
 T = TypeVar("T")
@@ -295,34 +295,12 @@ def _answer(call: _Call[T], response: httpx.Response) -> T:
 
 
 def _error(response: httpx.Response) -> BroadcastdError:
-    """``{"error": {"code", "message"}}`` typed by status: 4xx RequestRefused,
-    503 Unavailable, anything else ServerError. An answer that is not the
-    daemon's (a proxy's HTML page) keeps its status, with code ``http_STATUS``."""
-    status = response.status_code
-    body = response.text
-    code, message = f"http_{status}", response.reason_phrase
-    try:
-        error = _decode(response.content)["error"]
-        code, message = str(error["code"]), str(error["message"])
-    except (msgspec.DecodeError, KeyError, TypeError):
-        pass
-    if status == 503:
-        return Unavailable(
-            code, message, status, body, _seconds(response.headers.get("Retry-After"))
-        )
-    if 400 <= status < 500:
-        return RequestRefused(code, message, status, body)
-    return ServerError(code, message, status, body)
-
-
-def _seconds(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None  # an HTTP date: not worth parsing for this
-    return seconds if seconds >= 0 else None
+    return refusal(
+        response.status_code,
+        response.text,
+        response.reason_phrase,
+        response.headers.get("Retry-After"),
+    )
 
 
 def _network_error(exc: httpx.TransportError) -> NetworkError:

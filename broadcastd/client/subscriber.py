@@ -41,8 +41,8 @@ from broadcastd.client.errors import (
     CommandRefused,
     MessagesLost,
     RequestRefused,
-    ServerError,
     Unavailable,
+    refusal,
 )
 from broadcastd.client.events import (
     DEFAULT_EVENTS,
@@ -765,26 +765,4 @@ class Subscriber:
 
 def _handshake_error(refused: HandshakeRefused) -> BroadcastdError:
     """The daemon's JSON error body of a refused handshake, typed by status."""
-    body = refused.body.decode("utf-8", "replace")
-    code, message = f"http_{refused.status}", refused.reason
-    with contextlib.suppress(msgspec.DecodeError, TypeError, KeyError):
-        error = _decode(body)["error"]
-        code, message = str(error["code"]), str(error["message"])
-    status = refused.status
-    if status == 503:
-        retry_after = _seconds(refused.headers.get("retry-after"))
-        return Unavailable(code, message, status, body, retry_after=retry_after)
-    if 400 <= status < 500:
-        return RequestRefused(code, message, status, body)
-    return ServerError(code, message, status, body)
-
-
-def _seconds(value: str | None) -> float | None:
-    """A ``Retry-After`` in seconds (an HTTP date is not worth parsing here: ignored)."""
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if seconds >= 0 else None
+    return refusal(refused.status, refused.body, refused.reason, refused.headers.get("retry-after"))
