@@ -15,11 +15,19 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from broadcastd.auth.claims import Claims
-from broadcastd.auth.tokens import JwksCache, TokenCode, TokenVerifier, parse_jwks
+from broadcastd.auth.tokens import (
+    _HMAC,
+    HMAC_ALGORITHMS,
+    JwksCache,
+    TokenCode,
+    TokenVerifier,
+    _Jws,
+    parse_jwks,
+)
 from broadcastd.errors import ConfigError, TokenError
 from broadcastd.settings import AuthSettings
 
@@ -278,6 +286,110 @@ def test_any_string_is_either_a_token_or_a_token_error(text: str) -> None:
     assert caught.value.code == "token_invalid"
     if len(text) > 64:  # longer than any message
         assert text not in caught.value.message
+
+
+# The compact form is read as PyJWT's decode reads it.
+
+HASHES = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
+PYJWT = jwt.PyJWT(
+    {
+        "verify_exp": False,
+        "verify_nbf": False,
+        "verify_iat": False,
+        "verify_aud": False,
+        "verify_iss": False,
+        "verify_sub": False,
+        "verify_jti": False,
+    }
+)
+
+
+def hand_signed(header: Any, payload: Any, secret: bytes = SECRET.encode()) -> str:
+    """A token with any header and payload, HMAC-signed with the header's alg
+    (HS256 when it names none)."""
+    signing_input = b64(json.dumps(header).encode()) + "." + b64(json.dumps(payload).encode())
+    alg = header.get("alg") if isinstance(header, dict) else None
+    digest = HASHES.get(alg if isinstance(alg, str) else "", hashlib.sha256)
+    signature = hmac.new(secret, signing_input.encode(), digest).digest()
+    return f"{signing_input}.{b64(signature)}"
+
+
+def read_here(token: str) -> dict[str, Any] | None:
+    """The payload as broadcastd's own reading of the compact form accepts it."""
+    try:
+        jws = _Jws.parse(token)
+        if jws.alg not in HMAC_ALGORITHMS:
+            return None
+        jws.check(_HMAC[jws.alg], (SECRET.encode(),))
+        return jws.claims()
+    except TokenError:
+        return None
+
+
+def read_by_pyjwt(token: str) -> dict[str, Any] | None:
+    try:
+        payload: dict[str, Any] = PYJWT.decode(token, SECRET, algorithms=list(HMAC_ALGORITHMS))
+    except jwt.PyJWTError:
+        return None
+    return payload
+
+
+@st.composite
+def mutated_tokens(draw: st.DrawFn) -> str:
+    """A signed token with a header of many shapes, then perhaps one edit."""
+    header: dict[str, Any] = {"alg": draw(st.sampled_from(["HS256", "HS384", "HS512", "none"]))}
+    header.update(
+        draw(
+            st.dictionaries(
+                st.sampled_from(["typ", "kid", "crit", "b64", "cty"]),
+                st.none() | st.booleans() | st.integers(0, 3) | st.just("JWT") | st.just(["b64"]),
+                max_size=2,
+            )
+        )
+    )
+    payload = draw(
+        st.dictionaries(
+            st.sampled_from(["sub", "exp", "channels", "x"]),
+            st.integers(-(2**53), 2**53) | st.text(max_size=4) | st.lists(st.text(max_size=3)),
+            max_size=3,
+        )
+        | st.lists(st.integers(0, 9), max_size=2)
+    )
+    token = hand_signed(header, payload)
+    edit = draw(st.sampled_from(["none", "replace", "insert", "delete", "pad"]))
+    if edit == "none" or not token:
+        return token
+    where = draw(st.integers(0, len(token) - 1))
+    char = draw(st.sampled_from(list("AQgwB_-=+/. ~\x00é")))
+    if edit == "replace":
+        return token[:where] + char + token[where + 1 :]
+    if edit == "insert":
+        return token[:where] + char + token[where:]
+    if edit == "delete":
+        return token[:where] + token[where + 1 :]
+    parts = token.split(".")
+    index = draw(st.integers(0, 2))
+    parts[index] += "=" * draw(st.integers(1, 3))
+    return ".".join(parts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(mutated_tokens())
+@example(hand_signed({"alg": "HS256"}, {"sub": "a"}) + "=")  # padding on the signature
+@example(hand_signed({"alg": "HS256"}, {"sub": "a"})[:-1] + "B")  # unused bits set
+@example(hand_signed({"alg": "HS256", "crit": ["b64"], "b64": True}, {"sub": "a"}))
+@example(hand_signed({"alg": "HS256", "kid": 1}, {"sub": "a"}))
+@example(hand_signed({"alg": "HS256", "kid": None}, {}))  # found: a null kid was let through
+@example(hand_signed({"alg": "HS256"}, [1]))
+def test_the_compact_form_is_read_as_pyjwt_reads_it(token: str) -> None:
+    """Never more permissive than PyJWT's decode, and the same payload; as
+    permissive, but for the header extensions (``crit``, ``b64``) refused here."""
+    here, pyjwt = read_here(token), read_by_pyjwt(token)
+    if here is not None:
+        assert pyjwt == here
+    elif pyjwt is not None:
+        header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+        assert "crit" in header or "b64" in header
 
 
 # Configuration errors surface at construction.

@@ -15,6 +15,11 @@ RS256 token is never checked against an HMAC secret. In order:
 
 Anything else (``none``, an algorithm no configured key has) is ``token_invalid``.
 
+Every signature is checked by PyJWT's algorithm object of that ``alg``; the
+compact form around it is taken apart here (``_Jws``), as strictly as PyJWT
+does it, because PyJWT's ``decode`` costs more per connection than the whole
+rest of a handshake (tests/test_auth_tokens.py holds both to the same verdicts).
+
 Claims: ``exp`` is optional, as in Centrifugo (a token without it never
 expires); ``exp``, ``nbf`` and ``iat`` are checked here against the injected
 clock, with ``leeway``. ``aud`` and ``iss`` are checked only when ``audience``
@@ -38,13 +43,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 from urllib.parse import urlsplit
 
 import jwt
+import orjson
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.algorithms import Algorithm
 
 from broadcastd import log
 from broadcastd.auth.claims import Claims
@@ -55,7 +62,6 @@ Clock: TypeAlias = Callable[[], float]
 PublicKey: TypeAlias = (
     rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
 )
-Key: TypeAlias = bytes | PublicKey
 
 
 class TokenCode(StrEnum):
@@ -119,25 +125,17 @@ class TokenVerifier:
     ) -> None:
         if not secrets and public_key is None and jwks is None:
             raise ConfigError("auth: no token key configured")
-        for secret in secrets:
-            _check_secret(secret)
-        self._secrets = tuple(secrets)
-        self._public_key = public_key
-        self._public_algorithms = [] if public_key is None else [_algorithm_of(public_key)]
+        self._secrets = tuple(_prepare_secret(secret) for secret in secrets)
+        self._public: dict[str, tuple[Algorithm, Any]] = {}
+        if public_key is not None:
+            name = _algorithm_of(public_key)
+            algorithm = jwt.get_algorithm_by_name(name)
+            self._public[name] = (algorithm, algorithm.prepare_key(public_key))
         self._jwks = jwks
         self._audience = audience
         self._issuer = issuer
         self._leeway = leeway
         self._clock = clock
-        # exp, nbf and iat are checked in _claims, against the injected clock.
-        self._jwt = jwt.PyJWT(
-            {
-                "verify_exp": False,
-                "verify_nbf": False,
-                "verify_iat": False,
-                "verify_aud": audience is not None,
-            }
-        )
 
     @classmethod
     def from_settings(cls, auth: AuthSettings, clock: Clock = time.time) -> TokenVerifier:
@@ -171,12 +169,10 @@ class TokenVerifier:
         """``verify`` without waiting: the claims, or TokenError, or None when the
         token names a JWKS key (which may need a fetch: use ``verify``). A
         connection storm with HMAC or PEM keys then costs no task per connection."""
-        if len(token) > MAX_TOKEN_CHARS:
-            raise _refusal(TokenCode.INVALID, "token is too long")
-        alg, kid = _peek_header(token)
-        if kid is not None and self._jwks is not None and alg in JWKS_ALGORITHMS:
+        jws = _Jws.parse(token)
+        if jws.kid is not None and self._jwks is not None and jws.alg in JWKS_ALGORITHMS:
             return None
-        return self._verify_local(token, alg)
+        return self._verify_local(jws)
 
     async def verify(self, token: str) -> Claims:
         """The claims of a valid token; raises TokenError (``code``: a TokenCode value) otherwise.
@@ -184,27 +180,25 @@ class TokenVerifier:
         Only a token whose ``kid`` is not cached can wait: on the one shared JWKS
         fetch, at most ``jwks_timeout``.
         """
-        if len(token) > MAX_TOKEN_CHARS:
-            raise _refusal(TokenCode.INVALID, "token is too long")
-        alg, kid = _peek_header(token)
-        if kid is not None and self._jwks is not None and alg in JWKS_ALGORITHMS:
-            jwk = await self._jwks.key(kid)
-            # The bare key with the JWK's one algorithm (not the PyJWK itself,
-            # which jwt.decode accepts only from PyJWT 2.10).
-            return self._claims(self._decode(token, (jwk.key,), (jwk.algorithm_name,)))
-        return self._verify_local(token, alg)
-
-    def _verify_local(self, token: str, alg: str) -> Claims:
-        """A token checked with the configured secrets or public key."""
-        if alg in HMAC_ALGORITHMS:
-            if not self._secrets:
+        jws = _Jws.parse(token)
+        if jws.kid is not None and self._jwks is not None and jws.alg in JWKS_ALGORITHMS:
+            jwk = await self._jwks.key(jws.kid)
+            if jws.alg != jwk.algorithm_name:
                 raise _refusal(TokenCode.INVALID, "token algorithm is not accepted")
-            payload = self._decode(token, self._secrets, HMAC_ALGORITHMS)
-        elif self._public_key is not None and alg in self._public_algorithms:
-            payload = self._decode(token, (self._public_key,), self._public_algorithms)
+            jws.check(jwk.Algorithm, (jwk.key,))
+            return self._claims(jws.claims())
+        return self._verify_local(jws)
+
+    def _verify_local(self, jws: _Jws) -> Claims:
+        """A token checked with the configured secrets or public key."""
+        if jws.alg in HMAC_ALGORITHMS and self._secrets:
+            jws.check(_HMAC[jws.alg], self._secrets)
+        elif jws.alg in self._public:
+            algorithm, key = self._public[jws.alg]
+            jws.check(algorithm, (key,))
         else:
             raise _refusal(TokenCode.INVALID, "token algorithm is not accepted")
-        return self._claims(payload)
+        return self._claims(jws.claims())
 
     async def prefetch(self) -> bool:
         """Fetch the JWKS document now (at start-up, so that the first connections do
@@ -216,27 +210,9 @@ class TokenVerifier:
         if self._jwks is not None:
             await self._jwks.aclose()
 
-    def _decode(self, token: str, keys: Sequence[Key], algorithms: Sequence[str]) -> dict[str, Any]:
-        """Check the signature with each key in turn, then aud and iss."""
-        last = len(keys) - 1
-        for index, key in enumerate(keys):
-            try:
-                return self._jwt.decode(
-                    token,
-                    key,
-                    algorithms=algorithms,
-                    audience=self._audience,
-                    issuer=self._issuer,
-                )
-            except jwt.InvalidSignatureError:
-                if index == last:
-                    raise _refusal(TokenCode.INVALID, "token signature does not verify") from None
-            except jwt.PyJWTError as exc:
-                raise _translate(exc) from None
-        raise AssertionError("no key to verify with")
-
     def _claims(self, payload: Mapping[str, Any]) -> Claims:
-        """Check the times against the clock and take what broadcastd uses."""
+        """Check the times against the clock, then aud and iss, and take what
+        broadcastd uses."""
         now = self._clock()
         expires = _numeric_date(payload, "exp")
         if expires is not None and expires + self._leeway <= now:
@@ -245,6 +221,14 @@ class TokenVerifier:
             moment = _numeric_date(payload, name)
             if moment is not None and moment > now + self._leeway:
                 raise _refusal(TokenCode.NOT_YET_VALID, f"token is not valid yet ({name})")
+        if self._audience is not None:
+            _check_audience(payload.get("aud"), self._audience)
+        if self._issuer is not None:
+            issuer = payload.get("iss")
+            if issuer is None:
+                raise _refusal(TokenCode.ISSUER, "token has no iss")
+            if issuer != self._issuer:
+                raise _refusal(TokenCode.ISSUER, "token iss does not match")
         user = payload.get("sub", "")
         channels = payload.get("channels", [])
         if not isinstance(user, str):
@@ -254,43 +238,102 @@ class TokenVerifier:
         return Claims(user=user, expires=expires, channels=tuple(channels))
 
 
-def _translate(exc: jwt.PyJWTError) -> TokenError:
-    """PyJWT's exception as a refusal with our code; its message is dropped (it may
-    quote the token)."""
-    if isinstance(exc, jwt.MissingRequiredClaimError):
-        if exc.claim == "aud":
-            return _refusal(TokenCode.AUDIENCE, "token has no aud")
-        if exc.claim == "iss":
-            return _refusal(TokenCode.ISSUER, "token has no iss")
-    if isinstance(exc, jwt.InvalidAudienceError):
-        return _refusal(TokenCode.AUDIENCE, "token aud does not match")
-    if isinstance(exc, jwt.InvalidIssuerError):
-        return _refusal(TokenCode.ISSUER, "token iss does not match")
-    if isinstance(exc, jwt.InvalidAlgorithmError):
-        return _refusal(TokenCode.INVALID, "token algorithm is not accepted")
-    return _refusal(TokenCode.INVALID, "token is malformed")
+class _Jws:
+    """A token in the JWS compact form, taken apart but not yet trusted.
 
-
-def _peek_header(token: str) -> tuple[str, str | None]:
-    """``alg`` and ``kid`` of the unverified header, only to choose a key.
-
-    Decoding just the header (not the payload and signature, as
-    jwt.get_unverified_header does) keeps the routing cheap; PyJWT checks
-    everything again while verifying.
+    The parts are decoded as strictly as PyJWT decodes them (the base64url
+    alphabet only, canonical, padding optional), the header is read to choose
+    a key, and the payload is parsed only once its signature verified. Every
+    signature is checked by PyJWT's algorithm object of the token's ``alg``
+    (``hmac.compare_digest`` for HMAC), with keys prepared once; what PyJWT's
+    ``decode`` adds around that (key preparation per call, a per-character
+    alphabet scan) cost three times the rest of a connection's handshake.
+    A header that names extensions (``crit``, ``b64``) is refused: none is
+    supported.
     """
-    head, dot, _ = token.partition(".")
-    if not dot or len(head) > MAX_HEADER_CHARS:
-        raise _refusal(TokenCode.INVALID, "token is malformed")
-    try:
-        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-    except (ValueError, binascii.Error, RecursionError):
-        raise _refusal(TokenCode.INVALID, "token is malformed") from None
-    if not isinstance(header, dict):
-        raise _refusal(TokenCode.INVALID, "token is malformed")
-    alg, kid = header.get("alg"), header.get("kid")
-    if not isinstance(alg, str) or not (kid is None or isinstance(kid, str)):
-        raise _refusal(TokenCode.INVALID, "token is malformed")
-    return alg, kid
+
+    __slots__ = ("alg", "kid", "payload", "signature", "signing_input")
+
+    def __init__(
+        self, alg: str, kid: str | None, signing_input: bytes, payload: bytes, signature: bytes
+    ) -> None:
+        self.alg = alg
+        self.kid = kid
+        self.signing_input = signing_input
+        self.payload = payload
+        self.signature = signature
+
+    @classmethod
+    def parse(cls, token: str) -> _Jws:
+        if len(token) > MAX_TOKEN_CHARS:
+            raise _refusal(TokenCode.INVALID, "token is too long")
+        try:
+            data = token.encode("ascii")
+        except UnicodeEncodeError:
+            raise _refusal(TokenCode.INVALID, "token is malformed") from None
+        signing_input, _, signature = data.rpartition(b".")
+        head, dot, payload = signing_input.partition(b".")
+        if not dot or b"." in payload or len(head) > MAX_HEADER_CHARS:
+            raise _refusal(TokenCode.INVALID, "token is malformed")
+        try:
+            header = orjson.loads(_b64url(head))
+        except (ValueError, binascii.Error):
+            raise _refusal(TokenCode.INVALID, "token is malformed") from None
+        if not isinstance(header, dict):
+            raise _refusal(TokenCode.INVALID, "token is malformed")
+        alg, kid = header.get("alg"), header.get("kid")
+        if not isinstance(alg, str) or not (isinstance(kid, str) or "kid" not in header):
+            raise _refusal(TokenCode.INVALID, "token is malformed")
+        if "crit" in header or "b64" in header:
+            raise _refusal(TokenCode.INVALID, "token header extensions are not supported")
+        return cls(alg, kid, signing_input, payload, signature)
+
+    def check(self, algorithm: Algorithm, keys: Sequence[Any]) -> None:
+        """The signature verifies with one of ``keys`` (tried in order), or TokenError."""
+        try:
+            signature = _b64url(self.signature)
+        except (ValueError, binascii.Error):
+            raise _refusal(TokenCode.INVALID, "token is malformed") from None
+        for key in keys:
+            if algorithm.verify(self.signing_input, key, signature):
+                return
+        raise _refusal(TokenCode.INVALID, "token signature does not verify")
+
+    def claims(self) -> dict[str, Any]:
+        """The payload of a token whose signature verified: a JSON object."""
+        try:
+            payload = orjson.loads(_b64url(self.payload))
+        except (ValueError, binascii.Error):
+            raise _refusal(TokenCode.INVALID, "token is malformed") from None
+        if not isinstance(payload, dict):
+            raise _refusal(TokenCode.INVALID, "token is malformed")
+        return payload
+
+
+def _b64url(segment: bytes) -> bytes:
+    """Decode one base64url segment; ValueError unless it is canonical (re-encodes
+    to itself), which also refuses any byte outside the alphabet. Up to two
+    ``=`` of padding are accepted, as PyJWT does (some issuers send them)."""
+    stripped = segment.rstrip(b"=")
+    padding = len(segment) - len(stripped)
+    if padding and (padding > 2 or len(segment) % 4):
+        raise ValueError("bad padding")
+    decoded = base64.urlsafe_b64decode(stripped + b"=" * (-len(stripped) % 4))
+    if base64.urlsafe_b64encode(decoded).rstrip(b"=") != stripped:
+        raise ValueError("not canonical base64url")
+    return decoded
+
+
+def _check_audience(audience: object, expected: str) -> None:
+    """``aud`` is the configured audience or a list of strings holding it."""
+    if audience is None:
+        raise _refusal(TokenCode.AUDIENCE, "token has no aud")
+    if isinstance(audience, str):
+        audience = [audience]
+    if not isinstance(audience, list) or not all(isinstance(a, str) for a in audience):
+        raise _refusal(TokenCode.AUDIENCE, "token aud does not match")
+    if expected not in audience:
+        raise _refusal(TokenCode.AUDIENCE, "token aud does not match")
 
 
 def _numeric_date(payload: Mapping[str, Any], name: str) -> float | None:
@@ -306,12 +349,17 @@ def _numeric_date(payload: Mapping[str, Any], name: str) -> float | None:
     return moment
 
 
-def _check_secret(secret: bytes) -> None:
-    """Refuse at start-up what PyJWT would refuse on every token (empty, PEM-looking)."""
+def _prepare_secret(secret: bytes) -> bytes:
+    """Refuse at start-up what PyJWT refuses as an HMAC key (empty, PEM, DER or
+    JWK-looking), once rather than on every token."""
     try:
-        jwt.algorithms.HMACAlgorithm(jwt.algorithms.HMACAlgorithm.SHA256).prepare_key(secret)
+        return cast(bytes, _HMAC["HS256"].prepare_key(secret))
     except jwt.InvalidKeyError:
         raise ConfigError("auth.hmac_secret must be non-empty and not a PEM key") from None
+
+
+_HMAC: dict[str, Algorithm] = {name: jwt.get_algorithm_by_name(name) for name in HMAC_ALGORITHMS}
+"""PyJWT's HMAC algorithm of each ``alg``."""
 
 
 def load_public_key(path: Path) -> PublicKey:

@@ -46,7 +46,6 @@ class ConnectionAuth:
     __slots__ = (
         "_close",
         "_deadline",
-        "_expiring",
         "_expiry",
         "_tasks",
         "closed",
@@ -69,7 +68,6 @@ class ConnectionAuth:
         self.session = session
         self.observer = observer
         self._close = close
-        self._expiring: asyncio.TimerHandle | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -80,9 +78,8 @@ class ConnectionAuth:
         """The connection is open: check ``token`` (if one came with it), then call
         ``then`` (which subscribes the URL's channels), unless it was refused.
         ``hold`` stops reading the client's commands while the verdict waits."""
-        loop = asyncio.get_running_loop()
-        self._deadline = loop.call_later(self.settings.auth_timeout, self._no_token)
         if token is None:
+            self._arm_deadline()
             then()
             return
         try:
@@ -92,11 +89,18 @@ class ConnectionAuth:
             self._close(_close_reason(exc))
             return
         if claims is None:  # a JWKS key: perhaps a fetch
+            self._arm_deadline()
             hold()
             self._spawn(self._connect(token, then))
             return
         self._accept(claims, CONNECT, None)
         then()
+
+    def _arm_deadline(self) -> None:
+        """Close in ``auth.auth_timeout`` unless a token is accepted or a channel held
+        by then (not armed for a token decided at connect: one timer fewer)."""
+        loop = asyncio.get_running_loop()
+        self._deadline = loop.call_later(self.settings.auth_timeout, self._no_token)
 
     async def _connect(self, token: str, then: Callable[[], None]) -> None:
         try:
@@ -148,24 +152,24 @@ class ConnectionAuth:
         self._watch(claims)
 
     def _watch(self, claims: Claims) -> None:
-        """Arm the expiring notice and the close at ``exp`` + leeway."""
-        for timer in (self._expiring, self._expiry):
-            if timer is not None:
-                timer.cancel()
-        self._expiring = self._expiry = None
+        """Arm the expiring notice, which then arms the close at ``exp`` + leeway:
+        one timer per connection at a time."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if claims.expires is None:
             return
         loop = asyncio.get_running_loop()
-        left = claims.expires - time.time()
-        notice = left - self.settings.expiring_notice
-        expires = int(claims.expires)
-        self._expiring = loop.call_later(max(0.0, notice), self._notify, expires)
-        self._expiry = loop.call_later(max(0.0, left + self.settings.leeway), self._expired)
+        notice = claims.expires - time.time() - self.settings.expiring_notice
+        self._expiry = loop.call_later(max(0.0, notice), self._notify, claims.expires)
 
-    def _notify(self, expires: int) -> None:
-        self._expiring = None
-        if not self.closed:
-            self.session.notify({"type": "expiring", "expires": expires})
+    def _notify(self, expires: float) -> None:
+        self._expiry = None
+        if self.closed:
+            return
+        self.session.notify({"type": "expiring", "expires": int(expires)})
+        left = expires + self.settings.leeway - time.time()
+        self._expiry = asyncio.get_running_loop().call_later(max(0.0, left), self._expired)
 
     def _expired(self) -> None:
         self._expiry = None
@@ -199,10 +203,10 @@ class ConnectionAuth:
     def close(self) -> None:
         """The connection ended: no timer or verification acts on it any more."""
         self.closed = True
-        for timer in (self._expiring, self._expiry, self._deadline):
+        for timer in (self._expiry, self._deadline):
             if timer is not None:
                 timer.cancel()
-        self._expiring = self._expiry = self._deadline = None
+        self._expiry = self._deadline = None
         for task in self._tasks:
             task.cancel()
 
