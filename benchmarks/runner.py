@@ -76,6 +76,7 @@ async def run(
                 results["servers"][name] = {"skipped": reason}
                 continue
             outcome: dict[str, Any] = {"scenarios": {}}
+            runs: dict[str, list[dict[str, Any]]] = {}
             results["servers"][name] = outcome
             for scenario in scenario_names:
                 why = unsupported(scenario, cls)
@@ -89,13 +90,14 @@ async def run(
                 server = cls(Path(tmp), 0 if pin else None)
                 server.extra_env.update(server_env(scenario, params))
                 res = await _one(server, scenario, params)
-                outcome["scenarios"][scenario] = res
+                outcome["scenarios"][scenario] = res  # the last run of a repeated one
+                runs.setdefault(scenario, []).append(res)
                 if "pinning" in res and "pinning" not in outcome:
                     outcome["pinning"] = res["pinning"]
                     client = format_cores({"load client": results["host"]["affinity"]})
                     progress(f"[{name}] cores: {format_cores(res['pinning'])}; {client}")
                 progress(f"[{name}] {scenario} {_summary(res)}")
-            compare(outcome["scenarios"])  # S5t against S5
+            compare(outcome["scenarios"], runs)  # S5t against S5
             if "time_ratio" in outcome["scenarios"].get("S5t", {}).get("metrics", {}):
                 progress(f"[{name}] S5t vs S5 {_summary(outcome['scenarios']['S5t'], 'ratio')}")
     return results

@@ -23,7 +23,9 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
+
+from pydantic import BaseModel
 
 from broadcastd import __version__, log
 from broadcastd.client.backoff import Backoff as Backoff
@@ -67,12 +69,29 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _parse_flag_value(dotted: str, value: str) -> Any:
-    """Lists are given comma-separated; ``none`` unsets an optional setting."""
+    """Lists are given comma-separated, lists of tables (``namespaces``,
+    ``control.tokens``) as the JSON their environment variables take; ``none``
+    unsets an optional setting."""
     if value.lower() in ("none", "null"):
         return None
     if dotted == "ws.allowed_origins":
         return [v for v in value.split(",") if v]
+    if dotted in _JSON_FLAGS:
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise ConfigError(f"{_flag(dotted)}: not valid JSON (a list of tables)") from None
     return value
+
+
+def _holds_tables(annotation: Any) -> bool:
+    """Whether a setting's type holds models (tables), at any depth."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_holds_tables(arg) for arg in get_args(annotation))
+
+
+_JSON_FLAGS = frozenset(d for d, info in iter_fields() if _holds_tables(info.annotation))
 
 
 def _settings(args: argparse.Namespace) -> Settings:

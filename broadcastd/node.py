@@ -20,7 +20,7 @@ from broadcastd.broker import Broker, Health, History, Published, RemoteBroker
 from broadcastd.broker.memory import MemoryBroker
 from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import Payload
-from broadcastd.core.hub import FanOut, Hub
+from broadcastd.core.hub import Delivery, FanOut, Hub
 from broadcastd.core.namespaces import ChannelOptions, Namespaces
 from broadcastd.core.observer import NullObserver, Observer
 from broadcastd.core.outbox import Outbox
@@ -35,7 +35,7 @@ from broadcastd.errors import (
     UnknownNamespace,
 )
 from broadcastd.feeds import Failed, Feeds, Joined
-from broadcastd.settings import Settings, SlowConsumerPolicy
+from broadcastd.settings import Settings
 
 
 class Node:
@@ -52,7 +52,7 @@ class Node:
         self.settings = settings
         self.clock = clock
         self.namespaces = Namespaces(settings)
-        self.hub = Hub(self._policy_of)
+        self.hub = Hub(self._delivery_of)
         self.broker: Broker = (
             broker if broker is not None else MemoryBroker(settings, clock, self.namespaces)
         )
@@ -219,8 +219,13 @@ class Node:
         if len(payload.json) > limit:
             raise PayloadTooLarge(f"payload is {len(payload.json)} bytes; the limit is {limit}")
 
-    def _policy_of(self, channel: str) -> SlowConsumerPolicy | None:
-        return self.namespaces.of(channel).policy
+    def _delivery_of(self, channel: str) -> Delivery:
+        """The policy and budget of ``channel``'s namespace; a namespace that sets
+        outbox bounds but no policy gets the server's (``ws.slow_consumer_policy``)."""
+        options = self.namespaces.of(channel)
+        if options.budget is not None and options.policy is None:
+            return self.settings.ws.slow_consumer_policy, options.budget
+        return options.policy, options.budget
 
     def recovers(self, channel: str) -> bool:
         """Whether ``since`` can recover anything on ``channel``: its namespace keeps

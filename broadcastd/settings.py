@@ -13,6 +13,7 @@ about from this file alone.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Iterator, Mapping
 from enum import StrEnum
@@ -326,6 +327,12 @@ class NamespaceSettings(_Section):
     """Seconds a message is kept."""
     max_payload_bytes: int | None = Field(None, ge=16)
     """Largest payload published to this namespace (at most `control.max_payload_bytes`)."""
+    outbox_messages: int | None = Field(None, ge=1)
+    """Most of this namespace's messages waiting for one client (at most
+    `ws.outbox_messages`); beyond, its policy acts on its own messages first."""
+    outbox_bytes: int | None = Field(None, ge=1 * KiB)
+    """Most bytes of this namespace's messages waiting for one client (at most
+    `ws.outbox_bytes`; at least one message of its largest payload)."""
 
 
 class ControlToken(_Section):
@@ -420,7 +427,26 @@ class Settings(BaseSettings):
                 "ws.outbox_bytes must hold at least one message of control.max_payload_bytes "
                 f"(+{ENVELOPE_OVERHEAD} bytes of envelope)"
             )
+        for n in self.namespaces:
+            self._check_outbox_share(n)
         return self
+
+    def _check_outbox_share(self, n: NamespaceSettings) -> None:
+        """A namespace's outbox bounds are a share of each client's outbox."""
+        if n.outbox_messages is not None and n.outbox_messages > self.ws.outbox_messages:
+            raise ValueError(
+                f"namespace {n.name!r}: outbox_messages must be at most ws.outbox_messages"
+            )
+        if n.outbox_bytes is None:
+            return
+        if n.outbox_bytes > self.ws.outbox_bytes:
+            raise ValueError(f"namespace {n.name!r}: outbox_bytes must be at most ws.outbox_bytes")
+        largest = min(n.max_payload_bytes or math.inf, self.control.max_payload_bytes)
+        if n.outbox_bytes < largest + ENVELOPE_OVERHEAD:
+            raise ValueError(
+                f"namespace {n.name!r}: outbox_bytes must hold at least one message of its "
+                f"largest payload (+{ENVELOPE_OVERHEAD} bytes of envelope)"
+            )
 
     @classmethod
     def settings_customise_sources(

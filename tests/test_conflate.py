@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from broadcastd.core.envelope import Reply, frame_payload
-from broadcastd.core.outbox import DROPPED, QUEUED, REFUSED, Outbox
+from broadcastd.core.outbox import DROPPED, QUEUED, REFUSED, Budget, Outbox
 from broadcastd.errors import CloseReason
 from broadcastd.settings import SlowConsumerPolicy
 
@@ -257,6 +257,56 @@ def test_a_slow_consumer_close_forgets_the_tags() -> None:
     assert outbox.push_to(b"a3", "a", CONFLATE) == REFUSED
 
 
+# Namespace budgets: a share of the outbox per namespace.
+
+
+def test_a_flooded_namespace_drops_its_own_oldest_not_another_namespaces() -> None:
+    prices = Budget("px", max_messages=2, max_bytes=1000)
+    outbox = Outbox(8, 1000, DROP_OLDEST)
+    outbox.push_to(b"o1", "orders:a", DROP_OLDEST)
+    outbox.push(b"x1")
+    for n in range(1, 11):
+        outbox.push_to(b"p%d" % n, "px:feed", DROP_OLDEST, prices)
+        assert outbox.usage(prices)[0] <= 2
+    outbox.push_to(b"o2", "orders:a", DROP_OLDEST)
+    assert readable(outbox.take()) == [
+        b"o1",
+        b"x1",
+        missed("px:feed", 8),
+        b"p9",
+        b"p10",
+        b"o2",
+    ]
+    assert outbox.usage(prices) == (0, 0)
+
+
+def test_a_budget_counts_bytes_and_conflates_within_its_share() -> None:
+    prices = Budget("px", max_messages=100, max_bytes=10)
+    outbox = Outbox(100, 1000, DISCONNECT)
+    assert outbox.push_to(b"a-1.", "px:a", CONFLATE, prices) == QUEUED
+    assert outbox.push_to(b"b-1.", "px:b", CONFLATE, prices) == QUEUED
+    assert outbox.push_to(b"a-2.", "px:a", CONFLATE, prices) == DROPPED  # 12 > 10 bytes
+    assert outbox.push_to(b"b-2..", "px:b", CONFLATE, prices) == DROPPED
+    assert outbox.usage(prices) == (2, 9)
+    outbox.push(b"x")  # the outbox's own bounds are far: not a slow consumer
+    assert outbox.closed is None
+    assert readable(outbox.take()) == [
+        missed("px:a", 1),
+        b"a-2.",
+        missed("px:b", 1),
+        b"b-2..",
+        b"x",
+    ]
+
+
+def test_a_full_budget_with_disconnect_closes_the_client() -> None:
+    outbox = Outbox(100, 1000, DROP_OLDEST)
+    budget = Budget("strict", max_messages=1, max_bytes=1000)
+    outbox.push_to(b"s1", "strict:a", DISCONNECT, budget)
+    assert outbox.push_to(b"s2", "strict:a", DISCONNECT, budget) == REFUSED
+    assert outbox.closed is CloseReason.SLOW_CONSUMER
+
+
 # The property test. Channels c0..c9, each with its own policy (or a mixed one,
 # drawn per push); "u" is a channel pushed with push() under the outbox's policy;
 # replies are numbered. Offsets count from 1 per channel, so a delivered frame's
@@ -290,6 +340,7 @@ def what(percentile: int) -> str:
     policies=st.lists(
         st.sampled_from([CONFLATE, CONFLATE, DROP_OLDEST, MIXED]), min_size=10, max_size=10
     ),
+    shares=st.lists(st.none() | st.tuples(st.integers(1, 6), st.integers(16, 100)), min_size=2),
     ops=operations,
 )
 def test_conflation_keeps_order_counts_and_the_newest_of_every_channel(
@@ -297,8 +348,12 @@ def test_conflation_keeps_order_counts_and_the_newest_of_every_channel(
     max_bytes: int,
     outbox_policy: SlowConsumerPolicy,
     policies: list[SlowConsumerPolicy | None],
+    shares: list[tuple[int, int] | None],
     ops: list[tuple[int, int, int]],
 ) -> None:
+    """Also with namespace budgets: c0..c4 share the first (if any), c5..c9 the second."""
+    budgets = [None if share is None else Budget(f"n{i}", *share) for i, share in enumerate(shares)]
+    budget_of = [budgets[n // 5] for n in range(len(CHANNELS))]
     outbox = Outbox(max_messages, max_bytes, outbox_policy)
     delivered: list[bytes] = []
     can_drain = False
@@ -321,7 +376,7 @@ def test_conflation_keeps_order_counts_and_the_newest_of_every_channel(
             frame = b"%s:%d:%s" % (name.encode(), pushed[name], b"." * pad)
             largest = max(largest, len(frame))
             policy = policies[n] or (CONFLATE if pad % 2 else DROP_OLDEST)
-            outbox.push_to(frame, name, policy)
+            outbox.push_to(frame, name, policy, budget_of[n])
         elif op == "push":
             pushed["u"] += 1
             frame = b"u:%d:%s" % (pushed["u"], b"." * pad)
@@ -339,6 +394,15 @@ def test_conflation_keeps_order_counts_and_the_newest_of_every_channel(
         # The bound: one frame (of any size) per conflated channel beyond the limits.
         assert len(outbox) <= max_messages + conflating
         assert outbox.size <= max_bytes + conflating * largest
+        queued = outbox._queue
+        for share, budget in enumerate(budgets[:2]):
+            if budget is None:
+                continue
+            mine = [f for f in queued if f[:1] == b"c" and int(f[1:2]) // 5 == share]
+            assert outbox.usage(budget) == (len(mine), sum(map(len, mine)))
+            held = sum(p is not DROP_OLDEST for p in policies[share * 5 : share * 5 + 5])
+            assert len(mine) <= budget.max_messages + held
+            assert sum(map(len, mine)) <= budget.max_bytes + held * largest
     delivered.extend(outbox.take())
 
     last: dict[str, int] = dict.fromkeys(pushed, 0)

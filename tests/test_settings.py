@@ -123,12 +123,26 @@ def test_check_config_prints_the_effective_configuration_with_secrets_masked() -
     assert "hunter2" not in result.stdout + result.stderr
 
 
+def test_lists_of_tables_take_json_as_flags_as_in_the_environment() -> None:
+    namespaces = '[{"name": "px", "outbox_messages": 4}]'
+    tokens = '[{"name": "orders", "sha256": "' + "0" * 64 + '", "namespaces": ["orders:*"]}]'
+    result = run_cli("check-config", "--namespaces", namespaces, "--control-tokens", tokens)
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)
+    assert effective["namespaces"][0]["outbox_messages"] == 4
+    assert effective["control"]["tokens"][0]["namespaces"] == ["orders:*"]
+    from_env = run_cli("check-config", env={"BROADCASTD_NAMESPACES": namespaces})
+    assert json.loads(from_env.stdout)["namespaces"] == effective["namespaces"]
+
+
 @pytest.mark.parametrize(
     ("args", "env", "field"),
     [
         (["--ws-port", "nope"], {}, "ws.port"),
         ([], {"BROADCASTD_WS__OUTBOX_BYTES": "1"}, "ws.outbox_bytes"),
         (["--control-host", "0.0.0.0"], {}, "control.token"),
+        (["--namespaces", "[{"], {}, "--namespaces: not valid JSON"),
+        (["--namespaces", '[{"name": "px", "outbox_messages": 0}]'], {}, "outbox_messages"),
     ],
 )
 def test_invalid_configuration_exits_2_naming_the_field(
@@ -170,3 +184,27 @@ def test_none_unsets_optional_settings_in_file_and_environment(
     assert s.metrics.port is None
     with pytest.raises(ConfigError, match=r"ws\.port"):
         load_settings(overrides={"ws.port": "none"})
+
+
+@pytest.mark.parametrize(
+    ("namespace", "why"),
+    [
+        ("outbox_messages = 2000", r"outbox_messages must be at most ws\.outbox_messages"),
+        ("outbox_bytes = 2000000", r"outbox_bytes must be at most ws\.outbox_bytes"),
+        ("outbox_bytes = 2048", "must hold at least one message of its largest payload"),
+        ("outbox_messages = 0", "outbox_messages"),
+    ],
+)
+def test_a_namespaces_outbox_bounds_are_a_share_of_the_outbox(
+    tmp_path: Path, namespace: str, why: str
+) -> None:
+    config = tmp_path / "b.toml"
+    config.write_text(f'[[namespaces]]\nname = "px"\n{namespace}\n')
+    with pytest.raises(ConfigError, match=why):
+        load_settings(config)
+    config.write_text(
+        '[[namespaces]]\nname = "px"\noutbox_messages = 8\noutbox_bytes = 4096\n'
+        "max_payload_bytes = 1024\n"
+    )
+    (px,) = load_settings(config).namespaces
+    assert (px.outbox_messages, px.outbox_bytes) == (8, 4096)

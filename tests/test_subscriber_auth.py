@@ -6,7 +6,6 @@ that must expire during a test are made to expire a second or two ahead.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from typing import Any
@@ -238,16 +237,15 @@ async def test_a_slow_reader_of_a_conflating_feed_gets_every_channels_latest(
         for ws in (slow, fast):
             for _ in channels:
                 assert (await recv_json(ws))["type"] == "subscribed"
-        reading = asyncio.create_task(read_all(fast, 3000))
-        for first in range(0, 300, 100):  # 9 MB: far more than the socket buffers hold
-            batch = [
-                {"channel": c, "data": {"n": n, "pad": "x" * 3000}}
-                for n in range(first, first + 100)
-                for c in channels
-            ]
+        # 9 MB in all, far more than the slow reader's socket buffers hold; the
+        # fast reader takes each round (30 KB, 10 messages: less than its outbox)
+        # before the next is published, so nothing of its is ever conflated.
+        got_fast = []
+        for n in range(300):
+            batch = [{"channel": c, "data": {"n": n, "pad": "x" * 3000}} for c in channels]
             answer = await d.http.post("/batch", json=batch)
-            assert answer.json()["published"] == 1000
-        got_fast = await reading
+            assert answer.json()["published"] == 10
+            got_fast += await read_all(fast, 10)
         assert sorted((m["channel"], m["offset"]) for m in got_fast) == sorted(
             (c, n) for c in channels for n in range(1, 301)
         )
@@ -266,3 +264,46 @@ async def test_a_slow_reader_of_a_conflating_feed_gets_every_channels_latest(
             assert len(offsets[c]) + missed[c] == 300, c
         metrics = (await d.http.get("/metrics")).text
         assert 'broadcastd_messages_dropped_total{reason="conflate"}' in metrics
+
+
+async def test_a_namespaces_outbox_bounds_keep_its_flood_from_other_channels(
+    daemon_factory: Any,
+) -> None:
+    """A client that stops reading holds a flooding price feed and an order book.
+    With ``drop_oldest`` the feed's messages are dropped within its own share
+    (``outbox_messages = 4``) and the order book loses nothing; without the share,
+    the outbox's oldest (order book included) would go."""
+    namespaces = [{"name": "px", "outbox_messages": 4}, {"name": "orders"}]
+    async with (
+        daemon_factory(
+            namespaces=namespaces,
+            ws__slow_consumer_policy="drop_oldest",
+            ws__outbox_messages=64,
+            ws__write_limit=1024,
+        ) as d,
+        d.connect("/?channel=px:feed&channel=orders:book", max_queue=1) as slow,
+    ):
+        for _ in range(2):
+            assert (await recv_json(slow))["type"] == "subscribed"
+        for n in range(100):  # 9 MB of prices: far more than the socket buffers hold
+            batch = [{"channel": "px:feed", "data": {"pad": "x" * 3000}} for _ in range(30)]
+            if n % 5 == 0:
+                batch.append({"channel": "orders:book", "data": {"n": n}})
+            answer = await d.http.post("/batch", json=batch)
+            assert answer.status_code == 200
+        orders: list[int] = []
+        prices: list[int] = []
+        missed = {"px:feed": 0, "orders:book": 0, "any channel": 0}
+        while not prices or prices[-1] < 3000:  # the feed's last message comes last
+            frame = await recv_json(slow)
+            if frame.get("type") == "missed":
+                missed[frame.get("channel", "any channel")] += frame["count"]
+            elif frame["channel"] == "orders:book":
+                orders.append(frame["offset"])
+            else:
+                prices.append(frame["offset"])
+        assert orders == list(range(1, 21))
+        assert missed["orders:book"] == missed["any channel"] == 0
+        assert missed["px:feed"] > 0  # it really was a flood
+        assert len(prices) + missed["px:feed"] == 3000
+        assert prices == sorted(prices)

@@ -238,6 +238,7 @@ class TokenVerifier:
         return Claims(user=user, expires=expires, channels=tuple(channels))
 
 
+@dataclass(slots=True)
 class _Jws:
     """A token in the JWS compact form, taken apart but not yet trusted.
 
@@ -252,16 +253,13 @@ class _Jws:
     supported.
     """
 
-    __slots__ = ("alg", "kid", "payload", "signature", "signing_input")
-
-    def __init__(
-        self, alg: str, kid: str | None, signing_input: bytes, payload: bytes, signature: bytes
-    ) -> None:
-        self.alg = alg
-        self.kid = kid
-        self.signing_input = signing_input
-        self.payload = payload
-        self.signature = signature
+    alg: str
+    kid: str | None
+    signing_input: bytes
+    payload: bytes
+    """Still base64url-encoded: decoded once the signature verified."""
+    signature: bytes
+    """Still base64url-encoded."""
 
     @classmethod
     def parse(cls, token: str) -> _Jws:

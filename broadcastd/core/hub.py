@@ -15,19 +15,34 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Iterator
+from typing import TypeAlias
 
-from broadcastd.core.outbox import DROPPED, Outbox
+from broadcastd.core.outbox import DROPPED, Budget, Outbox
 from broadcastd.core.stream import Position, Publication
 from broadcastd.settings import SlowConsumerPolicy
+
+Delivery: TypeAlias = tuple[SlowConsumerPolicy | None, Budget | None]
 
 
 class Channel:
     """One channel's local subscribers and the last position delivered to them."""
 
-    __slots__ = ("epoch", "json_subscribers", "name", "offset", "policy", "raw_subscribers")
+    __slots__ = (
+        "budget",
+        "epoch",
+        "json_subscribers",
+        "name",
+        "offset",
+        "policy",
+        "raw_subscribers",
+    )
 
     def __init__(
-        self, name: str, position: Position, policy: SlowConsumerPolicy | None = None
+        self,
+        name: str,
+        position: Position,
+        policy: SlowConsumerPolicy | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.name = name
         self.epoch, self.offset = position
@@ -35,6 +50,8 @@ class Channel:
         self.raw_subscribers: dict[Outbox, None] = {}
         self.policy = policy
         """Its namespace's slow-consumer policy; None: each subscriber's own."""
+        self.budget = budget
+        """Its namespace's share of each outbox (set only with a policy)."""
 
     @property
     def subscriber_count(self) -> int:
@@ -62,13 +79,13 @@ class FanOut:
 class Hub:
     """Channel -> local subscribers. No I/O, never awaits."""
 
-    __slots__ = ("_channels", "_policy_of", "subscriptions")
+    __slots__ = ("_channels", "_delivery_of", "subscriptions")
 
-    def __init__(
-        self, policy_of: Callable[[str], SlowConsumerPolicy | None] = lambda name: None
-    ) -> None:
+    def __init__(self, delivery_of: Callable[[str], Delivery] = lambda name: (None, None)) -> None:
         self._channels: dict[str, Channel] = {}
-        self._policy_of = policy_of
+        self._delivery_of = delivery_of
+        """Channel name -> its namespace's policy and budget (a budget comes with a
+        policy: the server's, if the namespace sets none)."""
         self.subscriptions = 0
 
     def __len__(self) -> int:
@@ -85,7 +102,7 @@ class Hub:
 
     def add(self, name: str, position: Position) -> Channel:
         """A channel gains its first local subscriber, at ``position``."""
-        channel = self._channels[name] = Channel(name, position, self._policy_of(name))
+        channel = self._channels[name] = Channel(name, position, *self._delivery_of(name))
         return channel
 
     def join(self, channel: Channel, outbox: Outbox, raw: bool) -> None:
@@ -131,17 +148,17 @@ class Hub:
 
     @staticmethod
     def _push_as(channel: Channel, publication: Publication, result: FanOut) -> None:
-        """The fan-out of a channel whose namespace sets the slow-consumer policy
-        (``conflate`` needs to know the channel of each queued frame)."""
+        """The fan-out of a channel whose namespace sets the slow-consumer policy or
+        outbox bounds (``conflate`` and budgets need the channel of each queued frame)."""
         policy = channel.policy
         assert policy is not None
-        name = channel.name
+        name, budget = channel.name, channel.budget
         for subscribers, frame in (
             (channel.json_subscribers, publication.frame() if channel.json_subscribers else b""),
             (channel.raw_subscribers, publication.raw_frame() if channel.raw_subscribers else b""),
         ):
             for outbox in subscribers:
-                status = outbox.push_to(frame, name, policy)
+                status = outbox.push_to(frame, name, policy, budget)
                 if status == DROPPED:
                     result.dropped += 1
                     result.queued += 1

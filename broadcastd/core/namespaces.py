@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from broadcastd.core.outbox import Budget
 from broadcastd.errors import UnknownNamespace
 from broadcastd.settings import NamespaceSettings, Settings, SlowConsumerPolicy, SubscribeRule
 
@@ -30,6 +31,9 @@ class ChannelOptions:
     recover: bool
     policy: SlowConsumerPolicy | None
     """None: the connection's own (``ws.slow_consumer_policy``)."""
+    budget: Budget | None
+    """The namespace's own outbox bounds, within each client's outbox; None: only
+    the outbox's (``ws.outbox_messages``, ``ws.outbox_bytes``)."""
     history_size: int
     history_ttl: float
     max_payload_bytes: int
@@ -49,6 +53,7 @@ class Namespaces:
             subscribe=default_rule,
             recover=settings.channels.recover,
             policy=None,
+            budget=None,
             history_size=settings.history.size,
             history_ttl=settings.history.ttl,
             max_payload_bytes=settings.control.max_payload_bytes,
@@ -94,10 +99,22 @@ def _merge(top: ChannelOptions, n: NamespaceSettings, settings: Settings) -> Cha
         subscribe=n.subscribe or top.subscribe,
         recover=top.recover if n.recover is None else n.recover,
         policy=n.slow_consumer_policy,
+        budget=_budget(n, settings),
         history_size=top.history_size if n.history_size is None else n.history_size,
         history_ttl=top.history_ttl if n.history_ttl is None else n.history_ttl,
         max_payload_bytes=min(
             settings.control.max_payload_bytes,
             n.max_payload_bytes or settings.control.max_payload_bytes,
         ),
+    )
+
+
+def _budget(n: NamespaceSettings, settings: Settings) -> Budget | None:
+    """The namespace's outbox bounds, if it sets either; the other is the outbox's."""
+    if n.outbox_messages is None and n.outbox_bytes is None:
+        return None
+    return Budget(
+        n.name,
+        n.outbox_messages or settings.ws.outbox_messages,
+        n.outbox_bytes or settings.ws.outbox_bytes,
     )

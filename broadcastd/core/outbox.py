@@ -15,6 +15,12 @@ when the socket is full too does a policy act:
   beyond the bound if the channel has none queued. A conflating client always
   gets the latest value of every channel, however slow it reads.
 
+A namespace may also set outbox bounds (a ``Budget``): its frames queued in
+one outbox are then held to them as well, and when its share is full the
+namespace's policy acts on its own frames first (its oldest are dropped, its
+channels conflated, or the client is disconnected), so a flood in one namespace
+cannot push another's messages out of a client's queue.
+
 ``push(frame)`` applies the outbox's own policy (the server's default; a
 ``conflate`` outbox falls back to ``drop_oldest`` there, since an untagged frame
 has no channel to conflate). ``push_to(frame, channel, policy)`` is for channels
@@ -40,7 +46,9 @@ Bounds. Untagged and ``drop_oldest``/``disconnect`` frames keep the queue within
 at most one frame per conflated channel the client holds (K): the queue holds
 at most ``max_messages + K`` frames and ``max_bytes + K * F`` bytes, F being the
 largest frame (``max_payload_bytes + ENVELOPE_OVERHEAD``, which settings keep
-below ``max_bytes``, so at most ``(K + 1) * max_bytes``). Missed events are
+below ``max_bytes``, so at most ``(K + 1) * max_bytes``). A budget holds its
+namespace's frames to its own bounds in the same way (plus one frame per
+conflated channel of the namespace). Missed events are
 built by ``take`` as it hands the frames over, never queued. The newest queued
 frame of a conflated channel is never dropped by ``drop_oldest`` to make room for
 another channel, or its latest value could be lost for good. A client that stops
@@ -58,6 +66,7 @@ so an idle writer costs no wake-ups and a busy one at most one per drain.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from broadcastd.core.envelope import Reply, reply_frame
 from broadcastd.errors import CloseReason
@@ -89,6 +98,17 @@ def channel_missed_frame(channel: str, count: int) -> Reply:
     return reply_frame({"type": "missed", "channel": channel, "count": count})
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Budget:
+    """A namespace's bounds on its own frames in each outbox (one shared object per
+    namespace; compared by identity). Within the outbox's bounds: settings refuse
+    larger ones."""
+
+    namespace: str
+    max_messages: int
+    max_bytes: int
+
+
 class _Tags:
     """What the outbox knows of the frames ``push_to`` queued. Created by the first
     ``push_to``, so a client that only ever gets ``push`` pays neither memory nor
@@ -96,7 +116,7 @@ class _Tags:
     frames are only appended or replaced in place, and are rebuilt by the two
     operations that move frames (``drop_oldest`` and ``take``)."""
 
-    __slots__ = ("channel_of", "marks", "newest", "unplaced")
+    __slots__ = ("budget_of", "channel_of", "marks", "newest", "unplaced", "used")
 
     def __init__(self) -> None:
         self.channel_of: dict[int, str] = {}
@@ -112,6 +132,29 @@ class _Tags:
         self.unplaced: dict[str, int] = {}
         """Channel -> messages missed after its last queued frame: told before its
         next one, whenever that comes (it survives take())."""
+        self.budget_of: dict[str, Budget] = {}
+        """Channel -> its namespace's budget, for channels pushed with one."""
+        self.used: dict[Budget, list[int]] = {}
+        """Budget -> [frames, bytes] of its channels queued now."""
+
+    def count(self, budget: Budget | None, channel: str, size: int) -> None:
+        """A frame of ``size`` bytes of ``channel`` was queued under ``budget``."""
+        if budget is not None:
+            self.budget_of[channel] = budget
+            used = self.used.get(budget)
+            if used is None:
+                self.used[budget] = [1, size]
+            else:
+                used[0] += 1
+                used[1] += size
+
+    def recount(self, frames: list[bytes]) -> None:
+        """Count the budgets' frames again, after drops moved them."""
+        self.used.clear()
+        budget_of = self.budget_of
+        if budget_of:
+            for index, channel in self.channel_of.items():
+                self.count(budget_of.get(channel), channel, len(frames[index]))
 
     def place(self, index: int, channel: str) -> None:
         """The frame at ``index`` is the first of ``channel`` since it lost some."""
@@ -124,6 +167,8 @@ class _Tags:
         self.channel_of.clear()
         self.newest.clear()
         self.marks.clear()
+        self.used.clear()
+        self.budget_of.clear()
 
     def take(self, frames: list[bytes]) -> list[bytes]:
         """``frames``, the whole queue, with the missed events in front of the frames
@@ -215,13 +260,20 @@ class Outbox:
             return QUEUED
         return self._full(frame)
 
-    def push_to(self, frame: bytes, channel: str, policy: SlowConsumerPolicy) -> int:
+    def push_to(
+        self,
+        frame: bytes,
+        channel: str,
+        policy: SlowConsumerPolicy,
+        budget: Budget | None = None,
+    ) -> int:
         """Queue ``frame``, a message of ``channel``, applying ``policy`` if the outbox
-        is full; return QUEUED, DROPPED or REFUSED.
+        (or ``budget``, the share of the channel's namespace) is full; return
+        QUEUED, DROPPED or REFUSED.
 
-        For channels whose namespace sets a policy. It costs a little more than
-        push() (the frame is tagged with its channel), which is why the channels
-        that follow the server's policy keep using push()."""
+        For channels whose namespace sets a policy or a budget. It costs a little
+        more than push() (the frame is tagged with its channel), which is why the
+        channels that follow the server's options keep using push()."""
         if isinstance(frame, Reply):
             return self.push(frame)  # never conflated, dropped or counted
         tags = self._tags
@@ -229,6 +281,12 @@ class Outbox:
             tags = self._tags = _Tags()
         queue = self._queue
         size = len(frame)
+        if budget is not None:
+            used = tags.used.get(budget)
+            if used is not None and (
+                used[0] >= budget.max_messages or used[1] + size > budget.max_bytes
+            ):
+                return self._full_to(tags, frame, channel, policy, budget)
         if len(queue) < self.max_messages and self._bytes + size <= self.max_bytes:
             # _append(), inlined: this is fan-out's path for these channels.
             index = len(queue)
@@ -241,12 +299,16 @@ class Outbox:
                 tags.newest.pop(channel, None)
             if tags.unplaced:
                 tags.place(index, channel)
+            if budget is not None:
+                tags.count(budget, channel, size)
             if not index:
                 self.wake()
             return QUEUED
-        return self._full_to(tags, frame, channel, policy)
+        return self._full_to(tags, frame, channel, policy, budget)
 
-    def _append(self, tags: _Tags, frame: bytes, channel: str, conflate: bool) -> None:
+    def _append(
+        self, tags: _Tags, frame: bytes, channel: str, conflate: bool, budget: Budget | None
+    ) -> None:
         """Queue a tagged frame whatever the bounds (the callers checked them, or
         conflate goes beyond them)."""
         queue = self._queue
@@ -254,12 +316,14 @@ class Outbox:
         queue.append(frame)
         self._bytes += len(frame)
         self._tag(tags, index, channel, conflate)
+        tags.count(budget, channel, len(frame))
         if not index:
             self.wake()
 
     @staticmethod
     def _tag(tags: _Tags, index: int, channel: str, conflate: bool) -> None:
-        """The frame at ``index`` is the newest of ``channel``."""
+        """The frame at ``index`` is the newest of ``channel`` (the caller counts it
+        against its budget)."""
         tags.channel_of[index] = channel
         if conflate:
             tags.newest[channel] = index
@@ -279,34 +343,46 @@ class Outbox:
             self.wake()
             return QUEUED
         if self.drop_oldest:
-            return self._drop_for(frame, None)
+            return self._drop_for(frame, None, None)
         self.close(CloseReason.SLOW_CONSUMER)
         return REFUSED
 
-    def _full_to(self, tags: _Tags, frame: bytes, channel: str, policy: SlowConsumerPolicy) -> int:
-        """push_to() found the outbox full: drain, else the frame's policy decides."""
+    def _full_to(
+        self,
+        tags: _Tags,
+        frame: bytes,
+        channel: str,
+        policy: SlowConsumerPolicy,
+        budget: Budget | None,
+    ) -> int:
+        """push_to() found the outbox (or the budget) full: drain, else the frame's
+        policy decides."""
         if self.closed is not None:
             return REFUSED
         if self.drain() and not self._queue and len(frame) <= self.max_bytes:
-            self._append(tags, frame, channel, policy is _CONFLATE)
+            self._append(tags, frame, channel, policy is _CONFLATE, budget)
             return QUEUED
         if policy is _CONFLATE:
-            return self._conflate(tags, frame, channel)
+            return self._conflate(tags, frame, channel, budget)
         if policy is _DROP_OLDEST:
-            return self._drop_for(frame, channel)
+            return self._drop_for(frame, channel, budget)
         self.close(CloseReason.SLOW_CONSUMER)
         return REFUSED
 
-    def _conflate(self, tags: _Tags, frame: bytes, channel: str) -> int:
+    def _conflate(self, tags: _Tags, frame: bytes, channel: str, budget: Budget | None) -> int:
         """Replace ``channel``'s newest queued frame with ``frame``, or append it beyond
         the bound if the channel has none queued (at most one frame per channel)."""
         index = tags.newest.get(channel)
         if index is None:
-            self._append(tags, frame, channel, True)
+            self._append(tags, frame, channel, True, budget)
             return QUEUED
         queue = self._queue
-        self._bytes += len(frame) - len(queue[index])
+        grown = len(frame) - len(queue[index])
+        self._bytes += grown
         queue[index] = frame
+        used = None if budget is None else tags.used.get(budget)
+        if used is not None:
+            used[1] += grown
         self._lost(tags, channel, index)
         if tags.unplaced:
             # Lost after the replaced frame (refused while the channel's policy was
@@ -325,12 +401,12 @@ class Outbox:
         else:
             tags.marks[index] = tags.marks.get(index, 0) + 1
 
-    def _drop_for(self, frame: bytes, channel: str | None) -> int:
-        """Make room for ``frame`` (of ``channel`` if tagged) by dropping the oldest
-        messages (never replies)."""
+    def _drop_for(self, frame: bytes, channel: str | None, budget: Budget | None) -> int:
+        """Make room for ``frame`` (of ``channel`` if tagged, within ``budget`` if
+        given) by dropping the oldest messages (never replies)."""
         tags = self._tags
         if tags is not None and tags.channel_of:
-            return self._drop_tagged(tags, frame, channel)
+            return self._drop_tagged(tags, frame, channel, budget)
         queue = self._queue
         size = len(frame)
         excess_frames = len(queue) + 1 - self.max_messages
@@ -352,19 +428,30 @@ class Outbox:
         if channel is not None:
             assert tags is not None  # push_to() made it
             self._tag(tags, len(kept) - 1, channel, False)
+            tags.count(budget, channel, size)
         if len(kept) == 1:
             self.wake()
         return DROPPED
 
-    def _drop_tagged(self, tags: _Tags, frame: bytes, channel: str | None) -> int:
+    def _drop_tagged(
+        self, tags: _Tags, frame: bytes, channel: str | None, budget: Budget | None
+    ) -> int:
         """_drop_for() when tagged frames are queued: the same drops, except the newest
         frame of a conflated channel, each counted for its channel and told before the
-        next kept frame of that channel; the indexes follow the frames that move."""
+        next kept frame of that channel; the indexes follow the frames that move.
+        With a ``budget``, its own oldest frames are also dropped until the frame
+        fits in it; other frames only as the outbox's bounds need."""
         queue = self._queue
         size = len(frame)
         excess_frames = len(queue) + 1 - self.max_messages
         excess_bytes = self._bytes + size - self.max_bytes
         channel_of, newest, marks = tags.channel_of, tags.newest, tags.marks
+        budget_of = tags.budget_of
+        share_frames = share_bytes = 0
+        if budget is not None:
+            used = tags.used.get(budget, (0, 0))
+            share_frames = used[0] + 1 - budget.max_messages
+            share_bytes = used[1] + size - budget.max_bytes
         kept: list[bytes] = []
         kept_channel_of: dict[int, str] = {}
         kept_newest: dict[str, int] = {}
@@ -376,13 +463,21 @@ class Outbox:
         dropped = freed = untagged = 0
         for index, queued in enumerate(queue):
             tag = channel_of.get(index)
+            ours = budget is not None and tag is not None and budget_of.get(tag) is budget
             if (
-                (dropped < excess_frames or freed < excess_bytes)
+                (
+                    dropped < excess_frames
+                    or freed < excess_bytes
+                    or (ours and (share_frames > 0 or share_bytes > 0))
+                )
                 and not isinstance(queued, Reply)
                 and (tag is None or newest.get(tag) != index)
             ):
                 dropped += 1
                 freed += len(queued)
+                if ours:
+                    share_frames -= 1
+                    share_bytes -= len(queued)
                 if tag is None:
                     untagged += 1
                 elif tell:
@@ -397,7 +492,8 @@ class Outbox:
                 count = marks.get(index, 0) + carried.pop(tag, 0)
                 if count:
                     kept_marks[moved] = count
-        if dropped < excess_frames or freed < excess_bytes:
+        if dropped < excess_frames or freed < excess_bytes or share_frames > 0 or share_bytes > 0:
+            # Nothing changed: the loop above only built copies.
             return self._cannot_fit(frame, channel)
         kept.append(frame)
         self._queue = kept
@@ -405,11 +501,14 @@ class Outbox:
         self.missed += untagged
         self.channel_missed += dropped - untagged
         tags.channel_of, tags.newest, tags.marks = kept_channel_of, kept_newest, kept_marks
+        if budget_of:
+            tags.recount(kept)
         unplaced = tags.unplaced
         for tag, count in carried.items():
             unplaced[tag] = unplaced.get(tag, 0) + count
         if channel is not None:
             self._tag(tags, len(kept) - 1, channel, False)
+            tags.count(budget, channel, size)
         if len(kept) == 1:
             self.wake()
         return DROPPED
@@ -436,8 +535,7 @@ class Outbox:
         if tags is not None and tags.channel_of:
             if tags.marks:
                 return tags.take(frames)
-            tags.channel_of.clear()
-            tags.newest.clear()
+            tags.clear()
         return frames
 
     def take_missed(self) -> int:
@@ -449,6 +547,12 @@ class Outbox:
         """Tagged messages lost since last asked (already told by take(); for metrics)."""
         missed, self.channel_missed = self.channel_missed, 0
         return missed
+
+    def usage(self, budget: Budget) -> tuple[int, int]:
+        """Frames and bytes of ``budget``'s channels queued now."""
+        tags = self._tags
+        used = None if tags is None else tags.used.get(budget)
+        return (0, 0) if used is None else (used[0], used[1])
 
     def untold(self) -> dict[str, int]:
         """Missed counts per channel not yet handed out by take(): those waiting for a
