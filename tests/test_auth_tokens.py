@@ -291,17 +291,11 @@ def test_any_string_is_either_a_token_or_a_token_error(text: str) -> None:
 # The compact form is read as PyJWT's decode reads it.
 
 HASHES = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
-PYJWT = jwt.PyJWT(
-    {
-        "verify_exp": False,
-        "verify_nbf": False,
-        "verify_iat": False,
-        "verify_aud": False,
-        "verify_iss": False,
-        "verify_sub": False,
-        "verify_jti": False,
-    }
-)
+PYJWT = jwt.PyJWT({"verify_exp": False, "verify_nbf": False, "verify_iat": False})
+"""As the verifier used PyJWT before it read the compact form itself (aud is
+checked only when an audience is configured)."""
+SCOPES = [{}, {"audience": "a", "issuer": "i"}]
+"""Claim checks compared: none configured, then an audience and an issuer."""
 
 
 def hand_signed(header: Any, payload: Any, secret: bytes = SECRET.encode()) -> str:
@@ -314,21 +308,28 @@ def hand_signed(header: Any, payload: Any, secret: bytes = SECRET.encode()) -> s
     return f"{signing_input}.{b64(signature)}"
 
 
-def read_here(token: str) -> dict[str, Any] | None:
-    """The payload as broadcastd's own reading of the compact form accepts it."""
+def read_here(token: str, scope: dict[str, str]) -> dict[str, Any] | None:
+    """The payload as broadcastd's own reading of the compact form and its claim
+    checks accept it (the generated payloads carry no time claims)."""
+    claims = TokenVerifier(secrets=[SECRET.encode()], clock=Clock(), **scope)
     try:
         jws = _Jws.parse(token)
         if jws.alg not in HMAC_ALGORITHMS:
             return None
         jws.check(_HMAC[jws.alg], (SECRET.encode(),))
-        return jws.claims()
+        payload = jws.claims()
+        claims._claims(payload)
     except TokenError:
         return None
+    return payload
 
 
-def read_by_pyjwt(token: str) -> dict[str, Any] | None:
+def read_by_pyjwt(token: str, scope: dict[str, str]) -> dict[str, Any] | None:
+    options = {"verify_aud": "audience" in scope}
     try:
-        payload: dict[str, Any] = PYJWT.decode(token, SECRET, algorithms=list(HMAC_ALGORITHMS))
+        payload: dict[str, Any] = PYJWT.decode(
+            token, SECRET, algorithms=list(HMAC_ALGORITHMS), options=options, **scope
+        )
     except jwt.PyJWTError:
         return None
     return payload
@@ -349,8 +350,13 @@ def mutated_tokens(draw: st.DrawFn) -> str:
     )
     payload = draw(
         st.dictionaries(
-            st.sampled_from(["sub", "exp", "channels", "x"]),
-            st.integers(-(2**53), 2**53) | st.text(max_size=4) | st.lists(st.text(max_size=3)),
+            st.sampled_from(["sub", "jti", "aud", "iss", "x"]),
+            st.integers(-(2**53), 2**53)
+            | st.floats(allow_nan=False, allow_infinity=False)
+            | st.text(max_size=4)
+            | st.lists(st.text(max_size=3))
+            | st.sampled_from(["a", "i", ["a"], ["b", "a"], ["a", 1], "", []])
+            | st.none(),
             max_size=3,
         )
         | st.lists(st.integers(0, 9), max_size=2)
@@ -373,7 +379,7 @@ def mutated_tokens(draw: st.DrawFn) -> str:
     return ".".join(parts)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(mutated_tokens())
 @example(hand_signed({"alg": "HS256"}, {"sub": "a"}) + "=")  # padding on the signature
 @example(hand_signed({"alg": "HS256"}, {"sub": "a"})[:-1] + "B")  # unused bits set
@@ -381,15 +387,17 @@ def mutated_tokens(draw: st.DrawFn) -> str:
 @example(hand_signed({"alg": "HS256", "kid": 1}, {"sub": "a"}))
 @example(hand_signed({"alg": "HS256", "kid": None}, {}))  # found: a null kid was let through
 @example(hand_signed({"alg": "HS256"}, [1]))
+@example(hand_signed({"alg": "HS256"}, {"jti": 5}))  # found by review: a number let through
 def test_the_compact_form_is_read_as_pyjwt_reads_it(token: str) -> None:
     """Never more permissive than PyJWT's decode, and the same payload; as
     permissive, but for the header extensions (``crit``, ``b64``) refused here."""
-    here, pyjwt = read_here(token), read_by_pyjwt(token)
-    if here is not None:
-        assert pyjwt == here
-    elif pyjwt is not None:
-        header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
-        assert "crit" in header or "b64" in header
+    for scope in SCOPES:
+        here, pyjwt = read_here(token, scope), read_by_pyjwt(token, scope)
+        if here is not None:
+            assert pyjwt == here
+        elif pyjwt is not None:
+            header = json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))
+            assert "crit" in header or "b64" in header
 
 
 # Configuration errors surface at construction.
@@ -563,12 +571,14 @@ def test_symmetric_and_broken_jwks_entries_are_skipped(keys: dict[str, Any]) -> 
             {**jwk("nokid", keys["RS256"]), "kid": None},
             {"kty": "RSA", "kid": "broken", "n": "AQAB"},
             "not a key",
+            {**jwk("curve", keys["ES256"]), "alg": "ES384"},  # a P-256 key for ES384
+            {**jwk("private", keys["RS256"]), "d": "AQAB"},
             jwk("good", keys["ES256"]),
         ]
     }
     assert list(parse_jwks(json.dumps(document).encode())) == ["good"]
     with pytest.raises(ValueError, match="no usable"):
-        parse_jwks(json.dumps({"keys": document["keys"][:5]}).encode())
+        parse_jwks(json.dumps({"keys": document["keys"][:7]}).encode())
 
 
 async def test_key_rotation_costs_one_fetch(

@@ -233,6 +233,8 @@ class TokenVerifier:
         channels = payload.get("channels", [])
         if not isinstance(user, str):
             raise _refusal(TokenCode.INVALID, "token sub must be a string")
+        if not isinstance(payload.get("jti", ""), str):  # as PyJWT checks it
+            raise _refusal(TokenCode.INVALID, "token jti must be a string")
         if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
             raise _refusal(TokenCode.INVALID, "token channels must be a list of strings")
         return Claims(user=user, expires=expires, channels=tuple(channels))
@@ -496,7 +498,8 @@ def parse_jwks(body: bytes) -> dict[str, jwt.PyJWK]:
     """The usable signing keys of a JWKS document by ``kid``; ValueError if none.
 
     Entries without a ``kid``, symmetric (``oct``) keys, encryption keys
-    (``use`` other than ``sig``) and keys PyJWT cannot build are skipped.
+    (``use`` other than ``sig``), private keys, and keys PyJWT cannot build or
+    that do not fit their ``alg`` (an EC key of another curve) are skipped.
     """
     document = json.loads(body)
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
@@ -517,8 +520,13 @@ def _usable_key(entry: object) -> tuple[str, jwt.PyJWK] | None:
     kid = entry.get("kid")
     if not isinstance(kid, str) or entry.get("kty") == "oct" or entry.get("use", "sig") != "sig":
         return None
+    if "d" in entry:  # a private key published by mistake: not a verification key
+        return None
     try:
         key = jwt.PyJWK(entry)
+        # PyJWT's checks of the key against its algorithm (an EC key's curve
+        # against ES256/384/512), which its verify() does not repeat.
+        key.Algorithm.prepare_key(key.key)
     except Exception:  # a malformed key in a fetched document is skipped, whatever it is
         return None
     return (kid, key) if key.algorithm_name in JWKS_ALGORITHMS else None
