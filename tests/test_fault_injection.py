@@ -64,7 +64,15 @@ from . import hostile
 from .conftest import DaemonProcess
 from .fault_seeds import CI_SEEDS, KEPT_SEEDS
 
-CHANNELS = ["fi-a", "fi-b", "fi-c"]
+CHANNELS = ["fi-a", "fi-b", "fi:c"]
+"""``fi:c`` is in namespace ``fi``, which conflates within its own share of each
+outbox (NAMESPACES): a misbehaving client that stops reading is conflated there
+(and disconnected by the others); a witness, which keeps within WINDOW, never
+reaches the share and must get every message of it too."""
+NAMESPACES = (
+    '[{"name": "fi", "slow_consumer_policy": "conflate",'
+    ' "outbox_messages": 700, "outbox_bytes": 524288}]'
+)
 WITNESSES = 20
 MISBEHAVERS = 20
 OPS = 150
@@ -107,6 +115,8 @@ DAEMON_ARGS = (
     "1",
     "--drain-timeout",
     str(DRAIN_TIMEOUT),
+    "--namespaces",
+    NAMESPACES,
 )
 LIBRARY_LOGGERS = ("asyncio", "websockets", "uvloop", "root")
 
