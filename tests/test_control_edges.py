@@ -481,13 +481,19 @@ async def test_the_json_forms_embed_data_verbatim(daemon: Running) -> None:
             "/batch", content=batch, headers={"Content-Type": "application/json"}
         )
         assert response.json()["published"] == 2
-        assert [await asyncio.wait_for(ws.recv(), 10) for _ in range(3)] == [
+        response = await daemon.http.post(  # the body form too, even past a double's range
+            "/publish/v", content=b'{"x": 1e999}', headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code == 200
+        assert [await asyncio.wait_for(ws.recv(), 10) for _ in range(4)] == [
             '{"channel":"v","offset":1,"data":' + big + "}",
             '{"channel":"v","offset":2,"data":{"n": 18446744073709551616, "f": 1.10}}',
             '{"channel":"v","offset":3,"data":"caf\\u00e9"}',
+            '{"channel":"v","offset":4,"data":{"x": 1e999}}',
         ]
-        assert [await asyncio.wait_for(raw.recv(), 10) for _ in range(3)] == [
+        assert [await asyncio.wait_for(raw.recv(), 10) for _ in range(4)] == [
             big,
             '{"n": 18446744073709551616, "f": 1.10}',
             "café",
+            '{"x": 1e999}',
         ]

@@ -11,11 +11,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import orjson
 
 from broadcastd.errors import BadEncoding, BadJson
 
 _TEXT_FIN = 0x81
+_syntax = msgspec.json.Decoder(msgspec.Raw)
+"""Checks a JSON text's syntax without building Python objects."""
+_string = msgspec.json.Decoder(str)
+
+
+def check_utf8(body: bytes) -> None:
+    """msgspec checks the syntax of a skipped value, not the UTF-8 inside its
+    strings; one pass over the body does (and is free for ASCII)."""
+    if not body.isascii():
+        try:
+            body.decode()
+        except UnicodeDecodeError:
+            raise BadJson("body is not valid JSON: it is not UTF-8") from None
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -51,14 +65,23 @@ class Payload:
 
     @classmethod
     def from_json_body(cls, body: bytes) -> Payload:
-        """A JSON document as sent (validated, embedded verbatim)."""
+        """A JSON document as sent: its syntax checked and embedded verbatim, as the
+        JSON forms embed ``data`` (a number of any size or exponent stays as written,
+        where parsing it to a float would refuse ``1e999``)."""
         try:
-            value = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
+            _syntax.decode(body)
+        except msgspec.DecodeError as exc:
             raise BadJson(f"body is not valid JSON: {exc}") from None
-        if isinstance(value, str):
-            return cls(body, value.encode())
-        return cls(body, body)
+        check_utf8(body)
+        return cls.from_json_text(body)
+
+    @classmethod
+    def from_json_text(cls, text: bytes) -> Payload:
+        """Valid JSON text, embedded verbatim; raw-mode subscribers get the text of a
+        string, else the same JSON text."""
+        if text.lstrip()[:1] == b'"':
+            return cls(text, _string.decode(text).encode())
+        return cls(text, text)
 
     @classmethod
     def from_text_body(cls, body: bytes) -> Payload:

@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 
 from broadcastd.core.channels import check_channel
-from broadcastd.core.envelope import Payload
+from broadcastd.core.envelope import Payload, check_utf8
 from broadcastd.core.idempotency import MAX_KEY_LENGTH
 from broadcastd.errors import BadCommand, BadJson, ClientError, TooManyItems
 
@@ -57,7 +57,6 @@ _publish = msgspec.json.Decoder(_Publish)
 _batch = msgspec.json.Decoder(list[_Message])
 _batch_items = msgspec.json.Decoder(list[msgspec.Raw])
 _message = msgspec.json.Decoder(_Message)
-_string = msgspec.json.Decoder(str)
 
 
 def check_key(key: object) -> str:
@@ -82,24 +81,8 @@ def body_payload(body: bytes, content_type: str | None) -> Payload:
 
 
 def raw_payload(data: msgspec.Raw) -> Payload:
-    """A payload from the JSON text of a ``data`` member, embedded verbatim.
-
-    Raw-mode subscribers get the text of a string, else the same JSON text.
-    """
-    text = bytes(data)
-    if text[:1] == b'"':
-        return Payload(text, _string.decode(text).encode())
-    return Payload(text, text)
-
-
-def _check_utf8(body: bytes) -> None:
-    """msgspec checks the syntax of a skipped value, not the UTF-8 inside its
-    strings; one pass over the body does (and is free for ASCII)."""
-    if not body.isascii():
-        try:
-            body.decode()
-        except UnicodeDecodeError:
-            raise BadJson("body is not valid JSON: it is not UTF-8") from None
+    """A payload from the JSON text of a ``data`` member, embedded verbatim."""
+    return Payload.from_json_text(bytes(data))
 
 
 def parse_publish(body: bytes, max_channels: int) -> tuple[list[str], Payload, bool]:
@@ -112,7 +95,7 @@ def parse_publish(body: bytes, max_channels: int) -> tuple[list[str], Payload, b
         ) from None
     except msgspec.DecodeError as exc:
         raise BadJson(f"body is not valid JSON: {exc}") from None
-    _check_utf8(body)
+    check_utf8(body)
     if not len(doc.data):
         raise BadCommand('body needs "data"')
     if (doc.channel is msgspec.UNSET) == (doc.channels is msgspec.UNSET):
@@ -145,7 +128,7 @@ def parse_batch(
         messages = _decode_items(body)
     except msgspec.DecodeError as exc:
         raise BadJson(f"body is not valid JSON: {exc}") from None
-    _check_utf8(body)
+    check_utf8(body)
     if len(messages) > max_items:
         raise TooManyItems(f"a batch may hold at most {max_items} messages")
     items: list[Item | ClientError] = []
