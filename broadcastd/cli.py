@@ -8,7 +8,8 @@ where the daemon runs they need no flags at all.
 
 Exit status: 0 success, 1 a runtime failure (the daemon refused or could not
 be reached, or could not start), 2 a usage or configuration error; 128 + the
-signal number when ``subscribe`` is ended by SIGINT (130) or SIGTERM (143).
+signal number when ``subscribe`` is ended by SIGINT (130) or SIGTERM (143),
+and 141 (SIGPIPE's) when the reader of its output has gone.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
 import resource
 import signal
 import sys
@@ -171,6 +173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"broadcastd: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # Whoever read stdout has gone (`broadcastd subscribe news | head -1`): end
+        # quietly, with the status of a program that SIGPIPE ended, and point stdout
+        # at /dev/null so that the interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def serve(settings: Settings) -> int:

@@ -197,6 +197,19 @@ def test_an_interrupted_subscribe_closes_normally(process: Any, signum: int) -> 
     assert (close["code"], close["initiator"]) == (1000, "client")
 
 
+def test_subscribe_ends_quietly_when_its_reader_goes(process: Any) -> None:
+    """``broadcastd subscribe news | head -1``: no traceback, SIGPIPE's status."""
+    sub = subscriber(process, "news")
+    assert sub.stdout is not None
+    sub.stdout.close()
+    control = f"http://127.0.0.1:{process.control_port}"
+    result = cli("publish", "--url", control, "--token", TOKEN, "news", "hi")
+    assert result.returncode == 0, result.stderr
+    assert sub.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert sub.stderr is not None
+    assert sub.stderr.read() == b""
+
+
 def test_subscribe_gives_up_on_a_refused_handshake(process: Any) -> None:
     result = cli("subscribe", "--url", f"ws://127.0.0.1:{process.ws_port}", "bad channel")
     assert result.returncode == 1
