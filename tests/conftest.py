@@ -18,6 +18,7 @@ import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 
 from broadcastd.app import Daemon
+from broadcastd.core.outbox import Outbox
 from broadcastd.settings import Settings, load_settings
 
 from .redisserver import RedisServer
@@ -36,6 +37,17 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("BROADCASTD_") or key == "NOTIFY_SOCKET":
             monkeypatch.delenv(key)
+
+
+class Wakes:
+    """Counts an outbox's wake-ups (the calls its writer would get)."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.count = 0
+        outbox.wake = self
+
+    def __call__(self) -> None:
+        self.count += 1
 
 
 def make_settings(**overrides: Any) -> Settings:

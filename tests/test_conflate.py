@@ -14,6 +14,8 @@ from broadcastd.core.outbox import DROPPED, QUEUED, REFUSED, Budget, Outbox
 from broadcastd.errors import CloseReason
 from broadcastd.settings import SlowConsumerPolicy
 
+from .conftest import Wakes
+
 CONFLATE = SlowConsumerPolicy.CONFLATE
 DROP_OLDEST = SlowConsumerPolicy.DROP_OLDEST
 DISCONNECT = SlowConsumerPolicy.DISCONNECT
@@ -34,15 +36,6 @@ def missed(channel: str, count: int) -> dict[str, Any]:
 def readable(frames: list[bytes]) -> list[bytes | dict[str, Any]]:
     """Frames as a test reads them: missed events decoded, the rest as they are."""
     return [event(frame) or frame for frame in frames]
-
-
-class Wakes:
-    def __init__(self, outbox: Outbox) -> None:
-        self.count = 0
-        outbox.wake = self
-
-    def __call__(self) -> None:
-        self.count += 1
 
 
 def test_push_to_behaves_like_push_while_there_is_room() -> None:

@@ -9,14 +9,7 @@ from broadcastd.core.outbox import DROPPED, QUEUED, REFUSED, Outbox
 from broadcastd.errors import CloseReason
 from broadcastd.settings import SlowConsumerPolicy
 
-
-class Wakes:
-    def __init__(self, outbox: Outbox) -> None:
-        self.count = 0
-        outbox.wake = self
-
-    def __call__(self) -> None:
-        self.count += 1
+from .conftest import Wakes
 
 
 def test_frames_come_out_in_order_and_wake_only_on_empty_to_non_empty() -> None:
