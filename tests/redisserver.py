@@ -4,7 +4,7 @@ The broker's failure modes (a restart, a crash, a hung server, lost data) are
 what the tests are about, and a fake cannot reproduce them faithfully. This
 helper runs Debian's ``redis-server`` with command-line options only (no config
 file) and gives the test control over the process: stop, kill, restart on the
-same port, freeze and thaw.
+same port, freeze and thaw, and bring it back from an older snapshot.
 """
 
 from __future__ import annotations
@@ -184,6 +184,37 @@ class RedisServer:
         self.stop()
         self.start()
 
+    def snapshot(self) -> bytes:
+        """The data as it is now, as an RDB file (``SAVE``), for ``restore``."""
+        self.client().save()
+        return (self.directory / "dump.rdb").read_bytes()
+
+    def restore(self, snapshot: bytes) -> None:
+        """A crash, then a start from ``snapshot``: the server holds exactly the
+        data of that moment, and every write since is gone (a host brought back
+        from an older backup, or an RDB-only server that crashed between saves).
+
+        The AOF, which would win over the RDB, is removed first; redis loads an
+        RDB only with the AOF off, so this start has it off, and with persistence
+        it is turned back on at once (``CONFIG SET appendonly yes`` rewrites it
+        from the data loaded) before this returns.
+        """
+        self.kill()
+        shutil.rmtree(self.directory / "appendonlydir", ignore_errors=True)
+        (self.directory / "dump.rdb").write_bytes(snapshot)
+        self._launch(self.port, aof=False)
+        if self.persistence:
+            client = self.client()
+            client.config_set("appendonly", "yes")
+            deadline = time.monotonic() + self.ready_timeout
+            while True:  # the rewrite runs in a child process: nothing to wait on but INFO
+                info = client.info("persistence")
+                if not (info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"]):
+                    break
+                if time.monotonic() > deadline:
+                    raise RedisServerError("redis-server did not rewrite its AOF in time")
+                time.sleep(0.01)
+
     def freeze(self) -> None:
         """SIGSTOP: the server keeps its sockets and accepts connections (the
         kernel does) but answers nothing, like a hung or partitioned node.
@@ -220,9 +251,12 @@ class RedisServer:
 
     # -- internals -----------------------------------------------------------------
 
-    def command(self, port: int) -> list[str]:
-        """The full ``redis-server`` command line for ``port``."""
-        aof = ["--appendonly", "yes", "--appendfsync", "always"]
+    def command(self, port: int, *, aof: bool | None = None) -> list[str]:
+        """The full ``redis-server`` command line for ``port`` (with the AOF if
+        the server has persistence, unless ``aof`` says otherwise)."""
+        if aof is None:
+            aof = self.persistence
+        appendonly = ["--appendonly", "yes", "--appendfsync", "always"]
         return [
             self.executable,
             "--port",
@@ -239,7 +273,7 @@ class RedisServer:
             "dump.rdb",
             "--save",
             "",  # no RDB snapshots, ever: the AOF is the persistence
-            *(aof if self.persistence else ["--appendonly", "no"]),
+            *(appendonly if aof else ["--appendonly", "no"]),
             "--loglevel",
             "warning",
             "--logfile",
@@ -249,11 +283,11 @@ class RedisServer:
             "local",
         ]
 
-    def _launch(self, port: int) -> None:
+    def _launch(self, port: int, *, aof: bool | None = None) -> None:
         with self.log_path.open("ab") as log:
             log_start = log.tell()
             process = subprocess.Popen(
-                self.command(port),
+                self.command(port, aof=aof),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -9,12 +9,23 @@ exactly once, or an explicit event saying what could not be had.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
+import warnings
+import weakref
 from collections.abc import Callable
 from typing import Any
 
-from broadcastd.broker.redis import RedisBroker, shard_of
+import pytest
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+
+from broadcastd.broker.pubsub import PubSubConnection
+from broadcastd.broker.redis import RedisBroker, Shard, shard_of
+from broadcastd.core.envelope import Payload
+from broadcastd.core.observer import NullObserver
+from broadcastd.core.stream import Publication
 
 from .conftest import Running, make_settings, recv_json, running_daemon
 from .redisserver import RedisServer, free_port
@@ -513,3 +524,126 @@ async def test_namespace_history_options_reach_redis(redis_server: RedisServer) 
         async with d.connect(f"/?since=short:a:{epoch}:2") as ws:
             assert (await recv_json(ws))["recovered"] is True
             assert [m["data"] for m in await messages(ws, 2)] == [2, 3]
+
+
+async def test_a_redis_daemon_starts_without_warnings(redis_server: RedisServer) -> None:
+    """Nothing in the construction of the Redis clients is deprecated or converted
+    behind our back (a warning on every node's start)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with running_daemon(redis_settings(redis_server.url)) as d:
+            await broker_is(d, up=True)
+            assert (await d.publish("calm", 1))["offset"] == 1
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+
+
+OURS = (RedisBroker, Shard, PubSubConnection)
+REDIS_PY = (Redis, ConnectionPool, AbstractConnection)
+
+
+def cyclic_garbage() -> list[str]:
+    """The broker's and redis-py's objects that only the cyclic collector would free
+    now (collected with DEBUG_SAVEALL, so that they can be named)."""
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        found = sorted(type(o).__qualname__ for o in gc.garbage if isinstance(o, OURS + REDIS_PY))
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+    return found
+
+
+def alive(refs: list[weakref.ref[Any]]) -> list[str]:
+    return [type(o).__qualname__ for ref in refs if (o := ref()) is not None]
+
+
+async def reconnected(broker: RedisBroker, before: PubSubConnection | None) -> PubSubConnection:
+    """Wait until the shard's pub/sub connection is a new one and the broker is up."""
+    shard = broker.shards[0]
+    async with asyncio.timeout(20):
+        while shard.pubsub is None or shard.pubsub is before or not broker.health.up:
+            await broker.health_changed()
+    return shard.pubsub
+
+
+async def test_closed_redis_connections_need_no_cyclic_collector(
+    redis_server: RedisServer,
+) -> None:
+    """The daemon runs with the cyclic collector tuned down, so a connection freed
+    only by it holds its memory (buffers, sockets' state) for an unknown time.
+    With the collector off: pub/sub connections lost to a Redis restart and to a
+    kill are freed at once, redis-py's reconnected connections leave nothing
+    behind, and a closed broker takes all of its objects with it."""
+    gc.collect()
+    gc.disable()
+    try:
+        refs = await run_broker_through_reconnects(redis_server)
+        # redis-py ties each of its connections into cycles of its own making
+        # (the hiredis command packer's fallback is a bound method of the
+        # connection; the hiredis parser's pub/sub handler is one of the parser):
+        # they are made once per pooled connection, which reconnects in place,
+        # so they are left only when the client closes, with the broker.
+        assert [name for name in cyclic_garbage() if name != "Connection"] == []
+        assert alive(refs) == []
+    finally:
+        gc.enable()
+
+
+async def run_broker_through_reconnects(server: RedisServer) -> list[weakref.ref[Any]]:
+    """A broker through a Redis restart and a killed pub/sub connection, then
+    closed; returns weak references to every object of ours it made."""
+    broker = RedisBroker(redis_settings(server.url), NullObserver())
+    got: asyncio.Queue[Publication] = asyncio.Queue()
+    await broker.start(lambda channel, publication: got.put_nowait(publication), lambda _: None)
+    refs: list[weakref.ref[Any]] = [weakref.ref(broker), *map(weakref.ref, broker.shards)]
+    payload = Payload.from_json_text(b"1")
+    first = await reconnected(broker, None)
+    await broker.subscribe("loop")
+    await broker.publish([("loop", payload, None)])
+    assert (await got.get()).offset == 1
+    refs.append(weakref.ref(first))
+
+    await asyncio.to_thread(server.restart)
+    second = await reconnected(broker, first)
+    refs.append(weakref.ref(second))
+    await broker.publish([("loop", payload, None), ("other", payload, None)])
+    assert (await got.get()).offset == 2
+    del first
+    assert alive(refs[-2:-1]) == []  # the connection Redis's restart ended
+    assert cyclic_garbage() == []
+
+    await asyncio.to_thread(kill_pubsub, server)
+    third = await reconnected(broker, second)
+    refs.append(weakref.ref(third))
+    await broker.publish([("loop", payload, None)])
+    assert (await got.get()).offset == 3
+    del second
+    assert alive(refs[-2:-1]) == []  # the connection the kill ended
+    assert cyclic_garbage() == []
+
+    await broker.close()
+    del third
+    return refs
+
+
+async def test_a_pubsub_connection_refused_by_auth_is_closed_and_freed(
+    redis_server: RedisServer,
+) -> None:
+    """A wrong password is retried with backoff for as long as it stays wrong:
+    each refused connection must be closed (not left open on Redis and in this
+    process) and freed without the cyclic collector."""
+    url = f"redis://nobody:wrong@127.0.0.1:{redis_server.port}/0"
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.raises(ConnectionError, match="refused AUTH"):
+            await PubSubConnection.open(url, 10, lambda messages: None)
+        for _ in range(100):  # the transport lets go of it in a callback of the loop
+            if not any(isinstance(o, PubSubConnection) for o in gc.get_objects()):
+                break
+            await asyncio.sleep(0)
+        assert [o for o in gc.get_objects() if isinstance(o, PubSubConnection)] == []
+        assert cyclic_garbage() == []
+    finally:
+        gc.enable()

@@ -6,6 +6,10 @@ to be lost (never silently half-there), a future per SUBSCRIBE that resolves whe
 Redis confirms it (so a position read afterwards cannot miss a message), every
 message of one read handed over in one call, and a close that the broker can
 force when the probe says the connection is wedged.
+
+A connection that has ended is freed by reference counting alone: it lets go
+of its transport and its callback, and nothing it keeps (the futures it
+resolved, the reason it ended) refers back to it through a traceback.
 """
 
 from __future__ import annotations
@@ -49,29 +53,36 @@ class PubSubConnection(asyncio.Protocol):
         options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         loop = asyncio.get_running_loop()
         protocol = cls(on_messages)
-        async with asyncio.timeout(within):
-            if "path" in options:
-                await loop.create_unix_connection(lambda: protocol, options["path"])
-            else:
-                tls = ssl.create_default_context() if url.startswith("rediss://") else None
-                await loop.create_connection(
-                    lambda: protocol,
-                    options.get("host", "localhost"),
-                    int(options.get("port", 6379)),
-                    ssl=tls,
-                )
-            password = options.get("password")
-            if password is not None:
-                username = options.get("username")
-                await protocol._authenticate(
-                    ("AUTH", username, password) if username else ("AUTH", password)
-                )
+        try:
+            async with asyncio.timeout(within):
+                if "path" in options:
+                    await loop.create_unix_connection(lambda: protocol, options["path"])
+                else:
+                    tls = ssl.create_default_context() if url.startswith("rediss://") else None
+                    await loop.create_connection(
+                        lambda: protocol,
+                        options.get("host", "localhost"),
+                        int(options.get("port", 6379)),
+                        ssl=tls,
+                    )
+                password = options.get("password")
+                if password is not None:
+                    username = options.get("username")
+                    await protocol._authenticate(
+                        ("AUTH", username, password) if username else ("AUTH", password)
+                    )
+        except BaseException:
+            protocol.close()  # refused or too slow: not left open, on Redis nor here
+            raise
         return protocol
 
     async def _authenticate(self, args: tuple[str, ...]) -> None:
         self._auth = asyncio.get_running_loop().create_future()
-        self._write(command(*args))
-        await self._auth
+        try:
+            self._write(command(*args))
+            await self._auth
+        finally:
+            self._auth = None
 
     def subscribe(self, channels: list[bytes]) -> list[asyncio.Future[None]]:
         """SUBSCRIBE; one future per channel, resolved when Redis confirms it."""
@@ -93,6 +104,7 @@ class PubSubConnection(asyncio.Protocol):
         """End the connection (a probe found it wedged, or the broker closes)."""
         if not self.lost.done():
             self.lost.set_result(reason)
+        self._on_messages = _ignore
         if self._transport is not None:
             self._transport.abort()
 
@@ -108,7 +120,15 @@ class PubSubConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
-        failure = exc or ConnectionError("Redis closed the pub/sub connection")
+        self._on_messages = _ignore
+        # Those waiting get an exception of their own: raised where they wait, it
+        # gets a traceback through their frames, which must not be reachable from
+        # ``lost`` (whose result is ``exc``).
+        failure = ConnectionError(
+            "Redis closed the pub/sub connection"
+            if exc is None
+            else f"the pub/sub connection was lost: {type(exc).__name__}: {exc}"
+        )
         for futures in self._confirming.values():
             for future in futures:
                 if not future.done():
@@ -121,6 +141,7 @@ class PubSubConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
+        on_messages = self._on_messages
         reader.feed(data)
         messages: list[tuple[bytes, bytes]] = []
         try:
@@ -130,9 +151,10 @@ class PubSubConnection(asyncio.Protocol):
                 else:
                     self._control(reply)
         except Exception as exc:  # a protocol error: this connection is done for
-            self.close(exc)
+            # Kept as the reason without its traceback (this frame, which holds self).
+            self.close(exc.with_traceback(None))
         if messages:
-            self._on_messages(messages)
+            on_messages(messages)
 
     def _control(self, reply: Any) -> None:
         if isinstance(reply, hiredis.ReplyError):
@@ -150,3 +172,7 @@ class PubSubConnection(asyncio.Protocol):
                     del self._confirming[reply[1]]
                 if not future.done():
                     future.set_result(None)
+
+
+def _ignore(messages: list[tuple[bytes, bytes]]) -> None:
+    """The callback of a connection that has ended (it no longer holds the broker's)."""

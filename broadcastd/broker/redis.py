@@ -15,7 +15,18 @@ What this module promises the node:
   channels concerned, and reads what it may have missed from history;
 - a probe message goes round each shard's pub/sub path every
   ``probe_interval``; when one has not come back within ``probe_timeout`` the
-  connection is taken for wedged, health goes down and the connection is rebuilt.
+  connection is taken for wedged, health goes down and the connection is rebuilt;
+- an offset is never given out twice: the node remembers the highest position
+  it has seen of each channel it has subscribers of, and of the last
+  ``SEEN_CHANNELS`` others it published to or read, and the scripts begin a new
+  epoch where Redis went back behind it (``broadcastd.broker.scripts``).
+
+A pub/sub connection that ended is freed by reference counting alone (the
+daemon tunes the cyclic collector down): shards hold no reference back to the
+broker, a connection lets go of its callback when it ends, and the reason it
+ended is kept without a traceback through the frames that hold it. redis-py's
+pool reconnects its connection objects in place, so Redis restarts leave none
+of them behind either; they are let go with the broker, when it closes.
 """
 
 from __future__ import annotations
@@ -31,9 +42,10 @@ from typing import Any, TypeVar, cast
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.retry import Retry
+from redis.maint_notifications import MaintNotificationsConfig
 
 from broadcastd import log
 from broadcastd.broker import Health, History, Published
@@ -46,7 +58,7 @@ from broadcastd.core.observer import Observer
 from broadcastd.core.publication import Item
 from broadcastd.core.stream import Position, Publication
 from broadcastd.errors import BrokerUnavailable
-from broadcastd.settings import Settings, mask_url
+from broadcastd.settings import RedisSettings, Settings, mask_url
 
 _log = log.get("broadcastd.broker")
 _throttle = log.Throttle(per_second=10)
@@ -55,6 +67,11 @@ T = TypeVar("T")
 RemoteDeliver = Callable[[str, Publication], None]
 Resubscribed = Callable[[list[str]], None]
 FAILURES = (RedisError, OSError, TimeoutError, ConnectionError)
+SEEN_CHANNELS = 10_000
+"""Channels without a subscriber here whose highest position a node remembers
+(those it published to or read most recently), besides every channel it has
+subscribers of: a few hundred bytes each."""
+NOTHING_SEEN = Position("", 0)
 
 
 def payload_from_json(text: bytes) -> Payload:
@@ -84,20 +101,26 @@ def shard_of(channel: str, shards: int) -> int:
 
 
 class Shard:
-    """One Redis server: a command client and the pub/sub connection of this node."""
+    """One Redis server: a command client and the pub/sub connection of this node.
 
-    def __init__(self, index: int, url: str, broker: RedisBroker) -> None:
-        settings = broker.settings
+    It holds no reference to the broker (which holds it), so that nothing of it
+    waits for the cyclic collector once the broker is dropped.
+    """
+
+    def __init__(self, index: int, url: str, settings: RedisSettings) -> None:
         self.index = index
         self.url = url
         self.where = mask_url(url)
-        self.broker = broker
         self.client: Redis = Redis.from_url(
             url,
             socket_timeout=settings.timeout,
             socket_connect_timeout=settings.connect_timeout,
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
+            # Redis Enterprise's maintenance notices would make redis-py relax
+            # timeouts that must hold (a publish fails fast, with 503); and their
+            # handlers tie the pool and each connection into reference cycles.
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
         self.publish_script = self.client.register_script(PUBLISH)
         self.position_script = self.client.register_script(POSITION)
@@ -118,64 +141,6 @@ class Shard:
         self.reason = "connecting"
         self.task: asyncio.Task[None] | None = None
 
-    # The pub/sub connection's life
-
-    async def run(self) -> None:
-        """Connect, subscribe everything, wait for the end; again, with backoff."""
-        settings = self.broker.settings
-        failures = 0
-        while True:
-            connection: PubSubConnection | None = None
-            try:
-                connection = await PubSubConnection.open(
-                    self.url, settings.connect_timeout, self.broker._on_messages
-                )
-                topics = sorted(self.topics)
-                async with asyncio.timeout(settings.timeout):
-                    await asyncio.gather(*connection.subscribe(topics))
-                # Pooled command connections from before are likely dead too.
-                await self.client.connection_pool.disconnect(inuse_connections=False)
-                self.pubsub = connection
-                self.subscribed = True
-                self.last_probe = asyncio.get_running_loop().time()
-                self.broker._shard_connected(self, failures)
-                failures = 0
-                await connection.lost
-                error: BaseException | None = connection.lost.result()
-            except asyncio.CancelledError:
-                if connection is not None:
-                    connection.close()
-                raise
-            except Exception as exc:
-                error = exc
-                if connection is not None:
-                    connection.close()
-            self.pubsub = None
-            self.subscribed = False
-            failures += 1
-            self.broker._shard_lost(self, error)
-            ceiling = min(settings.backoff_max, settings.backoff_min * 2 ** min(failures, 30))
-            await asyncio.sleep(random.uniform(0, ceiling))  # noqa: S311 - full jitter, not secrets
-
-    def rebuild(self, reason: str) -> None:
-        """Drop the pub/sub connection (wedged): ``run`` makes a new one."""
-        if self.pubsub is not None:
-            self.pubsub.close(ConnectionError(reason))
-
-    async def call(self, step: Callable[[], Awaitable[T]]) -> T:
-        """One Redis round trip, bounded by ``broker.redis.timeout``, timed; a
-        failure of any kind is BrokerUnavailable (nothing is known to be done)."""
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.broker.settings.timeout):
-                result = await step()
-        except FAILURES as exc:
-            raise BrokerUnavailable(
-                f"Redis did not answer ({type(exc).__name__}); nothing was published"
-            ) from None
-        self.broker.observer.broker_command(time.perf_counter() - started)
-        return result
-
 
 class RedisBroker:
     """Channels shared by every node on the same Redis (or the same shards)."""
@@ -193,10 +158,15 @@ class RedisBroker:
         self.node_id = os.urandom(6).hex()
         self.probe_topic = f"{prefix}:probe:{self.node_id}".encode()
         urls = self.settings.shards or [self.settings.url]
-        self.shards = [Shard(i, url, self) for i, url in enumerate(urls)]
+        self.shards = [Shard(i, url, self.settings) for i, url in enumerate(urls)]
         for shard in self.shards:
             shard.topics.add(self.probe_topic)
         self._prefixes: dict[str, bytes] = {}
+        self._heard: dict[str, Position] = {}
+        """The highest position seen of each channel subscribed here."""
+        self._recent: dict[str, Position] = {}
+        """The highest position seen of other channels, least recently used first
+        (at most SEEN_CHANNELS)."""
         self._deliver: RemoteDeliver | None = None
         self._resubscribed: Resubscribed | None = None
         self._probe_timer: asyncio.TimerHandle | None = None
@@ -220,7 +190,7 @@ class RedisBroker:
             node=self.node_id,
         )
         for shard in self.shards:
-            shard.task = asyncio.create_task(shard.run(), name=f"redis-shard-{shard.index}")
+            shard.task = asyncio.create_task(self._run(shard), name=f"redis-shard-{shard.index}")
         self._probe()
 
     async def close(self) -> None:
@@ -237,6 +207,81 @@ class RedisBroker:
                 shard.task = None
             await shard.client.aclose()
         self._deliver = None
+        self._resubscribed = None
+
+    # The pub/sub connection's life
+
+    async def _run(self, shard: Shard) -> None:
+        """Connect, subscribe everything, wait for the end; again, with backoff."""
+        settings = self.settings
+        failures = 0
+        while True:
+            outcome = await self._connect(shard, failures)
+            if isinstance(outcome, PubSubConnection):
+                failures = 0
+                try:
+                    await outcome.lost
+                finally:
+                    shard.pubsub = None
+                    shard.subscribed = False
+                    outcome.close()
+                error: BaseException | None = outcome.lost.result()
+            else:
+                error = outcome
+            failures += 1
+            self._shard_lost(shard, error)
+            ceiling = min(settings.backoff_max, settings.backoff_min * 2 ** min(failures, 30))
+            await asyncio.sleep(random.uniform(0, ceiling))  # noqa: S311 - full jitter, not secrets
+
+    async def _connect(self, shard: Shard, failures: int) -> PubSubConnection | Exception:
+        """A pub/sub connection subscribed to every wanted channel, or why not.
+
+        The failure is returned, not raised: its traceback then ends in this
+        frame, and holding it in ``_run`` makes no cycle through ``_run``'s frame.
+        """
+        settings = self.settings
+        connection: PubSubConnection | None = None
+        try:
+            connection = await PubSubConnection.open(
+                shard.url, settings.connect_timeout, self._on_messages
+            )
+            topics = sorted(shard.topics)
+            async with asyncio.timeout(settings.timeout):
+                await asyncio.gather(*connection.subscribe(topics))
+            # Pooled command connections from before are likely dead too.
+            await shard.client.connection_pool.disconnect(inuse_connections=False)
+        except asyncio.CancelledError:
+            if connection is not None:
+                connection.close()
+            raise
+        except Exception as exc:
+            if connection is not None:
+                connection.close()
+            return exc
+        shard.pubsub = connection
+        shard.subscribed = True
+        shard.last_probe = asyncio.get_running_loop().time()
+        self._shard_connected(shard, failures)
+        return connection
+
+    def _rebuild(self, shard: Shard, reason: str) -> None:
+        """Drop the pub/sub connection (wedged): ``_run`` makes a new one."""
+        if shard.pubsub is not None:
+            shard.pubsub.close(ConnectionError(reason))
+
+    async def _call(self, shard: Shard, step: Callable[[], Awaitable[T]]) -> T:
+        """One Redis round trip, bounded by ``broker.redis.timeout``, timed; a
+        failure of any kind is BrokerUnavailable (nothing is known to be done)."""
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                result = await step()
+        except FAILURES as exc:
+            raise BrokerUnavailable(
+                f"Redis did not answer ({type(exc).__name__}); nothing was published"
+            ) from None
+        self.observer.broker_command(time.perf_counter() - started)
+        return result
 
     @property
     def health(self) -> Health:
@@ -293,7 +338,7 @@ class RedisBroker:
         try:
             if len(batch) == 1:
                 keys, argv = self._publish_args(*batch[0][0])
-                answers = [await shard.call(lambda: script(keys=keys, args=argv))]
+                answers = [await self._call(shard, lambda: script(keys=keys, args=argv))]
             else:
 
                 async def pipelined() -> list[Any]:
@@ -303,7 +348,7 @@ class RedisBroker:
                             await script(keys=keys, args=argv, client=pipe)
                         return await pipe.execute()
 
-                answers = await shard.call(pipelined)
+                answers = await self._call(shard, pipelined)
         except asyncio.CancelledError:  # the broker closes: nobody waits in vain
             for _, future in batch:
                 future.cancel()
@@ -313,12 +358,14 @@ class RedisBroker:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), answer in zip(batch, answers, strict=True):
+        for (item, future), answer in zip(batch, answers, strict=True):
+            epoch, _, offset = answer[0].partition(b" ")
+            position = Position(epoch.decode(), int(offset))
+            duplicate = answer[1] == 1
+            if not duplicate:  # a first publish's answer may be of an epoch since left
+                self._saw(item[0], position)
             if not future.done():
-                epoch, _, offset = answer[0].partition(b" ")
-                future.set_result(
-                    Published(Position(epoch.decode(), int(offset)), None, answer[1] == 1)
-                )
+                future.set_result(Published(position, None, duplicate))
 
     def _publish_args(
         self, channel: str, payload: Payload, key: str | None
@@ -326,6 +373,7 @@ class RedisBroker:
         meta, stream = self._keys(channel)
         # A key of the channel's slot even without an idempotency key: Cluster-safe.
         seen = f"{self._key_prefix}{channel}}}:k:{'' if key is None else key}"
+        known = self._known(channel)
         return [meta, stream, seen], [
             payload.json,
             self.namespaces.history_size(channel),
@@ -335,7 +383,38 @@ class RedisBroker:
             self.key_ttl_ms,
             self._topic_prefix + channel.encode(),
             "0" if key is None else "1",
+            known.epoch,
+            known.offset,
         ]
+
+    # What this node has seen: the highest position of each channel
+
+    def _known(self, channel: str) -> Position:
+        """The highest position of ``channel`` seen here (epoch empty if none)."""
+        return self._heard.get(channel) or self._recent.get(channel) or NOTHING_SEEN
+
+    def _saw(self, channel: str, position: Position) -> None:
+        """Remember ``position`` of ``channel`` if it is the highest seen here.
+
+        Any position Redis answered was given out; within one epoch the highest
+        is kept (Redis may have gone back, this node has not), and a position of
+        another epoch replaces it (epochs are not ordered; a channel begun again
+        only ever moves on to a new one).
+        """
+        if not position.epoch:
+            return
+        if channel in self._prefixes:
+            heard = self._heard.get(channel)
+            if heard is None or heard.epoch != position.epoch or heard.offset < position.offset:
+                self._heard[channel] = position
+            return
+        recent = self._recent
+        known = recent.pop(channel, None)
+        if known is not None and known.epoch == position.epoch and known.offset > position.offset:
+            position = known
+        recent[channel] = position
+        if len(recent) > SEEN_CHANNELS:
+            del recent[next(iter(recent))]
 
     # Subscriptions
 
@@ -347,6 +426,9 @@ class RedisBroker:
         topic = self._topic_prefix + channel.encode()
         shard.topics.add(topic)
         self._prefixes[channel] = channel_prefix(channel)
+        seen = self._recent.pop(channel, None)
+        if seen is not None:
+            self._heard.setdefault(channel, seen)
         try:
             if shard.pubsub is None or not shard.subscribed:
                 raise BrokerUnavailable("Redis is not reachable; try again shortly")
@@ -378,16 +460,17 @@ class RedisBroker:
             if pubsub is None or not shard.subscribed:
                 raise BrokerUnavailable("Redis is not reachable; try again shortly")
             confirmations = pubsub.subscribe([topic for _, topic, _ in batch])
-            await shard.call(lambda: asyncio.gather(*confirmations))
+            await self._call(shard, lambda: asyncio.gather(*confirmations))
 
             async def positions() -> list[Any]:
                 async with shard.client.pipeline(transaction=False) as pipe:
                     for channel, _, _ in batch:
-                        args: list[str | int] = [new_epoch(), self.meta_ttl_ms]
+                        known = self._known(channel)
+                        args: list[str | int] = [new_epoch(), self.meta_ttl_ms, *known]
                         await script(keys=list(self._keys(channel)), args=args, client=pipe)
                     return await pipe.execute()
 
-            answers = await shard.call(positions)
+            answers = await self._call(shard, positions)
         except asyncio.CancelledError:
             for _, _, future in batch:
                 future.cancel()
@@ -397,9 +480,11 @@ class RedisBroker:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, _, future), (epoch, offset) in zip(batch, answers, strict=True):
+        for (channel, _, future), (epoch, offset) in zip(batch, answers, strict=True):
+            position = Position(epoch.decode(), int(offset))
+            self._saw(channel, position)
             if not future.done():
-                future.set_result(Position(epoch.decode(), int(offset)))
+                future.set_result(position)
 
     def unsubscribe(self, channel: str) -> None:
         shard = self._shard(channel)
@@ -412,6 +497,9 @@ class RedisBroker:
     def _forget(self, shard: Shard, channel: str, topic: bytes) -> None:
         shard.topics.discard(topic)
         self._prefixes.pop(channel, None)
+        heard = self._heard.pop(channel, None)
+        if heard is not None:
+            self._saw(channel, heard)
 
     def _on_messages(self, messages: list[tuple[bytes, bytes]]) -> None:
         """Publications (and probes) as they arrive, in the order Redis sent them."""
@@ -420,6 +508,7 @@ class RedisBroker:
             return
         skip = len(self._topic_prefix)
         prefixes = self._prefixes
+        heard = self._heard
         now = time.monotonic()
         for topic, data in messages:
             if topic == self.probe_topic:
@@ -430,11 +519,12 @@ class RedisBroker:
             if prefix is None:
                 continue  # unsubscribed since: Redis may still send a few
             try:
-                epoch, offset, text = data.split(b" ", 2)
-                publication = Publication(
-                    prefix, epoch.decode(), int(offset), payload_from_json(text), now
-                )
-                deliver(name, publication)
+                epoch_b, offset_b, text = data.split(b" ", 2)
+                epoch, offset = epoch_b.decode(), int(offset_b)
+                known = heard.get(name)
+                if known is None or known.epoch != epoch or known.offset < offset:
+                    heard[name] = Position(epoch, offset)
+                deliver(name, Publication(prefix, epoch, offset, payload_from_json(text), now))
             except Exception as exc:  # one bad message (or a bug) ends nobody's delivery
                 if _throttle.allow("broker.message"):
                     _log.error(
@@ -454,8 +544,10 @@ class RedisBroker:
         keys = list(self._keys(channel))
         args: list[str | int] = [epoch, new_epoch(), self.meta_ttl_ms]
         script = shard.restart_script
-        new, offset = await shard.call(lambda: script(keys=keys, args=args))
-        return Position(new.decode(), int(offset))
+        new, offset = await self._call(shard, lambda: script(keys=keys, args=args))
+        position = Position(new.decode(), int(offset))
+        self._saw(channel, position)
+        return position
 
     async def position(self, channel: str) -> Position | None:
         position = await self._position(self._shard(channel), channel, create=False)
@@ -463,10 +555,13 @@ class RedisBroker:
 
     async def _position(self, shard: Shard, channel: str, *, create: bool) -> Position:
         keys = list(self._keys(channel))
-        args: list[str | int] = [new_epoch() if create else "", self.meta_ttl_ms]
+        known = self._known(channel)
+        args: list[str | int] = [new_epoch() if create else "", self.meta_ttl_ms, *known]
         script = shard.position_script
-        epoch, offset = await shard.call(lambda: script(keys=keys, args=args))
-        return Position(epoch.decode(), int(offset))
+        epoch, offset = await self._call(shard, lambda: script(keys=keys, args=args))
+        position = Position(epoch.decode(), int(offset))
+        self._saw(channel, position)
+        return position
 
     async def history(self, channel: str, since: int, limit: int) -> History:
         top, publications = await self._read(channel, since, limit, newest=False)
@@ -489,8 +584,9 @@ class RedisBroker:
         ttl = max(1, int(self.namespaces.history_ttl(channel)))
         args = [since, max(count, 0), ttl, "1" if newest else "0"]
         script = shard.history_script
-        epoch_b, offset_b, rows = await shard.call(lambda: script(keys=keys, args=args))
+        epoch_b, offset_b, rows = await self._call(shard, lambda: script(keys=keys, args=args))
         top = Position(epoch_b.decode(), int(offset_b))
+        self._saw(channel, top)
         if count <= 0 or self.namespaces.history_size(channel) == 0:
             return top, []
         prefix = self._prefixes.get(channel) or channel_prefix(channel)
@@ -518,7 +614,7 @@ class RedisBroker:
                 if now - shard.last_probe > timeout:
                     self.observer.broker_probe(None)
                     self._set(shard, False, "probe_timeout")
-                    shard.rebuild("no probe came back within broker.redis.probe_timeout")
+                    self._rebuild(shard, "no probe came back within broker.redis.probe_timeout")
                 else:
                     task = loop.create_task(self._send_probe(shard))
                     self._tasks.add(task)
@@ -529,7 +625,7 @@ class RedisBroker:
         stamp = b"%d %r" % (shard.index, time.perf_counter())
         client = shard.client
         try:
-            await shard.call(lambda: client.publish(self.probe_topic, stamp))
+            await self._call(shard, lambda: client.publish(self.probe_topic, stamp))
         except BrokerUnavailable:
             self.observer.broker_probe(None)
             self._set(shard, False, "unreachable")

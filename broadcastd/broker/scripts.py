@@ -10,6 +10,25 @@ one Redis Cluster slot:
 
 A publication travels on the pub/sub channel ``PREFIX:p:CHANNEL`` as
 ``EPOCH OFFSET JSON``.
+
+Redis can go back in time: started from an older RDB snapshot (a restore from
+backup, an RDB-only server that crashed between saves), or after a crash that
+lost the writes since its last fsync, it holds a channel in the same epoch at a
+lower offset than it already gave out. Continuing that count would give the
+lost offsets a second time, to other messages. Redis itself cannot notice (the
+snapshot is a consistent older state); only a node that saw the higher offsets
+can. So the scripts that continue or begin a channel's count (``PUBLISH``, and
+``POSITION`` when it may begin one) are passed the highest position this node
+has seen of the channel (``KNOWN_EPOCH KNOWN_OFFSET``; empty and 0 when it
+knows none), and begin a new epoch when Redis holds that epoch at a lower
+offset. The lost epoch is then never continued, its history is dropped with it,
+and the channel's subscribers are told by the epoch change (``resync``).
+
+A node knows the channels it has subscribers of and the last ``SEEN_CHANNELS``
+(``broadcastd.broker.redis``) others it published to or read. A channel whose
+lost offsets only nodes that are gone, or that have forgotten it, had seen
+continues its epoch where Redis is: nothing left can tell those offsets were
+given out.
 """
 
 from __future__ import annotations
@@ -18,11 +37,16 @@ PUBLISH = """
 local meta, stream, seen_key = KEYS[1], KEYS[2], KEYS[3]
 local payload, size, ttl_ms, meta_ttl_ms = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local new_epoch, key_ttl_ms, topic, has_key = ARGV[5], ARGV[6], ARGV[7], ARGV[8] == '1'
+local known_epoch, known_offset = ARGV[9], tonumber(ARGV[10])
 if has_key then
   local seen = redis.call('GET', seen_key)
   if seen then return {seen, 1} end
 end
-local epoch = redis.call('HGET', meta, 'e')
+local m = redis.call('HMGET', meta, 'e', 'o')
+local epoch = m[1]
+if epoch == known_epoch and (tonumber(m[2]) or 0) < known_offset then
+  epoch = false
+end
 if not epoch then
   epoch = new_epoch
   redis.call('DEL', stream)
@@ -41,11 +65,17 @@ if has_key then redis.call('SET', seen_key, position, 'PX', key_ttl_ms) end
 return {position, 0}
 """
 """Give a payload the channel's next position, keep it, announce it (or answer
-the position an idempotency key was given)."""
+the position an idempotency key was given); in a new epoch if the channel has
+none, or if Redis holds it behind the position this node saw."""
 
 POSITION = """
 local meta, stream, new_epoch, meta_ttl_ms = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
-local epoch = redis.call('HGET', meta, 'e')
+local known_epoch, known_offset = ARGV[3], tonumber(ARGV[4])
+local m = redis.call('HMGET', meta, 'e', 'o')
+local epoch = m[1]
+if new_epoch ~= '' and epoch == known_epoch and (tonumber(m[2]) or 0) < known_offset then
+  epoch = false
+end
 if not epoch then
   if new_epoch == '' then return {'', 0} end
   epoch = new_epoch
@@ -56,7 +86,8 @@ end
 return {epoch, redis.call('HGET', meta, 'o')}
 """
 """The channel's position; with a new epoch given, begin the channel if it has none
-(a subscriber is told an epoch before the first publish, as with one node)."""
+(a subscriber is told an epoch before the first publish, as with one node), or
+again if Redis holds it behind the position this node saw."""
 
 HISTORY = """
 local meta, stream = KEYS[1], KEYS[2]
