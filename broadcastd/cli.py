@@ -21,21 +21,30 @@ import gc
 import json
 import os
 import resource
+import select
 import signal
+import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import IO, TYPE_CHECKING, Any, get_args
 
 from pydantic import BaseModel
 
 from broadcastd import __version__, log
 from broadcastd.client.backoff import Backoff as Backoff
+from broadcastd.client.connection import DEFAULT_MAX_SIZE
 from broadcastd.client.events import Event, Message, Missed, Recovered, Subscribed
 from broadcastd.client.events import Position as Position
 from broadcastd.client.subscriber import Tracker
 from broadcastd.errors import ConfigError
-from broadcastd.settings import Settings, effective, iter_fields, load_settings
+from broadcastd.settings import (
+    ENVELOPE_OVERHEAD,
+    Settings,
+    effective,
+    iter_fields,
+    load_settings,
+)
 
 if TYPE_CHECKING:
     from broadcastd.client import StateChanged, Subscriber
@@ -138,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument(
         "--once", action="store_true", help="exit when the connection ends instead of reconnecting"
     )
+    subscribe.add_argument(
+        "--max-size",
+        type=_positive_int,
+        metavar="BYTES",
+        help="largest message accepted; a larger one ends the command (close 1009). Default: "
+        "1 MiB, or the configuration's control.max_payload_bytes + 256 if that is larger",
+    )
     who = subscribe.add_mutually_exclusive_group()
     who.add_argument("--token", help="subscriber token (JWT), sent as Authorization: Bearer")
     who.add_argument(
@@ -148,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_client_flags(subscribe)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of bytes, at least 1: {text!r}")
+    return value
 
 
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
@@ -175,10 +201,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except BrokenPipeError:
         # Whoever read stdout has gone (`broadcastd subscribe news | head -1`): end
-        # quietly, with the status of a program that SIGPIPE ended, and point stdout
-        # at /dev/null so that the interpreter's last flush cannot fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + signal.SIGPIPE
+        # quietly, with the status of a program that SIGPIPE ended.
+        return _stdout_gone()
+
+
+def _stdout_gone() -> int:
+    """Point stdout at /dev/null, so that no later write (the interpreter's last
+    flush) fails again, and return SIGPIPE's status."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def serve(settings: Settings) -> int:
@@ -378,6 +411,10 @@ def subscribe(settings: Settings, args: argparse.Namespace) -> int:
         text = await asyncio.to_thread(Path(token_file).read_text)
         return text.strip() or None
 
+    max_size = args.max_size or max(
+        DEFAULT_MAX_SIZE, settings.control.max_payload_bytes + ENVELOPE_OVERHEAD
+    )
+
     async def run() -> int:
         try:
             subscriber = Subscriber(
@@ -385,6 +422,7 @@ def subscribe(settings: Settings, args: argparse.Namespace) -> int:
                 token=args.token,
                 get_token=read_token if token_file is not None else None,
                 max_backoff=args.max_backoff,
+                max_size=max_size,
             )
         except ValueError as exc:
             print(f"broadcastd: {exc}", file=sys.stderr)
@@ -406,31 +444,49 @@ async def _subscribe(subscriber: Subscriber, channels: Sequence[str], raw: bool,
     SIGINT (Ctrl-C) or SIGTERM closes the connection normally (1000: the server
     sees a client that left, not one that failed) and exits 128 + the signal
     number, as a shell reports an interrupted command; a second signal, or one
-    while not connected, exits at once.
+    while not connected, exits at once. When stdout is a pipe whose reader goes
+    (``| head -1``), the command notices at once, not at its next line of
+    output (which may never come), and ends the same way with SIGPIPE's status,
+    quietly.
     """
-    from broadcastd.client import ALL_EVENTS, ClosedByServer, RequestRefused, State, StateChanged
+    from broadcastd.client import (
+        ALL_EVENTS,
+        ClosedByServer,
+        MessageTooBig,
+        RequestRefused,
+        State,
+        StateChanged,
+    )
 
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     assert main is not None
     closing: list[asyncio.Task[None]] = []
-    signalled = 0
+    ending = 0
+    """The exit status asked for by a signal or by the reader's going (0: none)."""
 
-    def on_signal(signum: int) -> None:
-        nonlocal signalled
-        first = not signalled
-        signalled = signum
+    def end(status: int) -> None:
+        nonlocal ending
+        first = not ending
+        ending = status
         if first and subscriber.state is State.CONNECTED:
             closing.append(loop.create_task(subscriber.close()))  # ends the stream
         else:
             main.cancel()
 
+    def on_signal(signum: int) -> None:
+        end(128 + signum)
+
+    def on_reader_gone() -> None:
+        end(_stdout_gone())
+
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    unwatch = _watch_reader(loop, sys.stdout, on_reader_gone)
     try:
         async for item in subscriber.subscribe(*channels, events=ALL_EVENTS):
             if isinstance(item, StateChanged):
-                if item.state is State.DISCONNECTED and not signalled:
+                if item.state is State.DISCONNECTED and not ending:
                     print(_disconnected(item), file=sys.stderr)
                     if once and item.retry_in is not None:
                         return 0
@@ -441,25 +497,77 @@ async def _subscribe(subscriber: Subscriber, channels: Sequence[str], raw: bool,
             if line is not None:
                 sys.stdout.write(line + "\n")
                 sys.stdout.flush()
-        return 128 + signalled if signalled else 0
-    except (RequestRefused, ClosedByServer):  # told by the DISCONNECTED event
+        return ending
+    except (RequestRefused, ClosedByServer, MessageTooBig):  # told by the DISCONNECTED event
         return EXIT_FAILURE
     except asyncio.CancelledError:
-        if signalled:
-            return 128 + signalled
+        if ending:
+            return ending
         raise
     finally:
+        unwatch()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
 
 
+def _watch_reader(
+    loop: asyncio.AbstractEventLoop, output: IO[Any], on_gone: Callable[[], None]
+) -> Callable[[], None]:
+    """Call ``on_gone`` once the reader of the pipe that ``output`` writes to has
+    gone; return what stops watching.
+
+    A write to such a pipe fails (EPIPE), but a command with nothing to print would
+    not find out until its next line. The pipe tells sooner: its write end reports
+    an error (EPOLLERR, which epoll reports whatever was asked for) once no reader
+    is left, so it is watched as a reader. Both asyncio's selector and uvloop call
+    the callback for it; a one-off poll then confirms the error, as readiness
+    alone could also mean a FIFO opened for reading and writing. uvloop makes a
+    watched descriptor non-blocking; stdout is put back as it was, since the
+    lines are written to it with blocking writes. Anything else than a pipe (a
+    terminal, a file, a socket) is not watched: its reader's going is noticed at
+    the next write, as before.
+    """
+
+    try:
+        fd = output.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return _nothing
+        blocking = os.get_blocking(fd)
+    except (OSError, ValueError):  # no stdout, or not a file (io.UnsupportedOperation)
+        return _nothing
+
+    def check() -> None:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        loop.remove_reader(fd)
+        if any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+            on_gone()
+
+    def unwatch() -> None:
+        loop.remove_reader(fd)
+
+    try:
+        loop.add_reader(fd, check)
+    except (OSError, ValueError, NotImplementedError):
+        return _nothing
+    os.set_blocking(fd, blocking)
+    return unwatch
+
+
+def _nothing() -> None:
+    return None
+
+
 def _disconnected(event: StateChanged) -> str:
     """The stderr line for a connection that ended or an attempt that failed."""
-    from broadcastd.client import BroadcastdError
+    from broadcastd.client import BroadcastdError, MessageTooBig
 
-    if event.close_code is not None:
-        return f"broadcastd: connection closed ({event.close_code})"
     error = event.error
+    if event.close_code is not None:
+        told = f": {error}" if error is not None else ""
+        if isinstance(error, MessageTooBig):
+            told += " (see --max-size)"
+        return f"broadcastd: connection closed ({event.close_code}){told}"
     if isinstance(error, BroadcastdError) and error.status is not None:
         return f"broadcastd: handshake refused: HTTP {error.status} {error.body}"
     return f"broadcastd: cannot connect: {error}"

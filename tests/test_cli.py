@@ -19,8 +19,9 @@ from urllib.parse import urlencode
 
 import jwt
 import pytest
+import uvloop
 
-from broadcastd.cli import Backoff, Position, Resume
+from broadcastd.cli import Backoff, Position, Resume, _watch_reader
 from broadcastd.core.envelope import Payload
 from broadcastd.core.route import parse_route
 from broadcastd.core.stream import Position as StreamPosition
@@ -98,14 +99,19 @@ def test_publish_and_subscribe_commands(process: Any) -> None:
         subscriber.wait()
 
 
-def subscriber(process: Any, *channels: str) -> subprocess.Popen[bytes]:
-    """``broadcastd subscribe`` to ``channels``, past its ``subscribed`` lines."""
+def subscriber(
+    process: Any, *channels: str, options: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``broadcastd subscribe`` to ``channels``, past its ``subscribed`` lines;
+    ``env`` adds to a copy of the environment without BROADCASTD_* variables."""
     url = f"ws://127.0.0.1:{process.ws_port}"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("BROADCASTD_")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broadcastd", "subscribe", "--url", url, *channels],
+        [sys.executable, "-m", "broadcastd", "subscribe", "--url", url, *options, *channels],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=ROOT,
+        env=full_env | (env or {}),
     )
     assert proc.stdout is not None
     replies = [json.loads(proc.stdout.readline()) for _ in channels]
@@ -208,6 +214,103 @@ def test_subscribe_ends_quietly_when_its_reader_goes(process: Any) -> None:
     assert sub.wait(timeout=60) == 128 + signal.SIGPIPE
     assert sub.stderr is not None
     assert sub.stderr.read() == b""
+
+
+def test_subscribe_exits_when_its_reader_goes_with_nothing_more_to_print(process: Any) -> None:
+    """``broadcastd subscribe news | head -1`` with no traffic after the first
+    message: the command sees the pipe's reader go and exits by itself (141,
+    quietly), closing its connection normally; no further message is needed."""
+    sub = subscriber(process, "news")
+    try:
+        control = f"http://127.0.0.1:{process.control_port}"
+        result = cli("publish", "--url", control, "--token", TOKEN, "news", "first")
+        assert result.returncode == 0, result.stderr
+        assert received(sub)["data"] == "first"
+        assert sub.stdout is not None
+        sub.stdout.close()
+        assert sub.wait(timeout=60) == 128 + signal.SIGPIPE
+        assert sub.stderr is not None
+        assert sub.stderr.read() == b""
+        close = next(e for e in process.events() if e["event"] == "connection.close")
+        assert (close["code"], close["initiator"]) == (1000, "client")
+    finally:
+        sub.kill()
+        sub.wait()
+
+
+@pytest.mark.parametrize(
+    "loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
+)
+def test_a_pipes_reader_going_is_noticed_without_a_write(loop_factory: Any) -> None:
+    """On either event loop; and the pipe stays blocking for the command's writes."""
+    read_end, write_end = os.pipe()
+
+    async def watch(output: Any) -> None:
+        loop = asyncio.get_running_loop()
+        gone: asyncio.Future[None] = loop.create_future()
+        unwatch = _watch_reader(loop, output, lambda: gone.set_result(None))
+        try:
+            assert os.get_blocking(write_end)
+            os.close(read_end)
+            async with asyncio.timeout(30):
+                await gone
+        finally:
+            unwatch()  # before the descriptor closes
+
+    with open(write_end, "wb") as output, asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(watch(output))
+
+
+def test_subscribe_ends_on_a_message_over_max_size(process: Any) -> None:
+    """A message larger than ``--max-size`` closes the connection with 1009 and ends
+    the command (1), saying why: the daemon would replay it to a reconnection."""
+    sub = subscriber(process, "news", options=("--max-size", "200"))
+    try:
+        control = f"http://127.0.0.1:{process.control_port}"
+        result = cli("publish", "--url", control, "--token", TOKEN, "news", "x" * 200)
+        assert result.returncode == 0, result.stderr
+        _, errors = sub.communicate(timeout=60)
+        assert sub.returncode == 1
+        assert errors.startswith(b"broadcastd: connection closed (1009): message_too_big: "), errors
+        assert b"--max-size" in errors
+        close = next(e for e in process.events() if e["event"] == "connection.close")
+        assert (close["code"], close["initiator"]) == (1009, "client")
+    finally:
+        sub.kill()
+        sub.wait()
+
+
+def test_subscribe_takes_the_largest_message_its_configuration_allows(tmp_path: Path) -> None:
+    """Without ``--max-size``, ``subscribe`` accepts what the daemon it finds in its
+    configuration may send, even past the client library's 1 MiB default."""
+    configuration = {
+        "BROADCASTD_CONTROL__MAX_PAYLOAD_BYTES": str(2 * 1024 * 1024),
+        "BROADCASTD_WS__OUTBOX_BYTES": str(4 * 1024 * 1024),
+    }
+    process = DaemonProcess(env=configuration)
+    try:
+        process.wait_ready()
+        sub = subscriber(process, "big", env=configuration)
+        try:
+            payload = tmp_path / "payload"
+            payload.write_text("x" * (1024 * 1024 + 1))
+            control = f"http://127.0.0.1:{process.control_port}"
+            with payload.open("rb") as data:
+                result = subprocess.run(
+                    [sys.executable, "-m", "broadcastd", "publish", "--url", control, "big"],
+                    stdin=data,
+                    capture_output=True,
+                    cwd=ROOT,
+                    timeout=60,
+                    check=False,
+                )
+            assert result.returncode == 0, result.stderr
+            assert received(sub)["data"] == "x" * (1024 * 1024 + 1)
+        finally:
+            sub.kill()
+            sub.wait()
+    finally:
+        process.kill()
 
 
 def test_subscribe_gives_up_on_a_refused_handshake(process: Any) -> None:

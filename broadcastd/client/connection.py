@@ -13,8 +13,12 @@ It does its own opening handshake (a non-101 answer is a
 pings, sends pings when the daemon has been silent for ``ping_interval``
 (closing after ``ping_timeout`` more without a byte), and performs the closing
 handshake both ways. Reading stops while ``max_queue`` texts wait unread, so a
-slow program holds the daemon back through TCP. It offers no compression and
-no HTTP proxy.
+slow program holds the daemon back through TCP. No message may be larger than
+``max_size`` bytes: a frame that announces more, or fragments that add up to
+more, fail the connection with 1009 as soon as their header is read, before
+any of it is kept, so what a connection holds is bounded by about
+``(max_queue + 1) * max_size`` whatever the peer sends. It offers no
+compression and no HTTP proxy.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ MAX_HEAD = 64 * 1024
 MAX_REFUSAL_BODY = 64 * 1024
 """Most of a refusal's body kept."""
 MAX_CONTROL = 125
+DEFAULT_MAX_SIZE = 1024 * 1024
+"""Largest message accepted unless told otherwise (1 MiB, as in websockets): the
+daemon's largest frame is its ``control.max_payload_bytes`` (64 KiB by default)
+plus 256 bytes of envelope."""
 
 _TEXT_FIN = 0x81
 _OP_CONT, _OP_TEXT, _OP_BINARY = 0x0, 0x1, 0x2
@@ -56,12 +64,15 @@ KEEPALIVE = 1011
 class Closed(Exception):
     """The connection ended: ``code`` is the close code the daemon sent (1005 for a
     close frame without one), or 1006 when none came (the connection was lost or
-    failed here)."""
+    failed here). ``failed`` is the close code this side sent when it failed the
+    connection itself (1002, 1003, 1007, 1009, 1011), else None: the code alone
+    (1006) cannot tell a daemon that broke a rule from a network that broke."""
 
-    def __init__(self, code: int, reason: str = "") -> None:
+    def __init__(self, code: int, reason: str = "", failed: int | None = None) -> None:
         super().__init__(f"connection closed ({code}{': ' + reason if reason else ''})")
         self.code = code
         self.reason = reason
+        self.failed = failed
 
 
 class HandshakeRefused(Exception):
@@ -110,15 +121,19 @@ class Connection(asyncio.Protocol):
         accept: bytes,
         *,
         max_queue: int,
+        max_size: int,
         ping_interval: float | None,
         ping_timeout: float | None,
         close_timeout: float,
     ) -> None:
+        if max_size < 1:
+            raise ValueError(f"max_size must be at least 1 byte; got {max_size}")
         self._loop = asyncio.get_running_loop()
         self._request = request
         self._accept = accept
         self._high = max(1, max_queue)
         self._low = self._high // 4
+        self._max_size = max_size
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._close_timeout = close_timeout
@@ -136,7 +151,8 @@ class Connection(asyncio.Protocol):
         self._parts_size = 0
         self._need = 0
         """Bytes the frame begun in ``_rest`` and ``_parts`` needs in all."""
-        self._fragments: list[bytes] | None = None
+        self._fragments: bytearray | None = None
+        """The message being received in fragments, so far (at most ``max_size``)."""
         self._fragmented_op = _OP_TEXT
         self._close_sent = False
         self._received: Closed | None = None
@@ -158,12 +174,17 @@ class Connection(asyncio.Protocol):
         ssl: ssl_module.SSLContext | None = None,
         open_timeout: float | None = 10.0,
         max_queue: int = 1024,
+        max_size: int = DEFAULT_MAX_SIZE,
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         close_timeout: float = 10.0,
     ) -> Connection:
         """Connect to ``url`` (``ws://`` or ``wss://``, path and query included)
-        and complete the opening handshake within ``open_timeout`` seconds."""
+        and complete the opening handshake within ``open_timeout`` seconds.
+        ``max_size`` (bytes, at least 1) bounds each message received; there is
+        no unbounded setting."""
+        if max_size < 1:
+            raise ValueError(f"max_size must be at least 1 byte; got {max_size}")
         secure = url.scheme == "wss"
         host = url.hostname or "localhost"
         port = url.port or (443 if secure else 80)
@@ -191,6 +212,7 @@ class Connection(asyncio.Protocol):
                 request,
                 accept,
                 max_queue=max_queue,
+                max_size=max_size,
                 ping_interval=ping_interval,
                 ping_timeout=ping_timeout,
                 close_timeout=close_timeout,
@@ -372,6 +394,10 @@ class Connection(asyncio.Protocol):
             self._rest = b""
         messages = self._messages
         queued = len(messages)
+        # Frames up to this long need no check of their length at their header; a
+        # whole text frame (the daemon's) needs only a comparison with max_size.
+        max_size = self._max_size
+        unchecked = min(MAX_CONTROL, max_size)
         size = len(data)
         pos = 0
         walking = True
@@ -392,6 +418,13 @@ class Connection(asyncio.Protocol):
                     break
                 length = int.from_bytes(data[start : start + 8], "big")
                 start += 8
+            if (
+                length > unchecked
+                and (first != _TEXT_FIN or length > max_size)
+                and not self._may_take(first, length)
+            ):
+                walking = False
+                break
             end = start + length
             if end > size:
                 self._need = end - pos
@@ -432,29 +465,52 @@ class Connection(asyncio.Protocol):
             elif opcode != _OP_PONG:
                 return self._fail(PROTOCOL_ERROR, f"unknown opcode {opcode}")
             return True
+        message: bytes | bytearray = payload
         if opcode == _OP_CONT:
-            if self._fragments is None:
+            fragments = self._fragments
+            if fragments is None:
                 return self._fail(PROTOCOL_ERROR, "a continuation frame starts nothing")
-            self._fragments.append(payload)
+            if len(fragments) + len(payload) > self._max_size:
+                return self._too_big(len(fragments) + len(payload))
+            fragments += payload
             if not fin:
                 return True
-            payload, self._fragments = b"".join(self._fragments), None
+            message, self._fragments = fragments, None
             opcode = self._fragmented_op
         elif opcode in (_OP_TEXT, _OP_BINARY):
             if self._fragments is not None:
                 return self._fail(PROTOCOL_ERROR, "a new message began inside a fragmented one")
             if not fin:
-                self._fragments, self._fragmented_op = [payload], opcode
+                self._fragments, self._fragmented_op = bytearray(payload), opcode
                 return True
         else:
             return self._fail(PROTOCOL_ERROR, f"unknown opcode {opcode}")
         if opcode == _OP_BINARY:
             return self._fail(UNSUPPORTED_DATA, "binary frames are not expected")
         try:
-            self._messages.append(payload.decode())
+            self._messages.append(message.decode())
         except UnicodeDecodeError:
             return self._fail(INVALID_DATA, "invalid UTF-8")
         return True
+
+    def _may_take(self, first: int, length: int) -> bool:
+        """Whether a frame that announces ``length`` bytes may be read; if not, the
+        connection fails at once, from its header, before any of it is kept: a
+        control frame longer than 125 bytes breaks the protocol (1002), a message
+        that would pass ``max_size`` is too big (1009)."""
+        if first & 0x08:
+            return self._fail(PROTOCOL_ERROR, "a control frame must be whole and short")
+        fragments = self._fragments
+        if first & 0x0F == _OP_CONT and fragments is not None:
+            length += len(fragments)
+        if length > self._max_size:
+            return self._too_big(length)
+        return True
+
+    def _too_big(self, size: int) -> bool:
+        return self._fail(
+            TOO_BIG, f"a message of at least {size} bytes; max_size is {self._max_size}"
+        )
 
     def _close_received(self, payload: bytes) -> None:
         if len(payload) == 1:
@@ -483,7 +539,7 @@ class Connection(asyncio.Protocol):
         """End the connection for a protocol violation: tell the daemon why, then
         close; the program sees 1006 (no close frame came), as RFC 6455 7.1.5 says."""
         if self._failed is None:
-            self._failed = Closed(ABNORMAL, reason)
+            self._failed = Closed(ABNORMAL, reason, code)
             self._send_close(code, reason)
             if self._transport is not None:
                 self._transport.close()
@@ -522,7 +578,7 @@ class Connection(asyncio.Protocol):
         if self._lost or self._close_sent:
             return
         if self._last_read == since and not self._paused:
-            self._failed = Closed(ABNORMAL, "keepalive ping timeout")
+            self._failed = Closed(ABNORMAL, "keepalive ping timeout", KEEPALIVE)
             self._send_close(KEEPALIVE, "keepalive ping timeout")
             self.abort()
             self._wake()

@@ -86,6 +86,21 @@ class ClosedByServer(BroadcastdError):
         self.close_code = close_code
 
 
+class MessageTooBig(BroadcastdError):
+    """The daemon sent a message larger than the subscriber's ``max_size``: the
+    subscriber failed the connection with close code 1009 (``close_code``) as
+    soon as a frame header announced it (or fragments added up to it), and does
+    not reconnect, since a reconnection would be sent the same message again (it
+    is replayed from history). Code ``message_too_big``. Either ``max_size`` is
+    below what the daemon may send (its ``control.max_payload_bytes`` plus 256
+    bytes of envelope), or the peer is not a daemon that keeps to its own
+    bounds."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("message_too_big", message)
+        self.close_code = 1009
+
+
 class CommandRefused(BroadcastdError):
     """A subscriber command failed (a subscribe refused with ``bad_channel`` or
     ``channel_not_allowed``, a refresh with ``token_expired``), raised by a stream

@@ -171,9 +171,13 @@ class State(StrEnum):
 class StateChanged(Event):
     """The connection changed state.
 
-    ``DISCONNECTED`` tells why: ``close_code`` when an open connection ended,
-    ``error`` when an attempt failed (an ``OSError``, a handshake refused with a
-    :class:`~broadcastd.client.BroadcastdError`) or when the close is final; and
+    ``DISCONNECTED`` tells why: ``close_code`` when an open connection ended (the
+    daemon's close code, 1006 when none came, or 1009 when this client closed it
+    for a message larger than its ``max_size``), ``error`` when an attempt failed
+    (an ``OSError``, a handshake refused with a
+    :class:`~broadcastd.client.BroadcastdError`) or when the close is final
+    (:class:`~broadcastd.client.ClosedByServer`,
+    :class:`~broadcastd.client.MessageTooBig`); and
     ``retry_in``, the seconds before the next attempt, or None when there will be
     none (the stream then raises ``error``). ``CLOSED`` is the end of the stream.
     """

@@ -11,10 +11,12 @@ stream, never dropped.
 The stream is pulled: the connection reads ahead at most ``max_queue`` frames,
 then stops reading until the program catches up, so a program that falls behind
 holds the daemon back through TCP (the daemon then applies its slow-consumer
-policy to this one client) instead of piling messages up in this process. The
-connection itself is :class:`~broadcastd.client.connection.Connection`, made
-for this: about 3 µs of CPU per message in all, where a general WebSocket
-library spends more than that on parsing the frame alone.
+policy to this one client) instead of piling messages up in this process; and no
+message may be larger than ``max_size``, so what is read ahead is bounded in
+bytes too, whatever the peer sends. The connection itself is
+:class:`~broadcastd.client.connection.Connection`, made for this: about 3 µs of
+CPU per message in all, where a general WebSocket library spends more than that
+on parsing the frame alone.
 """
 
 from __future__ import annotations
@@ -34,12 +36,20 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import msgspec
 
 from broadcastd.client.backoff import Backoff
-from broadcastd.client.connection import Closed, Connection, HandshakeFailed, HandshakeRefused
+from broadcastd.client.connection import (
+    DEFAULT_MAX_SIZE,
+    TOO_BIG,
+    Closed,
+    Connection,
+    HandshakeFailed,
+    HandshakeRefused,
+)
 from broadcastd.client.errors import (
     BroadcastdError,
     ClosedByServer,
     CommandRefused,
     MessagesLost,
+    MessageTooBig,
     RequestRefused,
     Unavailable,
     refusal,
@@ -252,7 +262,8 @@ class Stream:
     the stream stays usable after it: iterate it again to carry on. It ends
     (``StopAsyncIteration``) after :meth:`Subscriber.close`, and raises the
     error that ended it for good (a handshake refused with a 4xx,
-    :class:`~broadcastd.client.ClosedByServer`).
+    :class:`~broadcastd.client.ClosedByServer`,
+    :class:`~broadcastd.client.MessageTooBig`).
 
     One task at a time may iterate it.
     """
@@ -315,8 +326,20 @@ class Subscriber:
     refused with a 4xx and on close codes 1003, 1007, 1008, 1009; a 503 waits at
     least its ``Retry-After`` (up to ``max_backoff``).
 
+    ``max_size`` (bytes; 1 MiB by default) is the largest message accepted. A
+    frame that announces more, or fragments that add up to more, fail the
+    connection with close code 1009 as soon as the frame's header is read, before
+    any of it is kept, and end the stream with
+    :class:`~broadcastd.client.MessageTooBig`: it is not retried, because the
+    daemon would replay the same message to the reconnection, again and again.
+    The daemon's frames are at most its ``control.max_payload_bytes`` (64 KiB by
+    default) plus 256 bytes; raise ``max_size`` above that if the daemon allows
+    larger payloads. There is no unlimited setting: ``max_size`` is what keeps a
+    peer that is not a well-behaved daemon from filling this process's memory.
+
     ``max_queue`` is how many frames the connection reads ahead of the program
-    before it stops reading the socket; ``open_timeout`` bounds a connection
+    before it stops reading the socket (so at most about ``max_queue *
+    max_size`` bytes are held); ``open_timeout`` bounds a connection
     attempt (TCP, TLS and handshake); ``ping_interval`` (None: off) is how long
     the daemon may stay silent before a ping asks whether it is still there (and
     as long again for any answer before the connection is given up); ``headers``
@@ -338,12 +361,15 @@ class Subscriber:
         open_timeout: float = 10.0,
         ping_interval: float | None = 20.0,
         max_queue: int = 1024,
+        max_size: int = DEFAULT_MAX_SIZE,
         ssl: ssl_module.SSLContext | None = None,
         rng: random.Random | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("ws", "wss") or not parts.netloc:
             raise ValueError(f"a subscriber URL is ws://HOST[:PORT] or wss://...; got {url!r}")
+        if max_size < 1:
+            raise ValueError(f"max_size must be at least 1 byte; got {max_size}")
         self._base = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/", "", ""))
         self._base_query = parts.query
         self._token = token
@@ -352,6 +378,7 @@ class Subscriber:
         self._open_timeout = open_timeout
         self._ping_interval = ping_interval
         self._max_queue = max_queue
+        self._max_size = max_size
         self._ssl = ssl
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
         self._backoff = Backoff(min_backoff, max_backoff, stable_after, self._rng)
@@ -624,6 +651,7 @@ class Subscriber:
                 ssl=self._ssl,
                 open_timeout=self._open_timeout,
                 max_queue=self._max_queue,
+                max_size=self._max_size,
                 ping_interval=self._ping_interval,
                 ping_timeout=self._ping_interval,
             )
@@ -672,6 +700,9 @@ class Subscriber:
             self._finish()
             return
         code, reason = exc.code, exc.reason
+        if exc.failed == TOO_BIG:
+            self._end(MessageTooBig(reason), close_code=TOO_BIG)
+            return
         if code in GIVE_UP_CODES or (code in TOKEN_CODES and self._get_token is None):
             told = self._connect_error
             if told is not None:
