@@ -6,6 +6,11 @@ when node_modules is missing or package-lock.json changed since; then ``npm test
 example page in headless Chromium). Each skips, saying why, when Node.js and npm
 or Chromium are missing. The daemons they start are this interpreter's
 ``python -m broadcastd``.
+
+Both check that a subscriber token stays out of URLs: the client sends it as its
+first frame, so neither the page's console and network errors (Chromium prints
+the URL of every WebSocket that fails to connect), nor a proxy's request lines,
+nor the daemon's log at debug level carry any part of it, reconnections included.
 """
 
 from __future__ import annotations
@@ -96,7 +101,7 @@ def test_node() -> None:
 @pytest.mark.timeout(900)
 @pytest.mark.usefixtures("node_modules")
 def test_browser() -> None:
-    """The example page in headless Chromium."""
+    """The example page in headless Chromium, with and without a token."""
     chromium = _chromium()
     if chromium is None:
         pytest.skip("chromium not found (Debian: apt-get install chromium; or set CHROMIUM_PATH)")

@@ -71,7 +71,9 @@ export type State = "connecting" | "connected" | "disconnected" | "closed";
 
 /** Given with "disconnected" and "closed" when a connection ended. */
 export interface StateDetail {
-  /** The close code (0 when the client gave up on the connection itself). */
+  /** The close code (0 when the client gave up on the connection itself; 4002 or
+   * 4003 when the daemon refused the token of the first frame, as it closes a
+   * connection whose URL token it refuses). */
   code: number;
   reason: string;
   /** Milliseconds until the next attempt, when one is planned. */
@@ -84,11 +86,17 @@ export type TokenReason = "connect" | "expiring" | "expired" | "invalid" | "requ
 export type Since = { epoch: string; offset: number } | { last: number };
 
 export interface ClientOptions {
-  /** A subscriber JWT, given as ?token= (browsers cannot set headers on a WebSocket). */
+  /** A subscriber JWT. Sent as the connection's first frame, `{"op": "auth"}`;
+   * every channel is subscribed once the daemon accepts it (`authenticated`). */
   token?: string;
+  /** Give the token in the URL (`?token=`) instead, with the channels, saving a round
+   * trip. URLs are kept where tokens should not be: browser consoles (a failed
+   * WebSocket prints its URL), proxies and access logs. Default false. */
+  tokenInUrl?: boolean;
   /** Called for a (new) token: before connecting without one, on an `expiring`
-   * event (then sent as a refresh), and after a close with 4001, 4002 or 4003.
-   * Without it such a close ends the client ("closed"). */
+   * event (then sent as a refresh), and after a close with 4001, 4002 or 4003 or
+   * the refusal of the first frame's token ("expired" for token_expired, else
+   * "invalid"). Without it such a close or refusal ends the client ("closed"). */
   getToken?: (reason: TokenReason) => string | Promise<string>;
   /** Upper bound of the reconnection delay in ms (default 20000). */
   maxBackoff?: number;
@@ -96,7 +104,8 @@ export interface ClientOptions {
   minBackoff?: number;
   /** A connection must stay up this long (ms) for the backoff to start over (default 10000). */
   stableAfter?: number;
-  /** Give up on a handshake after this long (ms, default 10000). */
+  /** Give up on a handshake (and the acceptance of the token sent first) after this long
+   * (ms, default 10000). */
   connectTimeout?: number;
   /** Ping after this long (ms) without a frame; a second silent interval drops the
    * connection (default 25000; 0: never). */
@@ -139,20 +148,21 @@ export declare class Subscription<T = unknown> extends Emitter {
 
 export declare class BroadcastClient extends Emitter {
   constructor(url: string, options?: ClientOptions);
-  /** The daemon's URL (channels, since and token are added to it). */
+  /** The daemon's URL (channels and since are added to it, and the token with `tokenInUrl`). */
   readonly url: string;
   readonly state: State;
   /** Every current subscription. */
   readonly subscriptions: Subscription[];
 
-  /** Start connecting (the socket opens once a channel is subscribed). */
+  /** Start connecting (the socket opens once a channel is subscribed; with a token,
+   * the state is "connected" once the daemon has accepted it). */
   connect(): this;
   /** Close with 1000 and stop reconnecting; subscriptions are kept for a later connect(). */
   close(): this;
   /** Subscribe to a channel; throws if it is already subscribed. */
   subscribe<T = unknown>(channel: string, options?: SubscribeOptions): Subscription<T>;
   getSubscription(channel: string): Subscription | undefined;
-  /** Use this token from now on (a refresh on the open connection, the URL of the next). */
+  /** Use this token from now on (a refresh on the open connection, the first frame of the next). */
   setToken(token: string): this;
 
   on(event: "state", listener: (state: State, detail?: StateDetail) => void): this;

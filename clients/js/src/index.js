@@ -3,9 +3,17 @@
 //
 // One connection carries every subscription. It reconnects by itself with
 // full-jitter exponential backoff, and each channel resumes from the last
-// position it saw (`since=CHANNEL:EPOCH:OFFSET` in the URL): what the daemon's
-// history still holds is replayed, and when it cannot be (`recovered: false`)
-// the subscription is told so with a `recovered` event, never silently.
+// position it saw (`since`): what the daemon's history still holds is replayed,
+// and when it cannot be (`recovered: false`) the subscription is told so with a
+// `recovered` event, never silently.
+//
+// A token goes in the connection's first frame, `{"op": "auth"}`, never in its
+// URL: browsers print the URL of a failed WebSocket to the page's console, and
+// proxies and access logs keep URLs. The daemon subscribes channels named in the
+// URL as soon as the connection opens, before any frame is read, so with a token
+// every channel is subscribed by a command once the token is accepted. Without a
+// token (or with `tokenInUrl`) the channels and their positions go in the URL
+// and need no round trip.
 //
 // Hot path: a message frame costs one JSON.parse and one Map lookup; the parsed
 // object itself is what `message` listeners get. Nothing else is allocated per
@@ -139,7 +147,8 @@ export class BroadcastClient extends Emitter {
     if (parsed.protocol !== "ws:" && parsed.protocol !== "wss:") {
       throw new TypeError(`not a WebSocket URL: ${url}`);
     }
-    /** The daemon's URL, as given (channels, since and token are added to it). */
+    /** The daemon's URL, as given (channels and since are added to it, and the token
+     * with `tokenInUrl`). */
     this.url = parsed.href;
     /** connecting, connected, disconnected or closed. */
     this.state = DISCONNECTED;
@@ -147,6 +156,7 @@ export class BroadcastClient extends Emitter {
     this._token = options.token ?? null;
     this._getToken = options.getToken ?? null;
     this._needToken = this._token === null && this._getToken !== null;
+    this._tokenInUrl = options.tokenInUrl === true;
     this._minBackoff = options.minBackoff ?? 500;
     this._maxBackoff = options.maxBackoff ?? 20000;
     this._stableAfter = options.stableAfter ?? 10000;
@@ -160,6 +170,10 @@ export class BroadcastClient extends Emitter {
     this._fetching = false; // a getToken() call is under way
     this._attempt = 0; // failed attempts since the last stable connection
     this._inUrl = []; // the subscriptions named in the current connection's URL
+    this._authFirst = false; // the current connection sends its token before any channel
+    this._authId = 0; // the id of the token command whose acceptance the connection waits for
+    this._connToken = null; // the token the current connection was given (URL or command)
+    this._ready = false; // open, and authenticated where the token goes first
     this._requests = 0;
     this._received = false;
     this._pinged = false;
@@ -213,8 +227,8 @@ export class BroadcastClient extends Emitter {
     const sub = new Subscription(this, channel, options.since);
     this._subs.set(channel, sub);
     if (this._ws !== null) {
-      if (this._ws.readyState === OPEN) this._sendSubscribe(sub);
-      // else it is sent when the connection under way opens
+      if (this._ready) this._sendSubscribe(sub);
+      // else it is sent when the connection under way is ready
     } else {
       this._open();
     }
@@ -222,11 +236,11 @@ export class BroadcastClient extends Emitter {
   }
 
   /** Use `token` from now on: sent as a `refresh` on the open connection (answered by an
-   * `authenticated` event) and given in the URL of the next ones. */
+   * `authenticated` event) and given to the next ones. */
   setToken(token) {
     this._token = checkToken(token);
     this._needToken = false;
-    this._send(JSON.stringify({ op: "refresh", token: this._token }));
+    if (this._ws !== null && this._ws.readyState === OPEN) this._sendToken("refresh");
     return this;
   }
 
@@ -271,22 +285,25 @@ export class BroadcastClient extends Emitter {
   _connectUrl(generation) {
     const url = new URL(this.url);
     const query = url.searchParams;
-    if (this._token !== null) query.set("token", this._token);
-    let length = url.href.length;
     this._inUrl.length = 0;
     for (const sub of this._subs.values()) {
       sub._joined = false;
       sub._requestId = 0;
+      sub._sentOn = 0; // subscribed by a command once ready, unless named in the URL below
+    }
+    this._authFirst = this._token !== null && !this._tokenInUrl;
+    this._connToken = null;
+    if (this._authFirst) return url.href;
+    if (this._token !== null) query.set("token", (this._connToken = this._token));
+    let length = url.href.length;
+    for (const sub of this._subs.values()) {
       let key = "since";
       let value;
       if (sub.epoch !== null) value = `${sub.channel}:${sub.epoch}:${sub.offset}`;
       else if (sub._last > 0) value = `${sub.channel}:last:${sub._last}`;
       else [key, value] = ["channel", sub.channel];
       const more = key.length + value.length + 8; // '&', '=' and room for %23
-      if (length + more > MAX_URL) {
-        sub._sentOn = 0; // subscribed by a command once open
-        continue;
-      }
+      if (length + more > MAX_URL) continue; // subscribed by a command once open
       length += more;
       query.append(key, value);
       sub._sentOn = generation;
@@ -297,19 +314,31 @@ export class BroadcastClient extends Emitter {
 
   _onOpen(event) {
     if (event.target !== this._ws) return;
+    // The token first; the channels once it is accepted (_onReady), within connectTimeout.
+    if (this._authFirst) this._sendToken("auth");
+    else this._onReady();
+  }
+
+  /** The connection is open (and its token accepted): subscribe, and it counts as up. */
+  _onReady() {
+    this._ready = true;
+    this._authId = 0;
     clearTimeout(this._openTimer);
     this._openTimer = null;
     this._received = false;
     this._pinged = false;
     this._stableTimer = setTimeout(this._onStable, this._stableAfter);
     if (this._pingInterval > 0) this._pingTimer = setInterval(this._onPingTick, this._pingInterval);
+    // A token given by setToken() while the URL's connection was being made.
+    if (this._token !== null && this._token !== this._connToken) this._sendToken("refresh");
     // Channels unsubscribed while the connection was being made: leave them.
     for (const sub of this._inUrl) {
       if (this._subs.get(sub.channel) !== sub) {
         this._send(JSON.stringify({ op: "unsubscribe", channel: sub.channel }));
       }
     }
-    // Channels subscribed meanwhile, or that did not fit in the URL.
+    // Channels subscribed meanwhile or that did not fit in the URL; every channel
+    // when the token went first.
     for (const sub of this._subs.values()) {
       if (sub._sentOn !== this._generation) this._sendSubscribe(sub);
     }
@@ -389,6 +418,8 @@ export class BroadcastClient extends Emitter {
     clearInterval(this._pingTimer);
     clearTimeout(this._retryTimer);
     this._openTimer = this._stableTimer = this._pingTimer = this._retryTimer = null;
+    this._ready = false;
+    this._authId = 0;
     for (const sub of this._subs.values()) sub._joined = false;
     const ws = this._ws;
     if (ws === null) return;
@@ -429,6 +460,16 @@ export class BroadcastClient extends Emitter {
 
   _send(text) {
     if (this._ws !== null && this._ws.readyState === OPEN) this._ws.send(text);
+  }
+
+  /** `auth` or `refresh` with the current token. Until the connection is ready, the
+   * answer to the latest one decides whether it goes on: `authenticated` makes it
+   * ready, an error reply drops it (_onAuthError). */
+  _sendToken(op) {
+    const id = ++this._requests;
+    if (!this._ready) this._authId = id;
+    this._connToken = this._token;
+    this._send(JSON.stringify({ op, token: this._token, id }));
   }
 
   _sendSubscribe(sub) {
@@ -508,9 +549,12 @@ export class BroadcastClient extends Emitter {
         this._tell(sub, "resync", frame);
         break;
       }
-      case "authenticated":
+      case "authenticated": {
+        const awaited = this._authId !== 0 && frame.id === this._authId;
         this._emit("authenticated", frame);
+        if (awaited && this._authId === frame.id) this._onReady(); // unless a listener acted
         break;
+      }
       case "expiring":
         this._emit("expiring", frame);
         if (this._getToken !== null) this._refresh();
@@ -543,6 +587,7 @@ export class BroadcastClient extends Emitter {
   _onError(frame) {
     if (frame.op !== "subscribe") {
       this._tell(undefined, "error", frame); // connect (a close follows), auth, refresh, ...
+      if (this._authId !== 0 && frame.id === this._authId) this._onAuthError(frame);
       return;
     }
     const generation = this._generation;
@@ -577,6 +622,19 @@ export class BroadcastClient extends Emitter {
       }
     }
     this._tell(sub, "error", frame);
+  }
+
+  /** The token the connection waits on was refused: as the daemon does with a token
+   * refused in the URL (a close with 4002, or 4003 if it expired), drop the
+   * connection, then get a new token or stop. */
+  _onAuthError(frame) {
+    if (frame.code === "bad_command") {
+      // The daemon checks no tokens (it has no [auth]): its channels need none.
+      this._onReady();
+      return;
+    }
+    if (frame.code === "token_expired") this._lost(4003, "token expired");
+    else this._lost(4002, "invalid token");
   }
 
   /** An event of one channel: to its subscription and to the client's listeners. */

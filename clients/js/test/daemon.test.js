@@ -10,6 +10,10 @@ import { Daemon, Proxy, Recorder, jwt, waitFor } from "./harness.js";
 
 const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
 const options = { WebSocket, minBackoff: 50, maxBackoff: 300, pingInterval: 0 };
+const SECRET = "a-test-secret-of-at-least-32-bytes!!";
+/** An HS256 token for alice, for every channel, valid for `seconds` (expired if negative). */
+const token = (seconds) =>
+  jwt(SECRET, { sub: "alice", channels: ["*"], exp: Math.floor(Date.now() / 1000) + seconds });
 
 /** Run `body` with a started daemon, stopped afterwards whatever happens. */
 async function withDaemon(args, body) {
@@ -165,22 +169,32 @@ describe("against a daemon", { timeout: 60000 }, () => {
     }
   });
 
+  test("a token given to a daemon without [auth]: told, and subscribed all the same", async () => {
+    const client = new BroadcastClient(daemon.wsUrl, { ...options, token: "not.checked.here" });
+    const errors = [];
+    client.on("error", (frame) => errors.push([frame.op, frame.code]));
+    const sub = client.subscribe("open-news");
+    client.connect();
+    await waitFor(() => sub.state === "subscribed", 10000, "subscribed");
+    assert.deepEqual(errors, [["auth", "bad_command"]]);
+    assert.equal(client.state, "connected");
+    client.close();
+  });
+
   test("tokens: refreshed before they expire; after an expiry, a new one and a resume", () => {
-    const secret = "a-test-secret-of-at-least-32-bytes!!";
     const args = [
       "--history-size", "100",
-      "--auth-hmac-secret", secret,
+      "--auth-hmac-secret", SECRET,
       "--auth-expiring-notice", "1",
       "--auth-leeway", "0",
     ];
-    const token = (seconds) =>
-      jwt(secret, { sub: "alice", channels: ["*"], exp: Math.floor(Date.now() / 1000) + seconds });
-    const refreshed = async (daemon) => {
+    const refreshed = async (daemon, tokenInUrl) => {
       // `expiring` -> getToken("expiring") -> refresh: the connection stays.
       const reasons = [];
       const first = token(2);
       const client = new BroadcastClient(daemon.wsUrl, {
         ...options,
+        tokenInUrl,
         token: first,
         getToken: (reason) => {
           reasons.push(reason);
@@ -189,23 +203,26 @@ describe("against a daemon", { timeout: 60000 }, () => {
       });
       const authenticated = [];
       client.on("authenticated", (frame) => authenticated.push(frame));
-      const sub = client.subscribe("news");
+      const channel = `refreshed-${tokenInUrl}`;
+      const sub = client.subscribe(channel);
       const seen = new Recorder(client, sub);
       client.connect();
       await waitFor(() => authenticated.some((f) => f.op === "refresh"), 10000, "the refresh");
       assert.deepEqual(reasons, ["expiring"]);
+      assert.equal(authenticated[0].op, tokenInUrl ? undefined : "auth");
       const expired = (authenticated[0].expires + 0.3) * 1000;
       await waitFor(() => Date.now() > expired, 5000, "the first token's exp");
-      await daemon.publish("news", "after the first token's exp");
+      await daemon.publish(channel, "after the first token's exp");
       await waitFor(() => seen.datas.includes("after the first token's exp"), 10000, "a message");
       assert.deepEqual(seen.states.map((s) => s.state), ["connecting", "connected"]);
       client.close();
     };
-    const expired = async (daemon) => {
+    const expired = async (daemon, tokenInUrl) => {
       // No new token in time: closed with 4003, then getToken("expired"), reconnect, resume.
       const reasons = [];
       const client = new BroadcastClient(daemon.wsUrl, {
         ...options,
+        tokenInUrl,
         token: token(2),
         getToken: (reason) => {
           reasons.push(reason);
@@ -215,12 +232,13 @@ describe("against a daemon", { timeout: 60000 }, () => {
       });
       const errors = [];
       client.on("error", (error) => errors.push(error));
-      const sub = client.subscribe("news2");
+      const channel = `expired-${tokenInUrl}`;
+      const sub = client.subscribe(channel);
       const seen = new Recorder(client, sub);
       client.connect();
       await waitFor(() => sub.state === "subscribed", 10000, "subscribed");
       await waitFor(() => seen.states.some((s) => s.code === 4003), 10000, "the close with 4003");
-      await daemon.publish("news2", "sent while it reconnects");
+      await daemon.publish(channel, "sent while it reconnects");
       await waitFor(() => seen.offsets.length === 1, 10000, "the message sent meanwhile");
       assert.deepEqual(reasons, ["expiring", "expired"]);
       assert.equal(errors[0].message, "the token service is down");
@@ -228,6 +246,93 @@ describe("against a daemon", { timeout: 60000 }, () => {
       assert.equal(client.state, "connected");
       client.close();
     };
-    return withDaemon(args, (daemon) => Promise.all([refreshed(daemon), expired(daemon)]));
+    const refusedFirst = async (daemon) => {
+      // A token already expired, refused in the first frame: getToken("expired"), or the end.
+      const reasons = [];
+      const client = new BroadcastClient(daemon.wsUrl, {
+        ...options,
+        token: token(-60),
+        getToken: (reason) => {
+          reasons.push(reason);
+          return token(60);
+        },
+      });
+      const errors = [];
+      client.on("error", (frame) => errors.push([frame.op, frame.code]));
+      const sub = client.subscribe("refused");
+      client.connect();
+      await waitFor(() => sub.state === "subscribed", 10000, "subscribed with a new token");
+      assert.deepEqual(reasons, ["expired"]);
+      assert.deepEqual(errors, [["auth", "token_expired"]]);
+      client.close();
+
+      const alone = new BroadcastClient(daemon.wsUrl, { ...options, token: token(-60) });
+      const states = [];
+      alone.on("state", (state, detail) => states.push([state, detail?.code]));
+      alone.on("error", () => {});
+      alone.subscribe("refused");
+      alone.connect();
+      await waitFor(() => alone.state === "closed", 10000, "the end of a client without getToken");
+      assert.deepEqual(states.at(-1), ["closed", 4003]);
+    };
+    return withDaemon(args, (daemon) =>
+      Promise.all([
+        refreshed(daemon, false),
+        refreshed(daemon, true),
+        expired(daemon, false),
+        expired(daemon, true),
+        refusedFirst(daemon),
+      ]),
+    );
+  });
+
+  test("a token is in no URL, proxy request line or daemon log line; resuming works", () => {
+    const args = ["--history-size", "100", "--auth-hmac-secret", SECRET, "--log-level", "debug"];
+    return withDaemon(args, async (daemon) => {
+      const secret = token(600);
+      const proxy = await new Proxy(daemon.wsPort).start();
+      try {
+        const client = new BroadcastClient(proxy.url, { ...options, token: secret });
+        const authenticated = [];
+        client.on("authenticated", (frame) => authenticated.push([frame.op, frame.user]));
+        const sub = client.subscribe("private");
+        const seen = new Recorder(client, sub);
+        client.connect();
+        await waitFor(() => sub.state === "subscribed", 10000, "subscribed");
+        await daemon.publishMany("private", range(1, 30));
+        await waitFor(() => seen.offsets.length === 30, 10000, "30 messages");
+
+        proxy.block();
+        await waitFor(() => client.state !== "connected", 10000, "disconnected");
+        await daemon.publishMany("private", range(31, 60));
+        proxy.unblock();
+        for (const n of range(61, 90)) await daemon.publish("private", n);
+        await waitFor(() => seen.offsets.length === 90, 10000, "90 messages");
+        // Each connection asked for "/" alone: token and channels went in frames.
+        assert.ok(proxy.requests.length >= 2);
+        for (const line of proxy.requests) assert.equal(line, "GET / HTTP/1.1");
+        assert.deepEqual(seen.offsets, range(1, 90));
+        assert.deepEqual(seen.datas, range(1, 90));
+        assert.deepEqual(seen.recoveries.map((r) => r.recovered), [true]);
+        assert.deepEqual(seen.errors, []);
+        assert.ok(authenticated.length >= 2, JSON.stringify(authenticated));
+        assert.ok(authenticated.every(([op, user]) => op === "auth" && user === "alice"));
+        client.close();
+
+        // tokenInUrl keeps the URL form for daemons or deployments that need it.
+        const inUrl = new BroadcastClient(proxy.url, { ...options, token: secret, tokenInUrl: true });
+        const inUrlSub = inUrl.subscribe("private", { since: sub.position });
+        inUrl.connect();
+        await waitFor(() => inUrlSub.state === "subscribed", 10000, "subscribed with the token in the URL");
+        assert.match(proxy.requests.at(-1), /^GET \/\?token=[^ ]+&since=private%3A\w+%3A90 HTTP\/1\.1$/);
+        inUrl.close();
+      } finally {
+        await proxy.stop();
+      }
+      await daemon.stop(); // everything it had to say is written
+      const parts = secret.split(".").slice(1); // claims and signature
+      const leaks = daemon.output().filter((line) => parts.some((part) => line.includes(part)));
+      assert.deepEqual(leaks, []);
+    });
   });
 });

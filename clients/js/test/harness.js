@@ -1,6 +1,7 @@
 // What the tests need around the client: a real broadcastd daemon (as
 // tests/conftest.py's DaemonProcess starts it), publishing over its control
-// port, a TCP proxy that can cut connections, HS256 tokens, and waiting.
+// port, a TCP proxy that can cut connections and keeps request lines as an
+// access log does, HS256 tokens, waiting, and what a Chromium page reports.
 
 import { spawn } from "node:child_process";
 import { createHmac } from "node:crypto";
@@ -31,6 +32,7 @@ export class Daemon {
     this.args = args;
     this.controlPort = 0;
     this.events = [];
+    this.stderr = [];
     this.proc = null;
     this._waiters = [];
   }
@@ -49,7 +51,7 @@ export class Daemon {
     ];
     this.proc = spawn(command, argv, { cwd: ROOT, env, stdio: ["ignore", "pipe", "pipe"] });
     this.exited = once(this.proc, "exit");
-    const stderr = [];
+    const stderr = this.stderr;
     this.proc.stderr.on("data", (chunk) => stderr.push(chunk));
     readline.createInterface({ input: this.proc.stdout }).on("line", (line) => {
       let event;
@@ -75,6 +77,11 @@ export class Daemon {
 
   get wsUrl() {
     return `ws://127.0.0.1:${this.wsPort}/`;
+  }
+
+  /** Every line it wrote so far, stdout (its log) and stderr, as text. */
+  output() {
+    return [...this.events.map((event) => JSON.stringify(event)), Buffer.concat(this.stderr).toString()];
   }
 
   /** The first log event (seen or to come) for which `predicate` is true. */
@@ -132,13 +139,16 @@ export class Daemon {
   }
 }
 
-/** A TCP proxy to `port` whose connections the test can cut, and refuse while blocked. */
+/** A TCP proxy to `port` whose connections the test can cut, and refuse while blocked.
+ * It keeps the request line of each connection it passes on, as the access log of
+ * a reverse proxy would. */
 export class Proxy {
   constructor(targetPort) {
     this.targetPort = targetPort;
     this.blocked = false;
     this.sockets = new Set();
     this.accepted = 0;
+    this.requests = [];
     this.server = net.createServer((client) => this._accept(client));
   }
 
@@ -159,6 +169,15 @@ export class Proxy {
       return;
     }
     this.accepted++;
+    let head = "";
+    const readHead = (chunk) => {
+      head += chunk.toString("latin1");
+      const end = head.indexOf("\r\n");
+      if (end === -1 && head.length < 16384) return;
+      client.off("data", readHead);
+      this.requests.push(end === -1 ? head : head.slice(0, end));
+    };
+    client.on("data", readHead);
     const upstream = net.connect(this.targetPort, "127.0.0.1");
     for (const [a, b] of [[client, upstream], [upstream, client]]) {
       this.sockets.add(a);
@@ -228,7 +247,7 @@ export class StaticServer {
   static TYPES = { ".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8" };
 
   constructor(routes = {}) {
-    this.routes = routes; // extra pages: path -> HTML text
+    this.routes = routes; // extra resources: path -> HTML text, or {type, body}
     this.server = http.createServer((request, response) => this._serve(request, response));
   }
 
@@ -247,6 +266,7 @@ export class StaticServer {
     const pathname = decodeURIComponent(new URL(request.url, "http://x").pathname);
     let body = this.routes[pathname];
     let type = StaticServer.TYPES[".html"];
+    if (body !== undefined && typeof body === "object") ({ type, body } = body);
     if (body === undefined) {
       const file = path.resolve(ROOT, `.${pathname}`);
       const allowed = ["examples/browser", "clients/js/src"].some((dir) =>
@@ -293,4 +313,24 @@ export async function launchChromium() {
     await rm(profile, { recursive: true, force: true });
   };
   return { context, close };
+}
+
+/** Everything a page tells the outside about itself, through the DevTools protocol:
+ * console messages (the page's own and the browser's, such as a WebSocket that
+ * failed), uncaught exceptions, network failures, and the URL of every WebSocket
+ * it opens. Each entry is {kind, text}, `text` the event's parameters as JSON. */
+export async function recordPage(context, page) {
+  const entries = [];
+  const session = await context.newCDPSession(page);
+  const kinds = [
+    "Log.entryAdded",
+    "Runtime.consoleAPICalled",
+    "Runtime.exceptionThrown",
+    "Network.loadingFailed",
+    "Network.webSocketFrameError",
+    "Network.webSocketCreated",
+  ];
+  for (const kind of kinds) session.on(kind, (params) => entries.push({ kind, text: JSON.stringify(params) }));
+  await Promise.all(["Log.enable", "Runtime.enable", "Network.enable"].map((method) => session.send(method)));
+  return { entries, session };
 }

@@ -1,4 +1,5 @@
-// The client against a scripted WebSocket: URLs, backoff, tokens, frames, page unload.
+// The client against a scripted WebSocket: URLs, first frames, backoff, tokens, frames,
+// page unload.
 // No daemon, no network; fast.
 
 import assert from "node:assert/strict";
@@ -48,11 +49,12 @@ function fakeWebSocket() {
 const quick = { minBackoff: 10, maxBackoff: 80, pingInterval: 0 };
 
 describe("connecting", () => {
-  test("the URL names each channel, its position and the token", () => {
+  test("tokenInUrl: the URL names each channel, its position and the token", () => {
     const { FakeSocket, sockets } = fakeWebSocket();
     const client = new BroadcastClient("ws://example.test:8765/", {
       WebSocket: FakeSocket,
       token: "t0",
+      tokenInUrl: true,
       ...quick,
     });
     client.subscribe("news");
@@ -69,6 +71,92 @@ describe("connecting", () => {
     sockets[0].open();
     assert.equal(client.state, "connected");
     assert.deepEqual(sockets[0].sent, [], "URL channels need no command");
+    client.close();
+  });
+
+  test("a token goes in the first frame, in no URL; the channels follow once it is accepted", async () => {
+    const { FakeSocket, sockets } = fakeWebSocket();
+    const client = new BroadcastClient("ws://example.test:8765/", {
+      WebSocket: FakeSocket,
+      token: "t0",
+      ...quick,
+    });
+    const news = client.subscribe("news");
+    client.subscribe("chat:room", { since: { last: 20 } });
+    client.subscribe("inbox#alice", { since: { epoch: "e1", offset: 41 } });
+    const authenticated = [];
+    client.on("authenticated", (frame) => authenticated.push([frame.op, client.state]));
+    client.connect();
+    assert.equal(sockets[0].url.href, "ws://example.test:8765/");
+    sockets[0].open();
+    assert.deepEqual(sockets[0].sent, [{ op: "auth", token: "t0", id: 1 }]);
+    assert.equal(client.state, "connecting", "not up until the token is accepted");
+    client.subscribe("late"); // while the token is being checked: sent after it
+    assert.equal(sockets[0].sent.length, 1);
+    sockets[0].receive({ type: "authenticated", user: "alice", op: "auth", id: 1 });
+    assert.deepEqual(authenticated, [["auth", "connecting"]]);
+    assert.equal(client.state, "connected");
+    assert.deepEqual(
+      sockets[0].sent.slice(1).map(({ op, channel, since }) => ({ op, channel, since })),
+      [
+        { op: "subscribe", channel: "news", since: undefined },
+        { op: "subscribe", channel: "chat:room", since: { last: 20 } },
+        { op: "subscribe", channel: "inbox#alice", since: { epoch: "e1", offset: 41 } },
+        { op: "subscribe", channel: "late", since: undefined },
+      ],
+    );
+    const newsId = sockets[0].sent[1].id;
+    sockets[0].receive({ type: "subscribed", channel: "news", epoch: "e", offset: 4, id: newsId });
+    sockets[0].receive({ channel: "news", offset: 5, data: 1 });
+    assert.deepEqual(news.position, { epoch: "e", offset: 5 });
+
+    // Reconnecting: the token first again, then each channel from its position.
+    sockets[0].serverClose(1006);
+    await waitFor(() => sockets.length === 2, 2000, "a reconnection");
+    assert.equal(sockets[1].url.href, "ws://example.test:8765/");
+    sockets[1].open();
+    assert.deepEqual(sockets[1].sent, [{ op: "auth", token: "t0", id: sockets[1].sent[0].id }]);
+    sockets[1].receive({ type: "authenticated", user: "alice", op: "auth", id: sockets[1].sent[0].id });
+    assert.deepEqual(sockets[1].sent[1].since, { epoch: "e", offset: 5 });
+    assert.equal(sockets[1].sent[1].channel, "news");
+    client.close();
+  });
+
+  test("setToken while the first token is checked: the refresh's answer decides", () => {
+    const { FakeSocket, sockets } = fakeWebSocket();
+    const client = new BroadcastClient("ws://example.test/", { WebSocket: FakeSocket, token: "old", ...quick });
+    client.subscribe("news");
+    client.connect();
+    sockets[0].open();
+    client.setToken("new");
+    const [auth, refresh] = sockets[0].sent;
+    assert.deepEqual([auth.op, auth.token, refresh.op, refresh.token], ["auth", "old", "refresh", "new"]);
+    const errors = [];
+    client.on("error", (frame) => errors.push(frame.code));
+    sockets[0].receive({ type: "error", op: "auth", code: "token_expired", message: "x", id: auth.id });
+    assert.equal(sockets[0].closedWith, null, "the refresh may still be accepted");
+    sockets[0].receive({ type: "authenticated", user: "alice", op: "refresh", id: refresh.id });
+    assert.equal(client.state, "connected");
+    assert.deepEqual(sockets[0].sent.at(-1).channel, "news");
+    assert.deepEqual(errors, ["token_expired"]);
+    client.close();
+  });
+
+  test("setToken while a connection with its token in the URL opens: a refresh once open", () => {
+    const { FakeSocket, sockets } = fakeWebSocket();
+    const client = new BroadcastClient("ws://example.test/", {
+      WebSocket: FakeSocket,
+      token: "old",
+      tokenInUrl: true,
+      ...quick,
+    });
+    client.subscribe("news");
+    client.connect();
+    client.setToken("new");
+    assert.equal(sockets[0].url.searchParams.get("token"), "old");
+    sockets[0].open();
+    assert.deepEqual(sockets[0].sent.map((c) => [c.op, c.token]), [["refresh", "new"]]);
+    assert.equal(client.state, "connected");
     client.close();
   });
 
@@ -274,19 +362,69 @@ describe("tokens", () => {
     client.subscribe("news");
     client.connect();
     await waitFor(() => sockets.length === 1, 2000);
-    assert.equal(sockets[0].url.searchParams.get("token"), "token-1");
+    assert.equal(sockets[0].url.search, "");
     sockets[0].open();
+    const tokens = (socket) => socket.sent.filter((c) => c.token !== undefined).map((c) => [c.op, c.token]);
+    assert.deepEqual(tokens(sockets[0]), [["auth", "token-1"]]);
+    sockets[0].receive({ type: "authenticated", user: "u", op: "auth", id: sockets[0].sent[0].id });
     sockets[0].receive({ type: "expiring", expires: 1 });
-    await waitFor(() => sockets[0].sent.length === 1, 2000, "the refresh");
-    assert.deepEqual(sockets[0].sent, [{ op: "refresh", token: "token-2" }]);
+    await waitFor(() => tokens(sockets[0]).length === 2, 2000, "the refresh");
+    assert.deepEqual(tokens(sockets[0]), [["auth", "token-1"], ["refresh", "token-2"]]);
     sockets[0].serverClose(1006);
     await waitFor(() => sockets.length === 2, 2000);
-    assert.equal(sockets[1].url.searchParams.get("token"), "token-2");
     sockets[1].open();
+    assert.deepEqual(tokens(sockets[1]), [["auth", "token-2"]]);
     sockets[1].serverClose(4003, "token expired");
     await waitFor(() => sockets.length === 3, 2000);
-    assert.equal(sockets[2].url.searchParams.get("token"), "token-3");
+    sockets[2].open();
+    assert.deepEqual(tokens(sockets[2]), [["auth", "token-3"]]);
     assert.deepEqual(reasons, ["connect", "expiring", "expired"]);
+    for (const socket of sockets) assert.equal(socket.url.search, "", "never a token in a URL");
+    client.close();
+  });
+
+  test("a refused first-frame token: a new one from getToken, as after a 4003 close", async () => {
+    const { FakeSocket, sockets } = fakeWebSocket();
+    const reasons = [];
+    const client = new BroadcastClient("ws://example.test/", {
+      WebSocket: FakeSocket,
+      ...quick,
+      token: "stale",
+      getToken: (reason) => {
+        reasons.push(reason);
+        return "fresh";
+      },
+    });
+    const states = [];
+    client.on("state", (state, detail) => states.push([state, detail?.code]));
+    client.on("error", () => {});
+    client.subscribe("news");
+    client.connect();
+    sockets[0].open();
+    const { id } = sockets[0].sent[0];
+    sockets[0].receive({ type: "error", op: "auth", code: "token_expired", message: "expired", id });
+    assert.equal(sockets[0].closedWith.code, 1000);
+    assert.deepEqual(states.at(-1), ["disconnected", 4003]);
+    await waitFor(() => sockets.length === 2, 2000, "a reconnection");
+    sockets[1].open();
+    assert.deepEqual(sockets[1].sent.map((c) => [c.op, c.token]), [["auth", "fresh"]]);
+    assert.deepEqual(reasons, ["expired"]);
+    client.close();
+  });
+
+  test("a daemon without [auth] refuses the auth command: told, and the channels subscribed", () => {
+    const { FakeSocket, sockets } = fakeWebSocket();
+    const client = new BroadcastClient("ws://example.test/", { WebSocket: FakeSocket, token: "t", ...quick });
+    const errors = [];
+    client.on("error", (frame) => errors.push([frame.op, frame.code]));
+    client.subscribe("news");
+    client.connect();
+    sockets[0].open();
+    const { id } = sockets[0].sent[0];
+    sockets[0].receive({ type: "error", op: "auth", code: "bad_command", message: "not configured", id });
+    assert.deepEqual(errors, [["auth", "bad_command"]]);
+    assert.equal(client.state, "connected");
+    assert.deepEqual(sockets[0].sent.slice(1).map((c) => [c.op, c.channel]), [["subscribe", "news"]]);
     client.close();
   });
 
@@ -296,6 +434,7 @@ describe("tokens", () => {
       WebSocket: FakeSocket,
       ...quick,
       token: "bad",
+      tokenInUrl: true,
     });
     const errors = [];
     const states = [];
@@ -309,6 +448,19 @@ describe("tokens", () => {
     assert.deepEqual(errors, ["token_invalid"]);
     assert.deepEqual(states.at(-1), ["closed", 4002]);
     assert.equal(sockets.length, 1);
+
+    // The same when the token went in the first frame and was refused there.
+    const first = new BroadcastClient("ws://example.test/", { WebSocket: FakeSocket, ...quick, token: "bad" });
+    const firstStates = [];
+    first.on("state", (state, detail) => firstStates.push([state, detail?.code]));
+    first.on("error", () => {});
+    first.subscribe("news");
+    first.connect();
+    sockets[1].open();
+    sockets[1].receive({ type: "error", op: "auth", code: "token_invalid", message: "bad", id: sockets[1].sent[0].id });
+    assert.deepEqual(firstStates.at(-1), ["closed", 4002]);
+    assert.equal(sockets[1].closedWith.code, 1000);
+    assert.equal(sockets.length, 2);
   });
 });
 
