@@ -35,7 +35,7 @@ from broadcastd.errors import (
     UnknownNamespace,
 )
 from broadcastd.feeds import Failed, Feeds, Joined
-from broadcastd.settings import Settings
+from broadcastd.settings import Settings, SlowConsumerPolicy
 
 
 class Node:
@@ -220,11 +220,16 @@ class Node:
             raise PayloadTooLarge(f"payload is {len(payload.json)} bytes; the limit is {limit}")
 
     def _delivery_of(self, channel: str) -> Delivery:
-        """The policy and budget of ``channel``'s namespace; a namespace that sets
-        outbox bounds but no policy gets the server's (``ws.slow_consumer_policy``)."""
+        """The policy and budget of ``channel``'s namespace. A namespace that sets
+        outbox bounds but no policy gets the server's (``ws.slow_consumer_policy``);
+        so does every channel when the server's is ``conflate``, which needs the
+        channel of each frame (untagged frames could only drop the oldest)."""
         options = self.namespaces.of(channel)
-        if options.budget is not None and options.policy is None:
-            return self.settings.ws.slow_consumer_policy, options.budget
+        server = self.settings.ws.slow_consumer_policy
+        if options.policy is None and (
+            options.budget is not None or server is SlowConsumerPolicy.CONFLATE
+        ):
+            return server, options.budget
         return options.policy, options.budget
 
     def recovers(self, channel: str) -> bool:
@@ -346,7 +351,9 @@ class Node:
         if state is None:
             return None
         top = state[0]
-        kept = self.broker.latest(name, self.settings.history.size).publications or []
+        # Everything after ``since`` that the stream keeps, under its namespace's
+        # own history bounds (the broker applied them when it kept it).
+        kept = self.broker.latest(name, top.offset - since).publications or []
         after = [p for p in kept if p.offset > since]
         complete = since >= top.offset or bool(after and after[0].offset == since + 1)
         page = after[-limit:][::-1] if newest_first else after[:limit]
@@ -369,6 +376,11 @@ class Node:
         top = history.top
         complete = history.publications is not None
         page = history.publications or []
+        if not complete and not newest_first:
+            # History no longer reaches ``since + 1``: what it still keeps, as the
+            # memory engine answers (bounded by the namespace's history size).
+            kept = await self.remote.latest(name, self.namespaces.history_size(name))
+            page = [p for p in kept.publications or [] if p.offset > since][:limit]
         if newest_first:
             latest = await self.remote.latest(name, limit)
             page = [p for p in latest.publications or [] if p.offset > since][::-1]

@@ -3,6 +3,7 @@ the rules, then a property test of the guarantees over random interleavings."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
@@ -15,6 +16,7 @@ from broadcastd.errors import CloseReason
 from broadcastd.settings import SlowConsumerPolicy
 
 from .conftest import Wakes
+from .rawclient import RawClient
 
 CONFLATE = SlowConsumerPolicy.CONFLATE
 DROP_OLDEST = SlowConsumerPolicy.DROP_OLDEST
@@ -444,3 +446,40 @@ def test_conflation_keeps_order_counts_and_the_newest_of_every_channel(
     assert outbox.take_channel_missed() == sum(told.values()) + sum(untold.values())
     delivered_u = sum(1 for frame in delivered if frame.startswith(b"u:"))
     assert delivered_u + outbox.take_missed() == pushed["u"]
+
+
+async def test_conflate_as_the_servers_policy_conflates_every_channel(
+    daemon_factory: Any,
+) -> None:
+    """``ws.slow_consumer_policy = "conflate"`` with no namespace: a client that
+    stopped reading gets each channel's latest message and a per-channel missed."""
+    settings = {
+        "ws__slow_consumer_policy": "conflate",
+        "ws__outbox_messages": 16,
+        "ws__write_limit": 16 * 1024,
+        "ws__ping_interval": None,
+    }
+    async with daemon_factory(**settings) as d:
+        client = await RawClient.connect(f"{d.ws_url}/?channel=a&channel=b")
+        await client.handshake()
+        while len(client.text_frames()) < 2:
+            await client.read_events()
+        ((_, conn),) = d.daemon.ws.connections()
+        last: dict[str, int] = {}
+        rounds = after_pause = 0
+        while after_pause < 50:  # once writes pause, well past the outbox's 16 frames
+            rounds += 1
+            after_pause += conn.paused
+            for channel in ("a", "b"):
+                answer = await d.publish(channel, {"n": rounds, "pad": "x" * 4000})
+                last[channel] = answer["offset"]
+        got: dict[str, int] = {}
+        missed: list[dict[str, Any]] = []
+        while got != last:
+            await client.read_events()
+            messages = [json.loads(text) for text in client.text_frames()[2:]]
+            got = {m["channel"]: m["offset"] for m in messages if "offset" in m}
+            missed = [m for m in messages if m.get("type") == "missed"]
+        assert missed
+        assert all("channel" in m for m in missed), missed[:3]
+        client.close()
