@@ -176,10 +176,14 @@ class ControlSettings(_Section):
     header_timeout: float = Field(10.0, gt=0)
     """Seconds a client has to send a complete request line and headers, however
     slowly the bytes trickle in (nginx's client_header_timeout)."""
-    linger_timeout: float = Field(2.0, gt=0)
-    """After an error answer that ends a connection mid-request (413, say), seconds
-    the rest of the request is read and discarded so that the client sees the
-    answer instead of a reset."""
+    linger_timeout: float = Field(5.0, gt=0)
+    """After an error answer that ends a connection mid-request (413, say), the
+    rest of the request is read and dropped, so that a client still sending its
+    body sees the answer instead of a reset: until the client pauses for this
+    many seconds (nginx's lingering_timeout), and at most ``linger_time``."""
+    linger_time: float = Field(30.0, gt=0)
+    """Seconds a refused request's upload is read and dropped, in all (nginx's
+    lingering_time). Nothing dropped is held: the bound is time, not memory."""
     write_limit: int = Field(256 * KiB, ge=1 * KiB)
     """Unread response bytes per control connection above which the server stops
     reading (and answering) its pipelined requests."""

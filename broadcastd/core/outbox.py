@@ -576,6 +576,12 @@ class Outbox:
             tags.newest.pop(channel, None)
             tags.unplaced.pop(channel, None)
 
+    def detach(self) -> None:
+        """Forget the adapter's callbacks: its connection is gone, and they would
+        keep it and this outbox in a reference cycle."""
+        self.wake = _no_wake
+        self.drain = _cannot_drain
+
     def close(self, reason: CloseReason) -> None:
         """Mark the outbox closed. A slow consumer's pending frames are discarded;
         on any other close they stay, so the writer flushes them before closing."""

@@ -28,9 +28,11 @@ The bounds, and why each is there:
 * Refusals that end a connection mid-request (413, 431, 408, CONNECT, a
   refused ``Expect: 100-continue``, malformed HTTP) are a lingering close: the
   answer goes out, the connection is half-closed, and what the client is still
-  sending is read and dropped (at most ``linger_timeout`` seconds and
-  ``LINGER_BYTES``) before closing, so that a client busy sending its body
-  reads the answer instead of a reset.
+  sending is read and dropped before closing, so that a client busy sending its
+  body (urllib sends it whole before it reads) reads the answer instead of a
+  reset. As nginx's lingering close, it is bounded in time, not in bytes: until
+  the client pauses for ``linger_timeout`` seconds, and ``linger_time`` in all.
+  What is dropped is never held, so a larger upload costs reads, not memory.
 
 Protocol upgrades are not offered: ``Upgrade`` is ignored (RFC 9110 section
 7.8 lets a server ignore it) and the request is served as HTTP/1.1; CONNECT is
@@ -99,17 +101,13 @@ class Limits:
     max_body: int
     idle_timeout: float
     header_timeout: float = 10.0
-    linger_timeout: float = 2.0
+    linger_timeout: float = 5.0
+    linger_time: float = 30.0
     write_limit: int = 256 * 1024
 
 
 READ_SLICE = 16 * 1024
 """Input parsed at a time: what may wait parsed once a client stops reading."""
-
-LINGER_BYTES = 16 * 1024 * 1024
-"""What is read and dropped after a refusal, at most (or twice the body limit,
-if more): enough for a client to finish sending an upload larger than the
-socket buffers (so that it reads the answer), little work to read and drop."""
 
 _STATUS_LINES = {
     status.value: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode()
@@ -128,6 +126,9 @@ _DONE = 3
 """The last request is read; nothing more is."""
 
 _throttle = log.Throttle(per_second=10)
+
+_DETACHED = httptools.HttpRequestParser(object())
+"""The parser of every closed connection: it is never fed, and refers to none."""
 
 
 @dataclass(slots=True)
@@ -158,7 +159,6 @@ class HttpProtocol(asyncio.Protocol):
         "_headers",
         "_last_active",
         "_limits",
-        "_linger_left",
         "_linger_until",
         "_loop",
         "_now",
@@ -227,7 +227,6 @@ class HttpProtocol(asyncio.Protocol):
         self._last_active = 0.0
         self._head_at: float | None = None
         self._linger_until: float | None = None
-        self._linger_left = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 
@@ -248,6 +247,11 @@ class HttpProtocol(asyncio.Protocol):
         self._transport = None
         self._queue.clear()
         self._pending = b""
+        # The parser calls back into this protocol: dropping it breaks the cycle,
+        # so the connection and the last request's body are freed now by
+        # reference counting, not by a cyclic collection the daemon makes rare.
+        self._parser = _DETACHED
+        self._body = []
 
     def data_received(self, data: bytes) -> None:
         self._now = now = self._loop.time()
@@ -523,19 +527,15 @@ class HttpProtocol(asyncio.Protocol):
             self._log_error(exc, "refuse", request)
             response = _internal_response()
         self._emit(_Reply(_render(response, head_only, True), True))
-        limits = self._limits
-        self._linger_left = max(2 * limits.max_body, LINGER_BYTES) - self._body_size
-        self._linger_until = self._now + limits.linger_timeout
-        self._arm(self._linger_until)
+        self._last_active = self._now
+        self._linger_until = self._now + self._limits.linger_time
+        self._arm(min(self._linger_until, self._now + self._limits.linger_timeout))
 
     def _linger(self, data: bytes) -> bool:
-        """Input after a refusal: counted against the bounds, then parsed (to find
-        where a refused body ends: True) or dropped."""
+        """Input after a refusal: parsed (to find where a refused body ends: True)
+        or dropped. Either way it counts as activity, which the linger's timer
+        bounds."""
         if self._state == _DONE:
-            return False
-        self._linger_left -= len(data)
-        if self._linger_left < 0:
-            self._abandon()
             return False
         if self._state == _DISCARDING:
             self._pending = bytes(self._pending) + data if self._pending else data
@@ -609,7 +609,7 @@ class HttpProtocol(asyncio.Protocol):
             self._now = now = self._loop.time()
             limits = self._limits
             if self._linger_until is not None:
-                at = self._linger_until
+                at = min(self._linger_until, self._last_active + limits.linger_timeout)
                 if now >= at:
                     self._abandon()
                     return

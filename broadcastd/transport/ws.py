@@ -431,6 +431,29 @@ class Connection(asyncio.Protocol):
                 self._report_close()
         except Exception as error:
             self.crash(error, "close")
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Break the reference cycles a connection is part of, so that it is freed
+        by reference counting the moment the transport lets go of it, however
+        rarely the cyclic collector runs (``cli._tune_gc`` makes it rare).
+
+        The cycles: websockets' parser is a generator whose frame refers to its
+        protocol (closing it ends the frame), and the exceptions the protocol
+        keeps (a refused handshake's, a parse error's) hold tracebacks through
+        its frames; the outbox calls back into this connection; a connection's
+        auth is called back by its session."""
+        protocol = self.protocol
+        protocol.parser.close()
+        protocol.parser_exc = protocol.handshake_exc = None
+        outbox = self.outbox
+        if outbox is not None:
+            outbox.detach()
+        if self.session is not None:
+            self.session.on_token = None
+        self.auth = None
+        self.timer = self.idle_timer = None
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -686,8 +709,14 @@ class Connection(asyncio.Protocol):
         self._send_protocol_data()
 
     def _end(self, reason: CloseReason) -> None:
-        """Close after flushing what is queued (an error reply, say)."""
+        """Close after flushing what is queued (an error reply, say).
+
+        The connection leaves its channels at once: whatever its socket is doing
+        (a client that stopped reading may hold the close back for long), nothing
+        published after this decision is queued for it, and publishes no longer
+        count it. A token's expiry takes effect at its moment this way."""
         assert self.outbox is not None
+        self._leave()
         self.outbox.close(reason)
 
     def _watch_subscriptions(self) -> None:
