@@ -23,10 +23,12 @@ import os
 import random
 import socket
 import struct
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import jwt
 import orjson
 
 CONT, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -108,8 +110,11 @@ class Hostile:
     """One misbehaving connection on a non-blocking socket. Every call that the
     daemon may refuse (reset, close, not read) ends quietly: check ``.dead``."""
 
-    def __init__(self, arena: Arena, rcvbuf: int | None) -> None:
+    def __init__(
+        self, arena: Arena, rcvbuf: int | None, address: tuple[str, int] | None = None
+    ) -> None:
         self.arena = arena
+        self.address = address or arena.ws_address
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -126,7 +131,7 @@ class Hostile:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(IO_TIMEOUT):
-                await loop.sock_connect(self.sock, self.arena.ws_address)
+                await loop.sock_connect(self.sock, self.address)
         except (OSError, TimeoutError):
             self.close()
         return not self.dead
@@ -256,8 +261,18 @@ class Arena:
     (a FIN, a reset) then run in the same instant, without yielding.
     """
 
-    def __init__(self, ws_address: tuple[str, int], channels: list[str]) -> None:
+    def __init__(
+        self,
+        ws_address: tuple[str, int],
+        channels: list[str],
+        control_address: tuple[str, int] | None = None,
+        token_secret: str | None = None,
+    ) -> None:
         self.ws_address = ws_address
+        self.control_address = control_address
+        """The control port, for the actions that send it large requests."""
+        self.token_secret = token_secret
+        """The daemon's HS256 secret, for the actions whose tokens expire."""
         self.channels = channels
         self.host = f"{ws_address[0]}:{ws_address[1]}"
         self.ops = 0
@@ -673,6 +688,56 @@ async def garbage_request(arena: Arena, rng: random.Random) -> None:
     client.end(rng)
 
 
+async def expires_unread(arena: Arena, rng: random.Random) -> None:
+    """Subscribe with a token that expires in a second or two, with a tiny receive
+    buffer, and stop reading across the expiry: the daemon must let the client go
+    at ``exp`` + leeway, whatever its socket holds."""
+    if arena.token_secret is None:
+        return
+    claims = {"sub": f"h{rng.randrange(1000)}", "exp": int(time.time()) + rng.randint(1, 2)}
+    token = jwt.encode(claims, arena.token_secret, algorithm="HS256")
+    client = Hostile(arena, rng.choice([2048, 4096]))
+    if not await client.connect():
+        return
+    query = "&".join(f"channel={c}" for c in arena.random_channels(rng))
+    request = handshake_request(arena.host, f"/?{query}&token={token}")
+    if not await client.send(request) or await client.read_response() != 101:
+        client.end(rng)
+        return
+    await arena.ticks(rng.randint(20, 120))
+    if rng.random() < 0.5:
+        await client.read_until_eof()  # what it was sent, then 4003
+    client.end(rng)
+
+
+async def large_control_request(arena: Arena, rng: random.Random) -> None:
+    """A large request on a fresh control connection, then close: a batch (to a
+    channel no witness holds), a body that is not JSON, or one over the body limit
+    (refused at its head while the rest is still coming); the answer read or not."""
+    if arena.control_address is None:
+        return
+    client = Hostile(arena, None, arena.control_address)
+    if not await client.connect():
+        return
+    size = rng.randint(128 * 1024, 768 * 1024)
+    kind = rng.choice(["batch", "garbage", "too_large"])
+    if kind == "batch":
+        item = b'{"channel": "fi-x", "data": "' + b"x" * 500 + b'"}'
+        body = b"[" + b",".join([item] * (size // len(item))) + b"]"
+        length = len(body)
+    else:
+        body = rng.randbytes(size)
+        length = 64 * 1024 * 1024 if kind == "too_large" else size
+    head = (
+        f"POST /batch HTTP/1.1\r\nHost: {arena.host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    await client.flood(head + body)
+    if rng.random() < 0.6:
+        await client.read_until_eof()
+    client.end(rng)
+
+
 Action = Callable[[Arena, random.Random], Awaitable[None]]
 
 ACTIONS: list[tuple[Action, int]] = [
@@ -687,6 +752,8 @@ ACTIONS: list[tuple[Action, int]] = [
     (duplicate_headers, 4),
     (half_handshake, 5),
     (garbage_request, 5),
+    (expires_unread, 4),
+    (large_control_request, 3),
 ]
 """Every action with its weight in a misbehaving client's schedule."""
 

@@ -6,7 +6,9 @@ half of them joining mid-run) while 20 misbehaving clients (tests/hostile.py)
 each repeat random actions from a seeded schedule: half-closes and resets in
 the very instant a publish is written, never reading, ping and command floods,
 malformed, fragmented and oversized frames, garbled, duplicated and unfinished
-handshakes. Publishes flow all the while through the control port (FORMS):
+handshakes, tokens that expire while their client does not read, and large
+requests on fresh control connections, closed or reset with or without reading
+the answer. Publishes flow all the while through the control port (FORMS):
 single POSTs (httpx), batches of 10 to 200 items (httpx, or written on a raw
 socket), runs of single publishes pipelined in one write on a raw socket, and
 runs of big ones that fill the buffers of clients that do not read.
@@ -102,6 +104,9 @@ daemon as of this test's writing: +6 to +10 MiB over 16 seeds; a daemon that
 buffers what a client makes it write back (pongs, replies) without bound, or keeps
 closed connections, goes past the budget."""
 DRAIN_TIMEOUT = 5.0
+TOKEN_SECRET = "fault-injection-" * 4
+"""Tokens are on, for the misbehaving clients whose tokens expire while they do
+not read; every channel stays public, so witnesses need none."""
 DAEMON_ARGS = (
     "--ws-ping-interval",
     "1",
@@ -117,6 +122,12 @@ DAEMON_ARGS = (
     str(DRAIN_TIMEOUT),
     "--namespaces",
     NAMESPACES,
+    "--auth-hmac-secret",
+    TOKEN_SECRET,
+    "--auth-leeway",
+    "0",
+    "--channels-subscribe",
+    "public",
 )
 LIBRARY_LOGGERS = ("asyncio", "websockets", "uvloop", "root")
 
@@ -651,7 +662,12 @@ async def test_isolation_under_fire(seed: int, daemon: Daemon) -> None:
         join_at = 0 if i < WITNESSES // 2 else layout.randint(1, OPS // 3)
         witnesses.append(Witness(i, channels, join_at))
     ws_url = f"ws://127.0.0.1:{daemon.ws_port}"
-    arena = hostile.Arena(("127.0.0.1", daemon.ws_port), CHANNELS)
+    arena = hostile.Arena(
+        ("127.0.0.1", daemon.ws_port),
+        CHANNELS,
+        ("127.0.0.1", daemon.control_port),
+        TOKEN_SECRET,
+    )
     ledger = Ledger(CHANNELS)
     publisher = Publisher(seed, daemon, arena, ledger)
     await publisher.raw.connect()
