@@ -22,6 +22,7 @@ from broadcastd.auth.claims import Claims
 from broadcastd.auth.tokens import (
     _HMAC,
     HMAC_ALGORITHMS,
+    MAX_EXPIRES,
     JwksCache,
     TokenCode,
     TokenVerifier,
@@ -84,9 +85,11 @@ def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def hand_signed_hs256(secret: bytes, payload: dict[str, Any]) -> str:
-    """An HS256 token signed with any bytes as the secret (PyJWT refuses PEM secrets)."""
-    signing_input = b64(b'{"alg":"HS256","typ":"JWT"}') + "." + b64(json.dumps(payload).encode())
+def hand_signed_hs256(secret: bytes, payload: dict[str, Any], payload_text: str = "") -> str:
+    """An HS256 token signed with any bytes as the secret (PyJWT refuses PEM secrets),
+    of ``payload`` or of any ``payload_text``."""
+    text = payload_text or json.dumps(payload)
+    signing_input = b64(b'{"alg":"HS256","typ":"JWT"}') + "." + b64(text.encode())
     signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{b64(signature)}"
 
@@ -169,6 +172,52 @@ async def test_a_token_from_the_future_is_not_valid_yet(claim: str, clock: Clock
     await refused(check, token, TokenCode.NOT_YET_VALID)
     clock.now += 5
     assert (await check.verify(token)).user == "alice"
+
+
+@pytest.mark.parametrize("exp", [1e20, 1e308, 2**64 - 1, MAX_EXPIRES + 1])
+async def test_an_exp_past_year_9999_is_accepted_as_year_9999(exp: float, clock: Clock) -> None:
+    """A valid JSON number, so a valid token: as far in the future as a token can
+    mean, and no further (a client is told ``expires`` as a 64-bit integer)."""
+    claims = await verifier(clock, hmac_secret=SECRET).verify(sign(SECRET, "HS256", exp=exp))
+    assert claims.expires == MAX_EXPIRES == 253_402_300_799
+
+
+@pytest.mark.parametrize(
+    ("claims", "code"),
+    [
+        ({"exp": -1e308}, TokenCode.EXPIRED),
+        ({"exp": -(2**63)}, TokenCode.EXPIRED),
+        ({"exp": -1}, TokenCode.EXPIRED),
+        ({"nbf": 1e308}, TokenCode.NOT_YET_VALID),
+        ({"iat": 1e308}, TokenCode.NOT_YET_VALID),
+        ({"nbf": 2**64 - 1}, TokenCode.NOT_YET_VALID),
+        ({"iat": 1e20}, TokenCode.NOT_YET_VALID),
+    ],
+)
+async def test_extreme_time_claims_are_decided_like_any_other(
+    claims: dict[str, Any], code: TokenCode, clock: Clock
+) -> None:
+    await refused(verifier(clock, hmac_secret=SECRET), sign(SECRET, "HS256", **claims), code)
+
+
+@pytest.mark.parametrize(
+    "claims", [{"nbf": -1e308, "iat": -1e308}, {"nbf": -1, "iat": 0}, {"iat": 5e-324}]
+)
+async def test_time_claims_long_past_are_fine(claims: dict[str, Any], clock: Clock) -> None:
+    assert (await verifier(clock, hmac_secret=SECRET).verify(sign(SECRET, "HS256", **claims))).user
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999", "1" + "0" * 400])
+@pytest.mark.parametrize("claim", ["exp", "nbf", "iat"])
+async def test_a_time_claim_that_is_not_a_finite_number_is_invalid(
+    claim: str, value: str, clock: Clock
+) -> None:
+    """JSON has no NaN or Infinity, and a number past a double's range is refused
+    with them: the token is malformed."""
+    token = hand_signed_hs256(
+        SECRET.encode(), {}, payload_text=f'{{"sub": "alice", "{claim}": {value}}}'
+    )
+    await refused(verifier(clock, hmac_secret=SECRET), token, TokenCode.INVALID)
 
 
 # Audience and issuer.

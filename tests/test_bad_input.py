@@ -2,7 +2,9 @@
 
 One daemon (with a control token) takes the whole table in turn. Around every
 case a message is published to a witness subscriber that stays connected
-throughout: it must receive all of them, in order, none missing.
+throughout: it must receive all of them, in order, none missing. A bad input is
+the client's mistake, not a failure of ours: no case but the one that simulates
+a bug of ours may log at error level.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 from websockets.exceptions import InvalidStatus
 
 from .conftest import Running, recv_json, subscribed
@@ -33,6 +36,17 @@ class Case:
     name: str
     run: Callable[[Running], Awaitable[Any]]
     expect: Any
+    logs_error: bool = False
+    """Whether the case is a failure of ours, which is logged at error level."""
+
+
+DEEP = 30_000
+"""Levels of nesting in the deeply nested JSON cases: far beyond any parser's
+recursion limit, within the table daemon's body limit."""
+
+
+def nested(depth: int = DEEP) -> bytes:
+    return b"[" * depth + b"]" * depth
 
 
 # WebSocket cases: each returns the error code replied, or the close code.
@@ -95,6 +109,40 @@ async def handshake_status(daemon: Running, path: str) -> tuple[int, str]:
 
 def ws_handshake(path: str) -> Callable[[Running], Awaitable[tuple[int, str]]]:
     return lambda daemon: handshake_status(daemon, path)
+
+
+async def handshake_answer(daemon: Running, path: str) -> tuple[int, str]:
+    """The status and error code of a handshake answer, read off a raw socket: a
+    handshake the daemon drops without answering is ``(0, "no answer")``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.daemon.ws.port)
+    writer.write(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    try:
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split()[1])
+            if status == 101:
+                return status, "accepted"
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+            body = await reader.readexactly(length)
+    except asyncio.IncompleteReadError:
+        return 0, "no answer"
+    finally:
+        writer.close()
+    return status, error_code(body)
+
+
+def ws_handshake_raw(path: str) -> Callable[[Running], Awaitable[tuple[int, str]]]:
+    return lambda daemon: handshake_answer(daemon, path)
 
 
 async def plain_http_on_ws_port(daemon: Running) -> int:
@@ -299,6 +347,26 @@ CASES = [
     Case("ws handshake: unknown query parameter", ws_handshake("/?chanel=a"), (400, "bad_request")),
     Case("ws handshake: too many channels", ws_handshake("/a,b,c,d"), (400, "too_many_channels")),
     Case("ws handshake: bad format", ws_handshake("/?format=xml"), (400, "bad_request")),
+    Case(
+        "ws handshake: since offset ² (a digit to isdigit(), not to int())",
+        ws_handshake_raw("/?since=a:ep:%C2%B2"),
+        (400, "bad_request"),
+    ),
+    Case(
+        "ws handshake: since count ²",
+        ws_handshake_raw("/?since=a:last:%C2%B2"),
+        (400, "bad_request"),
+    ),
+    Case(
+        "ws handshake: since offset of 5000 digits",
+        ws_handshake_raw("/?since=a:ep:" + "1" * 5000),
+        (400, "bad_request"),
+    ),
+    Case(
+        "ws handshake: since offset beyond 64 bits",
+        ws_handshake_raw("/?since=a:ep:" + str(2**63)),
+        (400, "bad_request"),
+    ),
     Case("ws port: plain HTTP request", plain_http_on_ws_port, 426),
     Case(
         "control: bad JSON",
@@ -310,6 +378,38 @@ CASES = [
         control(
             "POST", "/publish/side", content=b"[1,", headers={"Content-Type": "application/json"}
         ),
+        (400, "bad_json"),
+    ),
+    Case(
+        "control: JSON nested too deeply in the JSON form",
+        control(
+            "POST",
+            "/publish",
+            content=b'{"channel": "side", "data": ' + nested() + b"}",
+            headers={"Content-Type": "application/json"},
+        ),
+        (400, "bad_json"),
+    ),
+    Case(
+        "control: JSON body nested too deeply to a channel",
+        control(
+            "POST", "/publish/side", content=nested(), headers={"Content-Type": "application/json"}
+        ),
+        (400, "bad_json"),
+    ),
+    Case(
+        "control: batch item data nested too deeply",
+        control("POST", "/batch", content=b'[{"channel": "side", "data": ' + nested() + b"}]"),
+        (400, "bad_json"),
+    ),
+    Case(
+        "control: batch whose second item is nested too deeply",
+        control("POST", "/batch", content=b"[1, " + nested() + b"]"),
+        (400, "bad_json"),
+    ),
+    Case(
+        "control: batch with a syntax error after an item that is not an object",
+        control("POST", "/batch", content=b"[1, [}"),
         (400, "bad_json"),
     ),
     Case(
@@ -459,11 +559,38 @@ CASES = [
         [(413, "payload_too_large"), (0, "EOF")],
     ),
     Case("control: request head that trickles in", trickled_head, (408, "request_timeout")),
-    Case("control: a failure of ours", handler_failure, (500, "internal")),
+    Case("control: a failure of ours", handler_failure, (500, "internal"), logs_error=True),
     Case(
         "control: bad listing query",
         control("GET", "/channels?limit=100000"),
         (400, "bad_request"),
+    ),
+    Case(
+        "control: history since ²",
+        control("GET", "/channels/side/history?since=%C2%B2"),
+        (400, "bad_request"),
+    ),
+    Case(
+        "control: history limit ²",
+        control("GET", "/channels/side/history?limit=%C2%B2"),
+        (400, "bad_request"),
+    ),
+    Case(
+        "control: history since beyond 64 bits",
+        control("GET", f"/channels/side/history?since={2**63}"),
+        (400, "bad_request"),
+    ),
+    Case(
+        "control: Idempotency-Key that is not UTF-8",
+        lambda d: raw_request(
+            d,
+            raw_head("POST", "/publish/side", "Idempotency-Key: KEY", "Content-Length: 1").replace(
+                b"KEY",
+                b"caf\xe9",  # latin-1, not UTF-8
+            )
+            + b"1",
+        ),
+        (400, "bad_command"),
     ),
     Case(
         "control: pipelined requests whose answers are never read",
@@ -501,12 +628,16 @@ async def test_every_bad_input_gets_its_documented_error(strict_daemon: Running)
         for case in CASES:
             await daemon.http.post("/publish/witness", json=case.name, headers=AUTH)
             published += 1
-            try:
-                got = await case.run(daemon)
-            except Exception as exc:  # one broken case must not hide the others
-                got = f"raised {exc!r}"
+            with structlog.testing.capture_logs() as logs:
+                try:
+                    got = await case.run(daemon)
+                except Exception as exc:  # one broken case must not hide the others
+                    got = f"raised {exc!r}"
             if got != case.expect:
                 failures.append(f"{case.name}: expected {case.expect!r}, got {got!r}")
+            errors = [entry["event"] for entry in logs if entry["log_level"] == "error"]
+            if bool(errors) != case.logs_error:
+                failures.append(f"{case.name}: logged at error level: {errors!r}")
         await daemon.http.post("/publish/witness", json="end", headers=AUTH)
         published += 1
         assert not failures, "\n".join(failures)
@@ -537,3 +668,13 @@ async def test_a_batch_item_with_an_unhashable_channel_is_its_own_error(
     results = response.json()["results"]
     assert [r.get("error", {}).get("code") for r in results] == ["bad_channel", "bad_channel", None]
     assert results[2]["offset"] == 2
+
+
+async def test_a_deeply_nested_command_is_a_json_error_and_the_connection_goes_on(
+    daemon: Running,
+) -> None:
+    """Nested past the JSON parser's 1024 levels, within the default frame limit."""
+    deep = "[" * 4000 + "]" * 4000
+    assert await command_error(daemon, deep) == "bad_json"
+    inside = '{"op": "subscribe", "channel": "a", "since": ' + deep[1000:-1000] + "}"
+    assert await command_error(daemon, inside) == "bad_json"

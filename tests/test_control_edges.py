@@ -497,3 +497,78 @@ async def test_the_json_forms_embed_data_verbatim(daemon: Running) -> None:
             "café",
             '{"x": 1e999}',
         ]
+
+
+# 10. Numbers in a query are ASCII digits within their range.
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "since=%C2%B2",  # a digit to str.isdigit(), not to int()
+        "limit=%C2%B2",
+        "since=%D9%A3",  # ARABIC-INDIC DIGIT THREE: int() reads it, the API does not
+        "limit=" + "1" * 5000,  # int() refuses more than 4300 digits
+        "since=" + "1" * 5000,
+        f"since={2**63}",  # past a signed 64-bit offset
+        "since=-1",
+        "limit=0",
+        "limit=1001",
+    ],
+)
+async def test_a_bad_number_in_a_history_query_is_a_400(daemon: Running, query: str) -> None:
+    await daemon.publish("h", 1)
+    with structlog.testing.capture_logs() as logs:
+        response = await daemon.http.get(f"/channels/h/history?{query}")
+    assert (response.status_code, response.json()["error"]["code"]) == (400, "bad_request")
+    assert [entry for entry in logs if entry["log_level"] == "error"] == []
+
+
+async def test_history_since_may_be_the_largest_offset(daemon: Running) -> None:
+    await daemon.publish("h", 1)
+    response = await daemon.http.get(f"/channels/h/history?since={2**63 - 1}&limit=0001")
+    assert response.status_code == 200
+    assert response.json()["publications"] == []
+
+
+# 11. An idempotency key is text: the same in the header and in a batch item.
+
+
+async def test_an_idempotency_key_beyond_ascii_is_one_key_in_the_header_and_in_a_batch(
+    daemon: Running,
+) -> None:
+    key = "clé-é-日本"
+    first = await daemon.http.post(
+        "/publish/k",
+        json=1,
+        headers={"Idempotency-Key": key.encode()},  # sent as UTF-8
+    )
+    assert (first.status_code, first.json()["offset"]) == (200, 1)
+    again = await daemon.http.post(
+        "/batch", json=[{"channel": "k", "data": 1, "idempotency_key": key}]
+    )
+    assert again.json()["results"][0] | {"epoch": None} == {
+        "channel": "k",
+        "epoch": None,
+        "offset": 1,
+        "subscribers": 0,
+        "duplicate": True,
+    }
+    # And the other way round: a batch item's key, then the JSON form's header.
+    await daemon.http.post("/batch", json=[{"channel": "k", "data": 2, "idempotency_key": "ü"}])
+    response = await daemon.http.post(
+        "/publish",
+        json={"channel": "k", "data": 2},
+        headers={"Idempotency-Key": "ü".encode()},
+    )
+    assert (response.json()["offset"], response.json()["duplicate"]) == (2, True)
+    assert (await daemon.http.get("/channels/k")).json()["offset"] == 2
+
+
+async def test_an_idempotency_key_header_that_is_not_utf8_is_a_400(daemon: Running) -> None:
+    response = await daemon.http.post(
+        "/publish/k", json=1, headers={"Idempotency-Key": "café".encode("latin-1")}
+    )
+    assert (response.status_code, response.json()["error"]["code"]) == (400, "bad_command")
+    assert "UTF-8" in response.json()["error"]["message"]
+    assert (await daemon.http.get("/channels/k")).status_code == 404  # nothing published

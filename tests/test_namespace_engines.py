@@ -124,3 +124,12 @@ async def test_the_payload_bound_of_a_namespace(engine: Engine) -> None:
         assert response.json()["error"]["code"] == "payload_too_large"
         await d.publish("small:a", "ok")
         await d.publish("long:a", {"text": "x" * 64})
+
+
+async def test_history_after_a_very_large_offset(engine: Engine) -> None:
+    """Offsets up to 2**63 - 1 are valid: far past the top is an empty page."""
+    async with engine() as d:
+        await d.publish("big", 1)
+        for since in (10**14, 2**63 - 1):
+            doc = await history(d, "big", since=since)
+            assert (doc["publications"], doc["offset"]) == ([], 1)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 
 from broadcastd.core.envelope import Payload
-from broadcastd.core.publication import parse_batch, parse_publish
+from broadcastd.core.publication import body_payload, parse_batch, parse_publish
 from broadcastd.errors import ClientError
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+"""JSON nested far beyond the parser's recursion limit."""
 
 
 def code_of(body: bytes) -> str:
@@ -64,6 +67,8 @@ def test_the_multi_channel_form_names_each_channel_once() -> None:
             b'{"channels": ["c0","c1","c2","c3","c4","c5","c6","c7","c8","c9","cA"], "data": 1}',
             "too_many_items",
         ),
+        (b'{"channel": "a", "data": ' + DEEP + b"}", "bad_json"),
+        (b'{"channel": "a", "data": 1, "x": ' + DEEP + b"}", "bad_json"),
     ],
 )
 def test_a_bad_publish_body_gets_its_code(body: bytes, code: str) -> None:
@@ -104,6 +109,13 @@ def test_each_bad_batch_item_gets_its_own_error_in_its_place() -> None:
         (b'[{"channel": "a", "data": [}]', "bad_json"),
         (b'[{"channel": "a", "data": "\xc3"}]', "bad_json"),
         (b"[" + b",".join([b'{"channel": "a", "data": 1}'] * 11) + b"]", "too_many_items"),
+        (b'[{"channel": "a", "data": ' + DEEP + b"}]", "bad_json"),
+        (DEEP, "bad_json"),
+        (b"[1, " + DEEP + b"]", "bad_json"),
+        # A syntax error after an item that is not an object is found by the
+        # item-by-item pass: still the whole body's bad_json.
+        (b"[1, [}", "bad_json"),
+        (b'[5, {"channel": "a", "data": 1}', "bad_json"),
     ],
 )
 def test_a_bad_batch_body_is_refused_whole(body: bytes, code: str) -> None:
@@ -116,3 +128,11 @@ def test_known_channels_are_not_checked_again() -> None:
     # A name the hub holds was checked when it was created.
     items = parse_batch(b'[{"channel": "held", "data": 1}]', 10, known={"held"})
     assert summary(items) == [("held", b"1")]
+
+
+@pytest.mark.parametrize("body", [DEEP, b'{"a": ' + DEEP + b"}"])
+def test_a_json_body_nested_too_deeply_is_bad_json(body: bytes) -> None:
+    with pytest.raises(ClientError) as raised:
+        body_payload(body, "application/json")
+    assert raised.value.code == "bad_json"
+    assert "nested too deeply" in raised.value.message

@@ -23,6 +23,10 @@ from broadcastd.errors import ClientError
             Route(("room:1", "b"), False, (("room:1", Position("ab3de", 41)), ("b", Last(5)))),
         ),
         ("/a?since=a:e-_1:0", Route(("a",), False, (("a", Position("e-_1", 0)),))),
+        (
+            f"/?since=a:ep:{2**63 - 1}&since=b:last:05",
+            Route(("a", "b"), False, (("a", Position("ep", 2**63 - 1)), ("b", Last(5)))),
+        ),
     ],
 )
 def test_good_targets(target: str, route: Route) -> None:
@@ -48,6 +52,17 @@ def test_good_targets(target: str, route: Route) -> None:
         ("/?since=:ep:1", "bad_request"),
         ("/?since=a%20b:ep:1", "bad_channel"),
         ("/?since=a:ep:1&since=b:ep:1&since=c:ep:1", "too_many_channels"),
+        # Digits to str.isdigit() that int() refuses, or reads: ASCII digits only.
+        ("/?since=a:ep:%C2%B2", "bad_request"),
+        ("/?since=a:last:%C2%B2", "bad_request"),
+        ("/?since=a:ep:%D9%A3", "bad_request"),
+        ("/?since=a:ep:%EF%BC%91", "bad_request"),  # FULLWIDTH DIGIT ONE
+        ("/?since=a:ep:" + "1" * 5000, "bad_request"),  # past int()'s 4300 digits
+        (f"/?since=a:ep:{2**63}", "bad_request"),  # past a signed 64-bit offset
+        (f"/?since=a:last:{2**64}", "bad_request"),
+        ("/?since=a:ep:+1", "bad_request"),
+        ("/?since=a:ep:1_0", "bad_request"),
+        ("/?since=a:ep:", "bad_request"),
     ],
 )
 def test_bad_targets(target: str, code: str) -> None:

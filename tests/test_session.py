@@ -52,12 +52,32 @@ def test_arbitrary_text_never_raises_anything_but_a_client_error(text: str) -> N
         ('{"op": "subscribe", "channel": 3}', "bad_channel"),
         ('{"op": "ping", "id": true}', "bad_command"),
         ('{"op": "ping", "id": {}}', "bad_command"),
+        # Nested past orjson's 1024 levels: malformed, like any other bad JSON.
+        ("[" * 100_000 + "]" * 100_000, "bad_json"),
+        ('{"op": "subscribe", "channel": "a", "id": ' + "[" * 2000 + "]" * 2000 + "}", "bad_json"),
+        # Offsets and counts as in the URL: at most a signed 64-bit integer.
+        (
+            json.dumps(
+                {"op": "subscribe", "channel": "a", "since": {"epoch": "e", "offset": 2**63}}
+            ),
+            "bad_command",
+        ),
+        (
+            json.dumps({"op": "subscribe", "channel": "a", "since": {"last": 2**64 - 1}}),
+            "bad_command",
+        ),
     ],
 )
 def test_bad_commands_have_stable_codes(text: str, code: str) -> None:
     with pytest.raises(ClientError) as caught:
         parse_command(text)
     assert caught.value.code == code
+
+
+def test_the_largest_offset_is_a_valid_since() -> None:
+    since = {"epoch": "e", "offset": 2**63 - 1}
+    text = json.dumps({"op": "subscribe", "channel": "a", "since": since})
+    assert parse_command(text).since == Position("e", 2**63 - 1)
 
 
 def replies(outbox: Outbox) -> list[dict[str, Any]]:

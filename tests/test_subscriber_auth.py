@@ -6,15 +6,21 @@ that must expire during a test are made to expire a second or two ahead.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import jwt
 import pytest
+import structlog
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from .conftest import Running, recv_json
+from .rawclient import RawClient
+from .test_auth_tokens import JwksServer
 
 SECRET = "s" * 64
 
@@ -129,6 +135,148 @@ async def test_a_bad_token_at_connect_is_refused_and_closed(
     assert bad not in capsys.readouterr().out  # never logged
 
 
+YEAR_9999 = 253_402_300_799
+"""The latest ``exp`` a token can mean: a later one is taken as this."""
+
+
+@pytest.mark.parametrize("exp", [1e20, 1e308, 2**64 - 1])
+async def test_a_token_expiring_after_year_9999_is_accepted_as_year_9999(
+    daemon_factory: Any, exp: float
+) -> None:
+    """At connect (URL) and by the auth and refresh commands: ``authenticated``
+    tells the clamped ``expires`` and the connection goes on."""
+    far = token(channels=["paid:*"], exp=exp)
+    async with daemon_factory(**AUTH, namespaces=NAMESPACES) as d:
+        with structlog.testing.capture_logs() as logs:
+            async with d.connect(f"/?channel=paid:gold&token={far}") as ws:
+                assert await recv_json(ws) == {
+                    "type": "authenticated",
+                    "user": "alice",
+                    "expires": YEAR_9999,
+                }
+                assert (await recv_json(ws))["type"] == "subscribed"
+                await d.publish("paid:gold", "far")
+                assert (await recv_json(ws))["data"] == "far"
+            async with d.connect("/") as ws:
+                for op in ("auth", "refresh"):
+                    await ws.send(json.dumps({"op": op, "token": far, "id": op}))
+                    assert await recv_json(ws) == {
+                        "type": "authenticated",
+                        "user": "alice",
+                        "expires": YEAR_9999,
+                        "op": op,
+                        "id": op,
+                    }
+                await ws.send(json.dumps({"op": "subscribe", "channel": "paid:gold"}))
+                assert (await recv_json(ws))["type"] == "subscribed"
+        assert [entry for entry in logs if entry["log_level"] == "error"] == []
+
+
+@pytest.fixture(scope="module")
+def signing_keys() -> dict[str, Any]:
+    return {
+        "issuer": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "other": rsa.generate_private_key(public_exponent=65537, key_size=2048),
+        "ec": ec.generate_private_key(ec.SECP256R1()),
+    }
+
+
+@pytest.fixture
+async def jwks_server() -> AsyncIterator[JwksServer]:
+    server = JwksServer()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.mark.parametrize(
+    ("forgery", "key", "algorithm", "header"),
+    [
+        ("a wrong key for its kid", "other", "RS256", {"kid": "k"}),
+        ("an alg its key does not allow", "ec", "ES256", {"kid": "k"}),
+        (
+            "a jku naming another JWKS document",
+            "other",
+            "RS256",
+            {"kid": "evil", "jku": "https://evil.example/jwks.json"},
+        ),
+        (
+            "an x5u naming another certificate",
+            "other",
+            "RS256",
+            {"kid": "evil", "x5u": "https://evil.example/cert.pem"},
+        ),
+    ],
+)
+async def test_a_token_refused_on_the_jwks_path_closes_at_once(
+    daemon_factory: Any,
+    jwks_server: JwksServer,
+    signing_keys: dict[str, Any],
+    forgery: str,
+    key: str,
+    algorithm: str,
+    header: dict[str, str],
+) -> None:
+    """The verdict waits on the JWKS (reading is held meanwhile); a refusal must
+    then close as the others do, at once. With ws.close_timeout (and the client's)
+    at 600 s, a close that waited for it would not come within the test's timeout."""
+    jwks_server.publish(("k", signing_keys["issuer"]))
+    claims = {"sub": "alice", "exp": int(time.time()) + 3600}
+    bad = jwt.encode(claims, signing_keys[key], algorithm=algorithm, headers=header)
+    settings = {"auth__jwks_url": jwks_server.url, "ws__close_timeout": 600}
+    async with daemon_factory(**settings, namespaces=NAMESPACES) as d:
+        good = jwt.encode(claims, signing_keys["issuer"], algorithm="RS256", headers={"kid": "k"})
+        async with d.connect(f"/?channel=public:news&token={good}") as ws:  # the JWKS works
+            assert (await recv_json(ws))["type"] == "authenticated"
+        ws = await d.connect(f"/?channel=public:news&token={bad}", close_timeout=600)
+        try:
+            error = await recv_json(ws)
+            assert (error["type"], error["code"], error["op"]) == (
+                "error",
+                "token_invalid",
+                "connect",
+            )
+            assert await closed_with(ws) == 4002
+        finally:
+            ws.transport.abort()  # a failure here must not wait for the client's close_timeout
+        metrics = (await d.http.get("/metrics")).text
+        assert 'broadcastd_auth_refusals_total{reason="token_invalid"} 1.0' in metrics
+        assert 'reason="token_required"' not in metrics  # refused once, not twice
+
+
+async def test_a_refusal_waiting_for_its_close_is_not_counted_again(
+    daemon_factory: Any, jwks_server: JwksServer, signing_keys: dict[str, Any]
+) -> None:
+    """A client that never answers the close frame keeps the closing handshake
+    open until ws.close_timeout. The auth deadline, shorter, must not count the
+    refused connection a second time (as ``token_required``) meanwhile."""
+    jwks_server.publish(("k", signing_keys["issuer"]))
+    claims = {"sub": "alice", "exp": int(time.time()) + 3600}
+    bad = jwt.encode(claims, signing_keys["other"], algorithm="RS256", headers={"kid": "k"})
+    settings = {
+        "auth__jwks_url": jwks_server.url,
+        "auth__auth_timeout": 0.5,
+        "ws__close_timeout": 2,
+    }
+    async with daemon_factory(**settings) as d:
+        client = await RawClient.connect(f"{d.ws_url}/?token={bad}", rcvbuf=None)
+        protocol = client.protocol
+        while not client.reader.at_eof():  # until the daemon cuts the connection
+            data = await asyncio.wait_for(client.reader.read(65536), 30)
+            if data:
+                protocol.receive_data(data)
+            else:
+                protocol.receive_eof()
+            protocol.events_received()
+            protocol.data_to_send()  # dropped: the close frame is never answered
+        client.close()
+        assert protocol.close_rcvd is not None
+        assert protocol.close_rcvd.code == 4002
+        metrics = (await d.http.get("/metrics")).text
+        assert 'broadcastd_auth_refusals_total{reason="token_invalid"} 1.0' in metrics
+        assert 'reason="token_required"' not in metrics
+
+
 async def test_refresh_keeps_the_connection_and_no_refresh_closes_it(daemon_factory: Any) -> None:
     settings = {**AUTH, "auth__leeway": 0, "auth__expiring_notice": 60, "namespaces": NAMESPACES}
     async with daemon_factory(**settings) as d:
@@ -157,6 +305,18 @@ async def test_refresh_keeps_the_connection_and_no_refresh_closes_it(daemon_fact
             assert (await recv_json(ws))["type"] == "authenticated"
             await ws.send(json.dumps({"op": "refresh", "token": token("mallory")}))
             assert (await recv_json(ws))["code"] == "token_user"
+
+
+async def test_refused_tokens_count_towards_the_command_error_limit(
+    daemon_factory: Any,
+) -> None:
+    url = f"/?channel=news&token={token(channels=['news'])}"
+    async with daemon_factory(**AUTH, ws__max_command_errors=3) as d, d.connect(url) as ws:
+        assert (await recv_json(ws))["type"] == "authenticated"
+        assert (await recv_json(ws))["type"] == "subscribed"
+        for i in range(3):
+            await ws.send(json.dumps({"op": "refresh", "token": "bad", "id": i}))
+        assert await closed_with(ws) == 1008
 
 
 async def test_a_connection_that_never_authenticates_is_closed(daemon_factory: Any) -> None:

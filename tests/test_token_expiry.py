@@ -74,9 +74,7 @@ async def test_an_expired_token_leaves_its_channels_even_while_the_client_does_n
         close = await client.read_until_closed(timeout=60)
         assert close is not None
         assert close.code == 4003, close
-        messages = [
-            json.loads(bytes(f.data)) for f in client.frames if f.opcode is Opcode.TEXT
-        ][2:]
+        messages = [json.loads(bytes(f.data)) for f in client.frames if f.opcode is Opcode.TEXT][2:]
         data = [m["data"] for m in messages if "data" in m]
         assert data
         assert all(item["before"] for item in data), messages[-3:]

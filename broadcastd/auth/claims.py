@@ -43,7 +43,8 @@ class Claims:
     user: str
     """The ``sub`` claim; "" when the token has none (it then owns no user channel)."""
     expires: float | None
-    """The ``exp`` claim in epoch seconds; None for a token that never expires."""
+    """The ``exp`` claim in epoch seconds, at most the end of year 9999 (a later one
+    is clamped to it); None for a token that never expires."""
     channels: tuple[str, ...] = ()
     """The ``channels`` claim: names and trailing-``*`` patterns."""
 

@@ -22,10 +22,16 @@ rest of a handshake (tests/test_auth_tokens.py holds both to the same verdicts).
 
 Claims: ``exp`` is optional, as in Centrifugo (a token without it never
 expires); ``exp``, ``nbf`` and ``iat`` are checked here against the injected
-clock, with ``leeway``. ``aud`` and ``iss`` are checked only when ``audience``
-and ``issuer`` are set (then they are required); a token's ``aud`` is ignored
-when no audience is configured. ``sub`` must be a string and ``channels`` a
-list of strings when present.
+clock, with ``leeway``. Each is any finite JSON number (orjson refuses NaN,
+Infinity and numbers beyond a double). An ``exp`` later than MAX_EXPIRES (the
+last second of year 9999), ``1e20`` say, is accepted as MAX_EXPIRES: as far in
+the future as a token can mean, while the ``expires`` a client is told stays a
+64-bit integer and the expiry timer a delay the event loop can hold. An ``nbf``
+or ``iat`` that far ahead is simply not valid yet; negative times are long past.
+``aud`` and ``iss`` are checked only when ``audience`` and ``issuer`` are set
+(then they are required); a token's ``aud`` is ignored when no audience is
+configured. ``sub`` must be a string and ``channels`` a list of strings when
+present.
 
 Refusals carry a fixed message per cause and never any part of the token.
 """
@@ -87,6 +93,8 @@ MAX_HEADER_CHARS = 1024
 """Longest encoded JOSE header looked at to route a token."""
 MAX_JWKS_BYTES = 1024 * 1024
 """Largest JWKS response read (headers included); more is a failed fetch."""
+MAX_EXPIRES = 253_402_300_799.0
+"""9999-12-31T23:59:59Z: a later ``exp`` is taken as this."""
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 JWKS_ALGORITHMS = frozenset(
@@ -215,8 +223,10 @@ class TokenVerifier:
         broadcastd uses."""
         now = self._clock()
         expires = _numeric_date(payload, "exp")
-        if expires is not None and expires + self._leeway <= now:
-            raise _refusal(TokenCode.EXPIRED, "token has expired")
+        if expires is not None:
+            if expires + self._leeway <= now:
+                raise _refusal(TokenCode.EXPIRED, "token has expired")
+            expires = min(expires, MAX_EXPIRES)
         for name in ("nbf", "iat"):
             moment = _numeric_date(payload, name)
             if moment is not None and moment > now + self._leeway:

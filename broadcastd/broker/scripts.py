@@ -91,15 +91,15 @@ again if Redis holds it behind the position this node saw."""
 
 HISTORY = """
 local meta, stream = KEYS[1], KEYS[2]
-local since, count, ttl, newest = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
+local start, count, ttl, newest = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == '1'
 local m = redis.call('HMGET', meta, 'e', 'o')
 if not m[1] then return {'', 0, {}} end
 local horizon = tonumber(redis.call('TIME')[1]) - ttl
 local rows
 if newest then
-  rows = redis.call('XREVRANGE', stream, '+', '0-' .. (since + 1), 'COUNT', count)
+  rows = redis.call('XREVRANGE', stream, '+', start, 'COUNT', count)
 else
-  rows = redis.call('XRANGE', stream, '0-' .. (since + 1), '+', 'COUNT', count)
+  rows = redis.call('XRANGE', stream, start, '+', 'COUNT', count)
 end
 local out = {}
 for _, row in ipairs(rows) do
@@ -111,8 +111,10 @@ for _, row in ipairs(rows) do
 end
 return {m[1], m[2], out}
 """
-"""The channel's position and its kept publications after ``since`` that are not
-older than the TTL: oldest first, or the newest ``count`` (newest first)."""
+"""The channel's position and its kept publications from stream id ``start``
+(``0-`` and the offset after ``since``, built by the caller: Lua's numbers would
+write a large offset as a float) that are not older than the TTL: oldest first,
+or the newest ``count`` (newest first)."""
 
 RESTART = """
 local meta, stream, old_epoch, new_epoch, meta_ttl_ms = KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3]

@@ -17,6 +17,11 @@ the request with ``data`` typed ``msgspec.Raw``, which checks its syntax and
 hands back its exact text without building Python objects. So an integer
 beyond 64 bits stays exact, no number is re-formatted, and nothing is encoded
 twice.
+
+msgspec walks nested arrays and objects by recursion, guarded by the
+interpreter's recursion limit: JSON nested deeper than that (about a thousand
+levels) raises RecursionError, which is the client's malformed input, not a
+failure of ours, so it is refused as ``bad_json`` like any other syntax error.
 """
 
 from __future__ import annotations
@@ -60,7 +65,8 @@ _message = msgspec.json.Decoder(_Message)
 
 
 def check_key(key: object) -> str:
-    """An idempotency key: 1 to 128 printable characters (it travels in a header)."""
+    """An idempotency key: 1 to 128 printable characters (``str.isprintable``, so no
+    control characters: it travels in a header, where it is UTF-8)."""
     if isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH and key.isprintable():
         return key
     raise BadCommand(f"an idempotency key is 1 to {MAX_KEY_LENGTH} printable characters")
@@ -76,8 +82,15 @@ def is_json_type(content_type: str | None) -> bool:
 def body_payload(body: bytes, content_type: str | None) -> Payload:
     """The payload of ``POST /publish/{channel}``."""
     if is_json_type(content_type):
-        return Payload.from_json_body(body)
+        try:
+            return Payload.from_json_body(body)
+        except RecursionError:
+            raise _too_deep() from None
     return Payload.from_text_body(body)
+
+
+def _too_deep() -> BadJson:
+    return BadJson("body is not valid JSON: arrays and objects are nested too deeply")
 
 
 def raw_payload(data: msgspec.Raw) -> Payload:
@@ -95,6 +108,8 @@ def parse_publish(body: bytes, max_channels: int) -> tuple[list[str], Payload, b
         ) from None
     except msgspec.DecodeError as exc:
         raise BadJson(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _too_deep() from None
     check_utf8(body)
     if not len(doc.data):
         raise BadCommand('body needs "data"')
@@ -123,11 +138,15 @@ def parse_batch(
     they were created and are not checked again.
     """
     try:
-        messages: list[_Message | ClientError] = list(_batch.decode(body))
-    except msgspec.ValidationError:
-        messages = _decode_items(body)
+        try:
+            messages: list[_Message | ClientError] = list(_batch.decode(body))
+        except msgspec.ValidationError:
+            # A syntax error after the first misfit item is found only now.
+            messages = _decode_items(body)
     except msgspec.DecodeError as exc:
         raise BadJson(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _too_deep() from None
     check_utf8(body)
     if len(messages) > max_items:
         raise TooManyItems(f"a batch may hold at most {max_items} messages")

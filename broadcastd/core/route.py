@@ -7,6 +7,8 @@ Two equivalent forms, which may be combined::
 
 ``since`` asks to recover a channel (and subscribes it): after the last position
 seen, ``since=news:EPOCH:OFFSET``, or from the last N kept, ``since=news:last:N``.
+OFFSET and N are ASCII digits, at most MAX_OFFSET; anything else is refused
+with 400 ``bad_request`` like every other malformed ``since``.
 
 The path is ``/`` or a comma-separated list of channel names; the query may
 repeat ``channel``, may set ``format`` to ``json`` (the default: each message
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from broadcastd.core.channels import check_channel
-from broadcastd.core.stream import Since, parse_since_text
+from broadcastd.core.stream import MAX_OFFSET, Since, decimal, parse_since_text
 from broadcastd.errors import BadChannel, ClientError, TooManyChannels
 
 FORMATS = ("json", "raw")
@@ -69,6 +71,11 @@ def parse_route(target: str, max_channels: int) -> Route:
         if key == "channel":
             channels[check_channel(value)] = None
         elif key == "since":
+            if decimal(value.rpartition(":")[2], MAX_OFFSET) is None:
+                raise ClientError(
+                    "since must be CHANNEL:EPOCH:OFFSET or CHANNEL:last:N "
+                    f"(OFFSET and N in ASCII digits, at most {MAX_OFFSET})"
+                )
             name, where = parse_since_text(value)
             channels[check_channel(name)] = None
             since[name] = where

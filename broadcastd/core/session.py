@@ -44,7 +44,7 @@ from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import reply_frame
 from broadcastd.core.outbox import Outbox
 from broadcastd.core.route import MAX_TOKEN_LENGTH
-from broadcastd.core.stream import Position, Recovery, Since, parse_since
+from broadcastd.core.stream import MAX_OFFSET, Position, Recovery, Since, parse_since
 from broadcastd.errors import (
     BadCommand,
     BadJson,
@@ -100,7 +100,12 @@ TokenHandler = Callable[[str, str, "CommandId"], None]
 
 
 def parse_command(text: str | bytes) -> Command:
-    """Parse and validate one command frame; raise a ClientError saying what is wrong."""
+    """Parse and validate one command frame; raise a ClientError saying what is wrong.
+
+    orjson refuses arrays and objects nested more than 1024 levels deep as
+    malformed, so a deeply nested frame is ``bad_json`` like any other, and the
+    connection goes on. Offsets and counts in ``since`` are bounded as in the URL
+    (MAX_OFFSET)."""
     try:
         doc = orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -129,7 +134,10 @@ def parse_command(text: str | bytes) -> Command:
     channel = check_channel(doc["channel"])
     since = doc.get("since")
     if since is not None and op == "subscribe":
-        return Command(op, channel, command_id, parse_since(since))
+        where = parse_since(since)
+        if (where.offset if isinstance(where, Position) else where.number) > MAX_OFFSET:
+            raise BadCommand(f"since: an offset or count is at most {MAX_OFFSET}, as in the URL")
+        return Command(op, channel, command_id, where)
     return Command(op, channel, command_id)
 
 

@@ -68,14 +68,34 @@ def parse_since_text(text: str) -> tuple[str, Since]:
     may hold ``:``; the last two fields never do)."""
     channel, _, rest = text.rpartition(":")
     channel, _, kind = channel.rpartition(":")
-    if channel and rest.isdigit():
-        number = int(rest)
+    number = decimal(rest, MAX_OFFSET)
+    if channel and number is not None:
         if kind == "last":
             if _count(number):
                 return channel, Last(number)
         elif _epoch(kind):
             return channel, Position(kind, number)
     raise ClientError("since must be CHANNEL:EPOCH:OFFSET or CHANNEL:last:N")
+
+
+MAX_OFFSET = 2**63 - 1
+"""Largest offset or count a client may name: a signed 64-bit integer, the range
+of the counters Redis keeps."""
+
+
+def decimal(text: str, maximum: int) -> int | None:
+    """``text`` as an integer from 0 to ``maximum``, or None.
+
+    Only ASCII digits count (``str.isdigit()`` also accepts ``²`` and other
+    Unicode digits, which ``int()`` then refuses with a ValueError), and no more
+    of them than ``maximum`` has, so ``int()`` never sees a number of thousands
+    of digits (which it refuses too).
+    """
+    if 0 < len(text) <= len(str(maximum)) and text.isascii() and text.isdigit():
+        value = int(text)
+        if value <= maximum:
+            return value
+    return None
 
 
 def _epoch(value: object) -> bool:

@@ -18,6 +18,10 @@ channel outside its patterns, is a 403 ``forbidden``, decided before anything
 is read from a broker or published (and before the body is sent, where the
 route and its channel say enough: ``Expect: 100-continue``).
 
+Idempotency keys are text: the ``Idempotency-Key`` header is read as UTF-8
+(a header that is not UTF-8 is a 400), so a key is the same key whether it
+comes in the header or in a batch item's ``idempotency_key``.
+
 The API is described by ``broadcastd/openapi.json`` (OpenAPI 3.1), written by
 hand as the one source of truth and served at ``GET /openapi.json``; a test
 holds it and ``ControlApi.routes()`` to each other.
@@ -51,8 +55,9 @@ from broadcastd.core.publication import (
     parse_batch,
     parse_publish,
 )
-from broadcastd.core.stream import Position, Publication
+from broadcastd.core.stream import MAX_OFFSET, Position, Publication, decimal
 from broadcastd.errors import (
+    BadCommand,
     ClientError,
     ConfigError,
     Draining,
@@ -629,8 +634,21 @@ class ControlApi:
 
 
 def _key(request: Request) -> str | None:
-    key = request.headers.get("idempotency-key")
-    return None if key is None else check_key(key)
+    """The ``Idempotency-Key`` header, read as UTF-8.
+
+    The HTTP layer decodes headers as latin-1 (byte for byte); the key is taken
+    back to its bytes and read as UTF-8, so that ``é`` sent in the header is the
+    same key as ``"é"`` in a batch item's ``idempotency_key`` (JSON text, so
+    UTF-8). A header that is not valid UTF-8 is a 400 ``bad_command``.
+    """
+    header = request.headers.get("idempotency-key")
+    if header is None:
+        return None
+    try:
+        key = header.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadCommand("the Idempotency-Key header must be UTF-8 text") from None
+    return check_key(key)
 
 
 def _result(channel: str, published: Published) -> dict[str, Any]:
@@ -662,17 +680,22 @@ MAX_HISTORY_PAGE = 1000
 
 
 def _history_query(query: str) -> tuple[int, str | None, int, bool]:
-    """since (offset, default 0), epoch, limit (1..1000, default 100), order (asc|desc)."""
+    """since (offset, default 0), epoch, limit (1..1000, default 100), order (asc|desc).
+
+    Numbers are ASCII digits within their range (``since`` at most MAX_OFFSET), read
+    by ``decimal``: a ``²`` or a number of thousands of digits is a 400, not a
+    ValueError out of ``int()``."""
     since, epoch, limit, newest_first = 0, None, 100, False
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
         raise ClientError("malformed query string") from None
     for key, value in pairs:
-        if key == "since" and value.isdigit() and len(value) < 20:
-            since = int(value)
-        elif key == "limit" and value.isdigit() and 0 < int(value) <= MAX_HISTORY_PAGE:
-            limit = int(value)
+        number = decimal(value, MAX_OFFSET) if key in ("since", "limit") else None
+        if key == "since" and number is not None:
+            since = number
+        elif key == "limit" and number is not None and 0 < number <= MAX_HISTORY_PAGE:
+            limit = number
         elif key == "epoch" and 0 < len(value) <= 64:
             epoch = value
         elif key == "order" and value in ("asc", "desc"):
@@ -706,9 +729,10 @@ def _page_query(query: str) -> tuple[str | None, int]:
             raise ClientError(f"query parameter {name[:32]!r} is given more than once")
         seen.add(name)
         if name == "limit":
-            if not (value.isascii() and value.isdigit() and 1 <= int(value[:9]) <= PAGE_LIMIT):
+            number = decimal(value, PAGE_LIMIT)
+            if number is None or number < 1:
                 raise ClientError(f"limit must be an integer from 1 to {PAGE_LIMIT}")
-            limit = int(value)
+            limit = number
         elif name == "after":
             if not is_valid_channel(value):
                 raise ClientError("after must be a channel name (the next cursor of a page)")
@@ -812,6 +836,7 @@ def control_listener(
         idle_timeout=settings.idle_timeout,
         header_timeout=settings.header_timeout,
         linger_timeout=settings.linger_timeout,
+        linger_time=settings.linger_time,
         write_limit=settings.write_limit,
     )
     unix_path = None if settings.unix_path is None else str(settings.unix_path)

@@ -904,9 +904,13 @@ class Connection(asyncio.Protocol):
             self.crash(exc, "ping")
 
     def _expect_close(self) -> None:
-        """The closing handshake is under way: bound it, then cut the connection."""
+        """The closing handshake is under way: bound it, then cut the connection.
+        Reading resumes if a token's verdict was holding it, so that the client's
+        close frame is read and the connection ends as soon as the client answers
+        (what it sent meanwhile is read and ignored: the protocol is not OPEN)."""
         self.closing = True
         self._leave()
+        self._resume_reading(_AUTH)
         self._set_timer(self.server.settings.close_timeout, self.abort)
 
     # Closing

@@ -77,7 +77,10 @@ class ConnectionAuth:
     def start(self, token: str | None, then: Callable[[], None], hold: Callable[[], None]) -> None:
         """The connection is open: check ``token`` (if one came with it), then call
         ``then`` (which subscribes the URL's channels), unless it was refused.
-        ``hold`` stops reading the client's commands while the verdict waits."""
+        ``hold`` stops reading the client's commands while the verdict waits; a
+        refusal then closes the connection, and the transport must read again
+        once it is closing, or the client's close frame would wait unread for
+        ``ws.close_timeout``."""
         if token is None:
             self._arm_deadline()
             then()
@@ -107,6 +110,9 @@ class ConnectionAuth:
             claims = await self.verifier.verify(token)
         except TokenError as exc:
             if not self.closed:
+                # Refused once: the deadline must not count it again while the
+                # closing handshake runs.
+                self._disarm_deadline()
                 self._refused(exc, CONNECT, None)
                 self._close(_close_reason(exc))
             return
@@ -146,10 +152,13 @@ class ConnectionAuth:
             self._refused(exc, op, command_id)
             return
         self.session.authenticated(claims, op, command_id)
+        self._disarm_deadline()
+        self._watch(claims)
+
+    def _disarm_deadline(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        self._watch(claims)
 
     def _watch(self, claims: Claims) -> None:
         """Arm the expiring notice, which then arms the close at ``exp`` + leeway:
@@ -187,8 +196,13 @@ class ConnectionAuth:
         self._close(CloseReason.AUTH_REQUIRED)
 
     def _refused(self, exc: TokenError, op: str, command_id: CommandId) -> None:
+        """Count and answer a refused token. A refused command counts towards
+        ``ws.max_command_errors`` like any invalid command (the connect refusal
+        closes on its own, with the token's close code)."""
         self._count(exc.code)
-        self.session.refused(exc, op, command_id)
+        close = self.session.refused(exc, op, command_id)
+        if close is not None and op != CONNECT:
+            self._close(close)
 
     def _count(self, reason: str) -> None:
         self.observer.auth_refused(reason)
