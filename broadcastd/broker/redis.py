@@ -582,7 +582,7 @@ class RedisBroker:
         shard = self._shard(channel)
         keys = list(self._keys(channel))
         ttl = max(1, int(self.namespaces.history_ttl(channel)))
-        args = [f"0-{since + 1}", max(count, 0), ttl, "1" if newest else "0"]
+        args: list[str | int] = [f"0-{since + 1}", max(count, 0), ttl, "1" if newest else "0"]
         script = shard.history_script
         epoch_b, offset_b, rows = await self._call(shard, lambda: script(keys=keys, args=args))
         top = Position(epoch_b.decode(), int(offset_b))
