@@ -27,10 +27,18 @@ TIMED = 200_000
 
 def _publish(node: Node, outboxes: list[Outbox], count: int, payload: Payload) -> None:
     for i in range(count):
-        node.publish(f"c{i % CHANNELS}", payload, "channel")
+        node.publish([(f"c{i % CHANNELS}", payload, None)], "channel")
         if i % CHANNELS == 0:
             for outbox in outboxes:
                 outbox.take()
+
+
+def _joined(*_: object) -> None:
+    """The memory engine joins at once."""
+
+
+def _failed(error: Exception) -> None:
+    raise error
 
 
 async def main(size: int) -> None:
@@ -38,7 +46,7 @@ async def main(size: int) -> None:
     await node.start()
     outboxes = [Outbox(100_000, 10**9) for _ in range(CHANNELS)]
     for i, outbox in enumerate(outboxes):
-        node.subscribe(outbox, f"c{i}", False)
+        node.join(outbox, f"c{i}", False, None, _joined, _failed)
     payload = Payload.from_json_body(b'{"x":"' + b"y" * 50 + b'"}')
     _publish(node, outboxes, WARM_UP, payload)
     for collector in ("on", "off"):
@@ -48,7 +56,7 @@ async def main(size: int) -> None:
         _publish(node, outboxes, TIMED, payload)
         per_publish = (time.perf_counter() - started) / TIMED * 1e6
         gc.enable()
-        kept = node.broker.history_stats().entries
+        kept = node.broker.stats().entries
         print(f"history.size={size} gc {collector}: {per_publish:.2f} us/publish, {kept} kept")
     await node.close()
 

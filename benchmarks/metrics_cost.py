@@ -25,17 +25,25 @@ PUBLISHES = 3000
 ROUNDS = 7
 
 
+def _joined(*_: object) -> None:
+    """The memory engine joins at once."""
+
+
+def _failed(error: Exception) -> None:
+    raise error
+
+
 def _cpu_per_delivery(observer: Observer, subscribers: int) -> float:
     node = Node(load_settings(), observer=observer)
     asyncio.run(node.start())
     outboxes = [Outbox(100_000, 1 << 30) for _ in range(subscribers)]
     for outbox in outboxes:
-        node.subscribe(outbox, "bench", raw=False)
+        node.join(outbox, "bench", False, None, _joined, _failed)
     payload = Payload.from_value({"t": 1, "pad": "x" * 40})
     publishes = PUBLISHES * SUBSCRIBERS // subscribers
     started = time.process_time()
     for n in range(publishes):
-        node.publish("bench", payload, "channel")
+        node.publish([("bench", payload, None)], "channel")
         # What one pass of the writers reports (the writes themselves are not metrics).
         frames = 0
         for outbox in outboxes:

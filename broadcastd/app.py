@@ -78,12 +78,9 @@ class Daemon:
         self.settings = settings
         self.metrics = Metrics() if settings.metrics.enabled and observer is None else None
         reporter = observer or self.metrics or NullObserver()
-        remote = (
-            RedisBroker(settings, reporter)
-            if broker is None and settings.broker.type == BrokerType.REDIS
-            else None
-        )
-        self.node = Node(settings, broker=broker, observer=reporter, remote=remote)
+        if broker is None and settings.broker.type == BrokerType.REDIS:
+            broker = RedisBroker(settings, reporter)
+        self.node = Node(settings, broker=broker, observer=reporter)  # memory if None
         self.ws = WsServer(settings.ws, self.node)
         scrape = None
         self.metrics_listener: HttpListener | None = None

@@ -1,26 +1,35 @@
-"""The node: hub + broker + observer, and every publish, subscribe and recovery
+"""The node: hub + engine + observer, and every publish, subscribe and recovery
 decision between them.
 
-``publish()`` validates and hands the payload to the broker, which gives it the
-channel's next position and delivers it back through ``deliver`` (the hub's
-fan-out): the same path on one node (MemoryBroker, synchronously) and on many.
-Subscriptions go through the node so that the broker hears of a channel's first
-and last local subscriber, and recoveries are decided here from the broker's
-history. The node also holds the lifecycle state both adapters consult (ready,
-draining).
+The node holds one engine and calls it one way, whichever runs
+(``broadcastd.broker``; ARCHITECTURE.md, "The engine seam"). ``publish()``
+checks the items and hands them to the engine, which gives each its channel's
+next position and delivers it back through ``deliver`` (the hub's fan-out): on
+the memory engine inside the publish call, on Redis when the publication comes
+back over pub/sub. A subscriber joins through the node, so that the engine
+hears of a channel's first and last local subscriber; a subscriber that gives a
+position recovers from the engine's history, merged with the live stream so
+that nothing is doubled or skipped. Each engine answer may be there at once or
+later; ``then`` runs the rest either way, so the memory engine's hot paths
+never wait. The node also holds the lifecycle state both adapters consult
+(ready, draining).
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
+from broadcastd import log
 from broadcastd.auth.claims import Claims, may_subscribe
-from broadcastd.broker import Broker, Health, History, Published, RemoteBroker
+from broadcastd.broker import Broker, Health, History, MaybeAwaitable, Published, then
 from broadcastd.broker.memory import MemoryBroker
 from broadcastd.core.channels import check_channel
-from broadcastd.core.envelope import Payload
-from broadcastd.core.hub import Delivery, FanOut, Hub
+from broadcastd.core.envelope import Payload, reply_frame
+from broadcastd.core.hub import Channel, Delivery, FanOut, Hub
 from broadcastd.core.namespaces import ChannelOptions, Namespaces
 from broadcastd.core.observer import NullObserver, Observer
 from broadcastd.core.outbox import Outbox
@@ -34,12 +43,35 @@ from broadcastd.errors import (
     PermissionDenied,
     UnknownNamespace,
 )
-from broadcastd.feeds import Failed, Feeds, Joined
 from broadcastd.settings import Settings, SlowConsumerPolicy
+
+_log = log.get("broadcastd.node")
+_throttle = log.Throttle(per_second=10)
+T = TypeVar("T")
+
+Joined = Callable[[Position, Recovery | None], None]
+Failed = Callable[[ClientError], None]
+Answers = list[Published | ClientError]
+
+
+class Joiner:
+    """A subscriber on its way into a channel (perhaps recovering first)."""
+
+    __slots__ = ("cancelled", "failed", "joined", "outbox", "raw", "since")
+
+    def __init__(
+        self, outbox: Outbox, raw: bool, since: Since | None, joined: Joined, failed: Failed
+    ) -> None:
+        self.outbox = outbox
+        self.raw = raw
+        self.since = since
+        self.joined = joined
+        self.failed = failed
+        self.cancelled = False
 
 
 class Node:
-    """Owns the channel state of this process."""
+    """Owns the channel state of this process; the engine's handler."""
 
     def __init__(
         self,
@@ -47,7 +79,6 @@ class Node:
         broker: Broker | None = None,
         observer: Observer | None = None,
         clock: Callable[[], float] = time.monotonic,
-        remote: RemoteBroker | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -57,21 +88,10 @@ class Node:
             broker if broker is not None else MemoryBroker(settings, clock, self.namespaces)
         )
         self.observer: Observer = observer if observer is not None else NullObserver()
-        self.remote = remote
-        """The broker when it is another process (Redis); ``broker`` is then unused."""
-        self.feeds = (
-            None
-            if remote is None
-            else Feeds(
-                self.hub,
-                remote,
-                self.observer,
-                self._fan_out,
-                history_on=self.recovers,
-                max_recover=settings.history.max_recover,
-            )
-        )
         self.max_recover = settings.history.max_recover
+        self._waiting: dict[str, list[Joiner]] = {}
+        """Channels asked of the engine and not subscribed yet: who waits for each."""
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.ready = False
         """Every listener accepts connections and the daemon is not draining."""
         self.draining = False
@@ -80,137 +100,140 @@ class Node:
         it measure delivery latency from here, at no cost per delivery."""
 
     async def start(self) -> None:
-        if self.remote is not None and self.feeds is not None:
-            await self.remote.start(self.feeds.deliver, self.feeds.resubscribed)
-        else:
-            await self.broker.start(self.hub.deliver)
+        await self.broker.start(self)
 
     async def close(self) -> None:
-        if self.remote is not None and self.feeds is not None:
-            self.feeds.close()
-            await self.remote.close()
-        else:
-            await self.broker.close()
+        for task in self._tasks:
+            task.cancel()
+        await self.broker.close()
 
     @property
     def broker_health(self) -> Health:
-        return Health(True) if self.remote is None else self.remote.health
+        return self.broker.health
 
-    def _fan_out(self, name: str, publication: Publication) -> FanOut:
-        """Deliver a publication that came through the remote broker; its delivery
-        latency is measured from its arrival here."""
+    # What the engine calls back (BrokerHandler)
+
+    def subscribed(self, channel: str, position: Position) -> None:
+        waiting = [j for j in self._waiting.pop(channel, ()) if not j.cancelled]
+        if not waiting:  # everyone left meanwhile
+            self.broker.unsubscribe(channel)
+            return
+        joined = self.hub.add(channel, position)
+        for joiner in waiting:
+            self._admit(joined, joiner)
+
+    def unavailable(self, channel: str, error: ClientError) -> None:
+        for joiner in self._waiting.pop(channel, ()):
+            if not joiner.cancelled:
+                joiner.failed(error)
+
+    def deliver(self, channel: str, publication: Publication) -> FanOut:
+        """Fan a publication out here. Inside a publish (the memory engine) it is
+        reported with the publish; one that came from another process is reported
+        here, its delivery latency measured from its arrival."""
+        if self.publishing_since is not None:
+            return self.hub.deliver(channel, publication)
         self.publishing_since = self.clock()
         try:
-            fan_out = self.hub.deliver(name, publication)
+            fan_out = self.hub.deliver(channel, publication)
         finally:
             self.publishing_since = None
         self.observer.delivered(fan_out.queued, fan_out.refused)
         return fan_out
 
+    def resync(self, channel: str, position: Position, reason: str) -> None:
+        """Tell every subscriber of the channel that what it missed cannot be had,
+        and where the channel continues from."""
+        joined = self.hub.get(channel)
+        _log.warning(
+            "channel.resync",
+            channel=channel,
+            reason=reason,
+            epoch=position.epoch,
+            offset=position.offset,
+            subscribers=0 if joined is None else joined.subscriber_count,
+        )
+        if joined is None:
+            return
+        joined.epoch, joined.offset = position
+        frame = reply_frame(
+            {
+                "type": "resync",
+                "channel": channel,
+                "epoch": position.epoch,
+                "offset": position.offset,
+                "reason": reason,
+            }
+        )
+        for outbox in (*joined.json_subscribers, *joined.raw_subscribers):
+            outbox.push(frame)
+
     # Publishing
 
     def publish(
-        self, channel: str, payload: Payload, form: str, key: str | None = None
-    ) -> Published:
-        """Publish one message; raise a ClientError (nothing published) if it is refused."""
-        if self.draining:
-            raise Draining("the server is shutting down")
-        self._check(channel, payload)
-        self.publishing_since = self.clock()
-        try:
-            published = self.broker.publish(channel, payload, key)
-        finally:
-            self.publishing_since = None
-        self._report(form, (published,))
-        return published
+        self, items: Sequence[Item | ClientError], form: str, *, all_or_none: bool = False
+    ) -> MaybeAwaitable[Answers]:
+        """Publish each item in order: one answer per item, a refused item's
+        ClientError in its place (and an item already found bad, passed in as its
+        ClientError, stays so), so one bad item does not sink the rest. With
+        ``all_or_none`` every item, and the room in the channel table, is checked
+        before the first is published, and a refusal is raised: nothing is left
+        half done, and a retry cannot duplicate a message.
 
-    def publish_all(
-        self, channels: list[str], payload: Payload, form: str, key: str | None = None
-    ) -> list[Published]:
-        """Publish one payload to every channel of ``channels`` (distinct names), or
-        to none: each channel, the payload and the room in the channel table are
-        checked before the first publish, so a refusal (a ClientError) leaves
-        nothing half done and a retry cannot duplicate a message.
+        The answers come at once (memory) or once the engine accepted every item
+        (Redis; BrokerUnavailable if it cannot be reached). The whole call counts
+        as accepted at one instant and is reported to the observer once.
         """
         if self.draining:
             raise Draining("the server is shutting down")
-        for channel in channels:
-            self._check(channel, payload)
-        if not self.broker.has_room_for(channels):
+        check = self._check
+        answers: list[Published | ClientError | None] = []
+        accepted: list[Item] = []
+        for item in items:
+            if not isinstance(item, ClientError):
+                try:
+                    check(item[0], item[1])
+                    answers.append(None)
+                    accepted.append(item)
+                    continue
+                except ClientError as exc:
+                    item = exc
+            if all_or_none:
+                raise item
+            answers.append(item)
+        if all_or_none and not self.broker.has_room_for([item[0] for item in accepted]):
             raise ChannelTableFull(
                 f"the server holds {self.settings.channels.max_channels} channels, "
                 "all with subscribers"
             )
-        publish = self.broker.publish
+        if not accepted:
+            return self._answers(form, answers, [])
         self.publishing_since = self.clock()
         try:
-            results = [publish(channel, payload, key) for channel in channels]
+            published = self.broker.publish(accepted)
         finally:
             self.publishing_since = None
-        self._report(form, results)
-        return results
+        return then(published, lambda done: self._answers(form, answers, done))
 
-    def publish_many(
-        self, items: Iterable[Item | ClientError], form: str
-    ) -> list[Published | ClientError]:
-        """Publish each item in order; one result per item, so a bad item (or one
-        already found bad, passed in as its ClientError) does not sink the rest.
-
-        The whole call counts as accepted at one instant and is reported to the
-        observer once: a batch of ten thousand costs one clock read and one report.
-        """
-        if self.draining:
-            raise Draining("the server is shutting down")
-        publish = self.broker.publish
-        check = self._check
-        results: list[Published | ClientError] = []
-        self.publishing_since = self.clock()
-        try:
-            for item in items:
-                if isinstance(item, ClientError):
-                    results.append(item)
-                    continue
-                channel, payload, key = item
-                try:
-                    check(channel, payload)
-                    results.append(publish(channel, payload, key))
-                except ClientError as exc:
-                    results.append(exc)
-        finally:
-            self.publishing_since = None
-        self._report(form, [r for r in results if not isinstance(r, ClientError)])
-        return results
-
-    # Publishing through a remote broker: the same checks, then one round trip
-
-    async def publish_remote(
-        self, items: list[Item], form: str, *, all_or_none: bool = False
-    ) -> list[Published | ClientError]:
-        """Publish ``items`` through the remote broker, answered once it accepted
-        them all: one result per item, a refused item's ClientError in its place
-        (with ``all_or_none``, the first refusal is raised and nothing is sent).
-        BrokerUnavailable is raised when the broker does not answer in time."""
-        assert self.remote is not None
-        if self.draining:
-            raise Draining("the server is shutting down")
-        results: list[Published | ClientError | None] = []
-        accepted: list[Item] = []
-        for item in items:
-            try:
-                self._check(item[0], item[1])
-            except ClientError as exc:
-                if all_or_none:
-                    raise
-                results.append(exc)
-                continue
-            results.append(None)
-            accepted.append(item)
-        published = iter(await self.remote.publish(accepted) if accepted else [])
-        answers = [next(published) if r is None else r for r in results]
-        messages = sum(1 for r in answers if isinstance(r, Published) and not r.duplicate)
+    def _answers(
+        self, form: str, answers: list[Published | ClientError | None], published: Answers
+    ) -> Answers:
+        """The answers in item order, reported once."""
+        if published:
+            results = iter(published)
+            answers = [next(results) if a is None else a for a in answers]
+        messages = queued = refused = 0
+        for answer in answers:
+            if isinstance(answer, Published):
+                if not answer.duplicate:
+                    messages += 1
+                fan_out = answer.fan_out
+                if fan_out is not None:
+                    queued += fan_out.queued
+                    refused += fan_out.refused
         if messages:
-            self.observer.published(form, messages, 0, 0)
-        return answers
+            self.observer.published(form, messages, queued, refused)
+        return [a for a in answers if a is not None]
 
     def _check(self, channel: str, payload: Payload) -> None:
         if channel not in self.hub:  # channels with subscribers were checked already
@@ -253,33 +276,7 @@ class Node:
             raise PermissionDenied(f"may not subscribe to {name!r}: {refusal}", str(refusal))
         return options
 
-    def _report(self, form: str, results: Iterable[Published]) -> None:
-        messages = queued = refused = 0
-        for published in results:
-            fan_out = published.fan_out
-            if not published.duplicate:
-                messages += 1
-            if fan_out is not None:
-                queued += fan_out.queued
-                refused += fan_out.refused
-        if messages:
-            self.observer.published(form, messages, queued, refused)
-
     # Subscribing and recovering (the session's Channels)
-
-    def subscribe(self, outbox: Outbox, name: str, raw: bool) -> Position:
-        hub = self.hub
-        channel = hub.get(name)
-        if channel is None:
-            channel = hub.add(name, self.broker.subscribe(name))
-        hub.join(channel, outbox, raw)
-        return channel.position
-
-    def unsubscribe(self, outbox: Outbox, name: str) -> None:
-        if self.feeds is not None:
-            self.feeds.leave(outbox, name)
-        elif self.hub.leave(outbox, name):
-            self.broker.unsubscribe(name)
 
     def join(
         self,
@@ -292,102 +289,252 @@ class Node:
     ) -> None:
         """Subscribe ``outbox`` (recovering from ``since`` first, if given), and call
         ``joined`` with the position and the recovery right before the live stream
-        continues: at once with the memory broker, after a round trip with Redis
-        (or ``failed`` if the broker cannot be reached). A refusal known at once
+        continues: at once with the memory engine, after a round trip with Redis
+        (or ``failed`` if the engine cannot be reached). A refusal known at once
         is raised."""
-        if self.feeds is not None:
-            check_channel(name)
-            self.feeds.join(outbox, name, raw, since, joined, failed)
+        joiner = Joiner(outbox, raw, since, joined, failed)
+        channel = self.hub.get(name)
+        if channel is not None:
+            self._admit(channel, joiner)
             return
-        position = self.subscribe(outbox, name, raw)
-        joined(position, None if since is None else self.recover(name, since, position))
+        waiting = self._waiting.get(name)
+        if waiting is not None:
+            waiting.append(joiner)
+            return
+        self._waiting[name] = [joiner]
+        try:
+            self.broker.subscribe(name)  # may answer (``subscribed``) at once
+        except ClientError:
+            self._waiting.pop(name, None)
+            raise
 
-    def recover(self, name: str, since: Since, top: Position) -> Recovery:
-        """The messages after ``since``, decided against the channel's ``top``."""
+    def unsubscribe(self, outbox: Outbox, name: str) -> None:
+        waiting = self._waiting.get(name)
+        if waiting is not None:
+            for joiner in waiting:
+                if joiner.outbox is outbox:
+                    joiner.cancelled = True
+            return
+        channel = self.hub.get(name)
+        if channel is not None:
+            for joiner in channel.recovering:
+                if joiner.outbox is outbox:
+                    joiner.cancelled = True
+        if self.hub.leave(outbox, name):
+            self.broker.unsubscribe(name)
+
+    def _admit(self, channel: Channel, joiner: Joiner) -> None:
+        """Join now if nothing must be read first; else recover, then join."""
+        since = joiner.since
+        if since is None:
+            self._join_now(channel, joiner, None)
+            return
+        name = channel.name
+        recovers = self.recovers(name)
         if isinstance(since, Last):
-            count = min(since.number, self.max_recover) if self.recovers(name) else 0
-            latest = self.broker.latest(name, count).publications or []
-            return Recovery(True, None, [p for p in latest if p.offset <= top.offset])
-        broker = self.broker
+            count = min(since.number, self.max_recover) if recovers else 0
+            if count == 0 or channel.offset == 0:
+                self._join_now(channel, joiner, Recovery(True, None, []))
+                return
+            epoch = channel.epoch
 
-        def read(after: int, limit: int) -> list[Publication] | None:
-            return broker.history(name, after, limit).publications
+            def got_latest(latest: History) -> None:
+                got = [p for p in latest.publications or () if p.epoch == epoch]
+                got = [p for p in got if p.offset <= channel.offset]
+                cursor = got[-1].offset if got else channel.offset
+                self._read_on(channel, joiner, epoch, cursor, got)
 
-        recovery = plan_recovery(
-            top, since, self.max_recover, read if self.recovers(name) else None
+            self._recovering(channel, joiner, self.broker.latest(name, count), got_latest)
+            return
+        missed = channel.offset - since.offset
+        if 0 < missed <= self.max_recover and since.epoch == channel.epoch and recovers:
+            self._read_on(channel, joiner, channel.epoch, since.offset, [])
+            return
+        read = _nothing_read if recovers else None  # not called in these cases
+        recovery = plan_recovery(channel.position, since, self.max_recover, read)
+        self.observer.recovered(recovery.recovered, recovery.reason, 0)
+        self._join_now(channel, joiner, recovery)
+
+    def _read_on(
+        self, channel: Channel, joiner: Joiner, epoch: str, cursor: int, got: list[Publication]
+    ) -> None:
+        """Read what ``joiner`` missed until the read reaches what this node has
+        delivered; then join it in the same step (nothing can come between)."""
+        if joiner.cancelled or self.hub.get(channel.name) is not channel:
+            return
+        if channel.epoch != epoch:  # the channel was resynced meanwhile: decide again
+            self._admit(channel, joiner)
+            return
+        if cursor >= channel.offset:
+            self._recovered(channel, joiner, got, complete=True)
+            return
+        limit = min(channel.offset - cursor, self.max_recover)
+
+        def got_page(history: History) -> None:
+            page = [p for p in history.publications or () if p.offset <= channel.offset]
+            if history.top.epoch != epoch or not page:
+                self._recovered(channel, joiner, got, complete=False)
+                return
+            got.extend(page)
+            self._read_on(channel, joiner, epoch, page[-1].offset, got)
+
+        self._recovering(
+            channel, joiner, self.broker.history(channel.name, cursor, limit), got_page
         )
-        self.observer.recovered(recovery.recovered, recovery.reason, len(recovery.replay))
-        return recovery
+
+    def _recovered(
+        self, channel: Channel, joiner: Joiner, got: list[Publication], *, complete: bool
+    ) -> None:
+        if joiner.cancelled or self.hub.get(channel.name) is not channel:
+            return
+        since = joiner.since
+        if isinstance(since, Last):
+            recovery = Recovery(True, None, got if complete else [])
+        else:
+            assert since is not None
+            kept = got if complete else None
+            recovery = plan_recovery(
+                channel.position, since, self.max_recover, lambda after, limit: kept
+            )
+            self.observer.recovered(recovery.recovered, recovery.reason, len(recovery.replay))
+        self._join_now(channel, joiner, recovery)
+
+    def _recovering(
+        self,
+        channel: Channel,
+        joiner: Joiner,
+        answer: MaybeAwaitable[History],
+        step: Callable[[History], None],
+    ) -> None:
+        """Run ``step`` on a history read: at once if the engine answered, else when
+        it does. Meanwhile the channel stays in the hub (and subscribed at the
+        engine) for the joiner, even if its other subscribers leave."""
+        if not inspect.isawaitable(answer):
+            step(answer)
+            return
+        channel.recovering.add(joiner)
+
+        def done(history: History) -> None:
+            channel.recovering.discard(joiner)
+            try:
+                step(history)  # which may read on (and hold the channel again), or join
+            finally:
+                self._let_go(channel)
+
+        def failed(error: ClientError) -> None:
+            channel.recovering.discard(joiner)
+            self._let_go(channel)
+            if not joiner.cancelled:
+                joiner.failed(error)
+
+        self._when(answer, done, failed)
+
+    def _let_go(self, channel: Channel) -> None:
+        """The channel goes if nobody holds it any more (its last subscriber left
+        while a joiner recovered)."""
+        if self.hub.forget_if_idle(channel):
+            self.broker.unsubscribe(channel.name)
+
+    def _join_now(self, channel: Channel, joiner: Joiner, recovery: Recovery | None) -> None:
+        self.hub.join(channel, joiner.outbox, joiner.raw)
+        joiner.joined(channel.position, recovery)
+
+    def _when(
+        self,
+        answer: Awaitable[T],
+        step: Callable[[T], None],
+        failed: Callable[[ClientError], None],
+    ) -> None:
+        """Run ``step`` on an engine's answer once it comes; ``failed`` if it cannot
+        be had. A failure of ours in ``step`` is logged once and ends that step only."""
+
+        async def wait() -> None:
+            try:
+                value = await answer
+            except ClientError as exc:
+                failed(exc)
+                return
+            step(value)
+
+        task = asyncio.get_running_loop().create_task(wait())
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and _throttle.allow("node.error"):
+            _log.error("node.error", error=f"{type(exc).__name__}: {exc}"[:200], exc_info=exc)
 
     # What the control API shows
 
     def channel_names(self) -> Iterator[str]:
-        """Every channel this node knows: those with local subscribers and those
-        whose stream the broker keeps here (with Redis: those subscribed here)."""
-        if self.feeds is not None:
-            yield from self.feeds.names()
-            return
+        """Every channel this node knows: those with local subscribers, and those
+        whose streams the engine holds here (Redis: those subscribed here)."""
         for channel in self.hub:
             yield channel.name
-        for name in self.broker.channels():
+        for name, _ in self.broker.channels():
             if name not in self.hub:
                 yield name
 
-    def channel_state(self, name: str) -> tuple[Position, int] | None:
-        """A channel's latest position and its local subscriber count, if known."""
-        channel = self.hub.get(name)
-        if channel is not None:
-            return channel.position, channel.subscriber_count
-        position = self.broker.position(name)
-        return None if position is None else (position, 0)
+    def known_channels(self) -> Iterator[tuple[str, Position, int]]:
+        """Every channel this node knows, with the position known here and its
+        local subscriber count (for listings: no round trip)."""
+        hub = self.hub
+        for channel in hub:
+            yield channel.name, channel.position, channel.subscriber_count
+        for name, position in self.broker.channels():
+            if name not in hub:
+                yield name, position, 0
+
+    def channel_state(self, name: str) -> MaybeAwaitable[tuple[Position, int] | None]:
+        """A channel's latest position (the engine's) and its local subscriber count."""
+
+        def state(position: Position | None) -> tuple[Position, int] | None:
+            if position is None or not position.epoch:
+                return None
+            channel = self.hub.get(name)
+            return position, 0 if channel is None else channel.subscriber_count
+
+        return then(self.broker.position(name), state)
 
     def read_history(
         self, name: str, since: int, limit: int, newest_first: bool
-    ) -> tuple[Position, list[Publication], bool] | None:
+    ) -> MaybeAwaitable[tuple[Position, list[Publication], bool] | None]:
         """What history keeps of ``name`` after offset ``since``: the channel's latest
         position, up to ``limit`` publications (oldest or newest first), and whether
-        history still reaches back to ``since + 1``. None for an unknown channel."""
-        state = self.channel_state(name)
-        if state is None:
-            return None
-        top = state[0]
-        # Everything after ``since`` that the stream keeps, under its namespace's
-        # own history bounds (the broker applied them when it kept it).
-        kept = self.broker.latest(name, top.offset - since).publications or []
-        after = [p for p in kept if p.offset > since]
-        complete = since >= top.offset or bool(after and after[0].offset == since + 1)
-        page = after[-limit:][::-1] if newest_first else after[:limit]
-        return top, page, complete
+        history still reaches back to ``since + 1``. None for an unknown channel.
+        Where it no longer does, what it still keeps is given (bounded by the
+        namespace's history size)."""
+        broker = self.broker
 
-    async def channel_state_remote(self, name: str) -> tuple[Position, int] | None:
-        """What ``channel_state`` says, with the position read from the remote broker."""
-        assert self.remote is not None
-        position = await self.remote.position(name)
-        channel = self.hub.get(name)
-        count = 0 if channel is None else channel.subscriber_count
-        return None if position is None else (position, count)
+        def found(
+            history: History,
+        ) -> MaybeAwaitable[tuple[Position, list[Publication], bool] | None]:
+            top = history.top
+            if not top.epoch:
+                return None
+            complete = history.publications is not None
+            if complete and not newest_first:
+                return top, history.publications or [], True
+            count = limit if newest_first else self.namespaces.history_size(name)
 
-    async def read_history_remote(
-        self, name: str, since: int, limit: int, newest_first: bool
-    ) -> tuple[Position, list[Publication], bool] | None:
-        """What ``read_history`` says, read from the remote broker."""
-        assert self.remote is not None
-        history: History = await self.remote.history(name, since, 1 if newest_first else limit)
-        top = history.top
-        complete = history.publications is not None
-        page = history.publications or []
-        if not complete and not newest_first:
-            # History no longer reaches ``since + 1``: what it still keeps, as the
-            # memory engine answers (bounded by the namespace's history size).
-            kept = await self.remote.latest(name, self.namespaces.history_size(name))
-            page = [p for p in kept.publications or [] if p.offset > since][:limit]
-        if newest_first:
-            latest = await self.remote.latest(name, limit)
-            page = [p for p in latest.publications or [] if p.offset > since][::-1]
-        if not top.epoch:
-            return None
-        return top, page, complete
+            def kept(latest: History) -> tuple[Position, list[Publication], bool]:
+                after = [p for p in latest.publications or () if p.offset > since]
+                page = after[::-1] if newest_first else after[:limit]
+                return top, page, complete
+
+            return then(broker.latest(name, count), kept)
+
+        return then(broker.history(name, since, limit), found)
 
     def begin_drain(self) -> None:
         self.ready = False
         self.draining = True
+
+
+def _nothing_read(after: int, limit: int) -> list[Publication] | None:
+    """History not read: recovery was decided without it (see ``_admit``)."""
+    return []

@@ -231,3 +231,36 @@ def redis_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
     finally:
         for server in servers:
             server.stop()
+
+
+def node_publish(node: Any, channel: str, value: Any, key: str | None = None) -> Any:
+    """One publish through the node, as ``POST /publish/{channel}`` makes it (a
+    refusal raised); the memory engine answers at once."""
+    from broadcastd.broker import Published
+    from broadcastd.core.envelope import Payload
+
+    (answer,) = node.publish(
+        [(channel, Payload.from_value(value), key)], "channel", all_or_none=True
+    )
+    assert isinstance(answer, Published)
+    return answer
+
+
+def node_join(node: Any, outbox: Any, name: str, raw: bool = False, since: Any = None) -> Any:
+    """Join ``outbox`` to channel ``name`` on a memory-engine node (which answers at
+    once): the position it joined at and the recovery, if ``since`` was given."""
+    got: list[Any] = []
+
+    def failed(error: Exception) -> None:
+        raise error
+
+    node.join(
+        outbox,
+        name,
+        raw,
+        since,
+        lambda position, recovery: got.append((position, recovery)),
+        failed,
+    )
+    assert got, "the memory engine answers at once"
+    return got[0]

@@ -267,10 +267,10 @@ async def test_a_failing_handler_is_a_logged_500_and_the_connection_goes_on(
     node = edge_daemon.daemon.node
     publish = node.publish
 
-    def broken(channel: str, payload: Any, form: str, key: str | None = None) -> Any:
-        if channel == "boom":
+    def broken(items: Any, form: str, **options: Any) -> Any:
+        if items[0][0] == "boom":
             raise RuntimeError("bug")
-        return publish(channel, payload, form, key)
+        return publish(items, form, **options)
 
     monkeypatch.setattr(node, "publish", broken)
     client = await RawHttp.connect(edge_daemon.daemon.control.port)

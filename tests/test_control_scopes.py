@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from broadcastd.app import Daemon
+from broadcastd.broker.redis import RedisBroker
 from broadcastd.errors import ConfigError
 from broadcastd.settings import Settings
 
@@ -291,7 +292,7 @@ async def test_the_redis_routes_refuse_before_publishing(
 ) -> None:
     settings = scoped_settings(tmp_path, broker__type="redis", broker__redis__url=redis_server.url)
     async with running_daemon(settings) as d:
-        assert d.daemon.node.remote is not None
+        assert isinstance(d.daemon.node.broker, RedisBroker)
         auth = bearer(ORDERS)
         assert (await d.http.post("/publish/orders:1", json=1, headers=auth)).is_success
         refused(await d.http.post("/publish/news", json=1, headers=auth))

@@ -17,7 +17,7 @@ from broadcastd.errors import ChannelTableFull
 from broadcastd.node import Node
 from broadcastd.settings import SlowConsumerPolicy
 
-from .conftest import make_settings
+from .conftest import make_settings, node_join, node_publish
 
 
 def payloads(outbox: Outbox) -> list[bytes]:
@@ -37,16 +37,16 @@ def box() -> Outbox:
 
 
 def publish(node: Node, channel: str, value: Any, key: str | None = None) -> Any:
-    return node.publish(channel, Payload.from_value(value), "json", key)
+    return node_publish(node, channel, value, key)
 
 
 async def test_fan_out_reaches_each_subscriber_once_with_consecutive_offsets(node: Node) -> None:
     a, b, c = box(), box(), box()
-    start = node.subscribe(a, "news", False)
+    start = node_join(node, a, "news", False)[0]
     assert start.offset == 0
-    node.subscribe(b, "news", False)
-    node.subscribe(b, "news", False)  # twice is harmless
-    node.subscribe(c, "sport", False)
+    node_join(node, b, "news", False)[0]
+    node_join(node, b, "news", False)[0]  # twice is harmless
+    node_join(node, c, "sport", False)[0]
     first = publish(node, "news", {"n": 1})
     second = publish(node, "news", {"n": 2})
     assert (first.position, first.fan_out.queued) == (Position(start.epoch, 1), 2)
@@ -64,7 +64,7 @@ async def test_fan_out_reaches_each_subscriber_once_with_consecutive_offsets(nod
 async def test_all_subscribers_share_one_encoded_frame(node: Node) -> None:
     outboxes = [box() for _ in range(5)]
     for outbox in outboxes:
-        node.subscribe(outbox, "x", False)
+        node_join(node, outbox, "x", False)[0]
     publish(node, "x", "hello")
     frames = [outbox.take()[0] for outbox in outboxes]
     assert all(frame is frames[0] for frame in frames)
@@ -72,8 +72,8 @@ async def test_all_subscribers_share_one_encoded_frame(node: Node) -> None:
 
 async def test_raw_subscribers_get_the_payload_alone(node: Node) -> None:
     raw, enveloped = box(), box()
-    node.subscribe(raw, "x", True)
-    node.subscribe(enveloped, "x", False)
+    node_join(node, raw, "x", True)[0]
+    node_join(node, enveloped, "x", False)[0]
     assert publish(node, "x", "hello").fan_out.queued == 2
     assert payloads(raw) == [b"hello"]
     assert json.loads(payloads(enveloped)[0])["data"] == "hello"
@@ -81,7 +81,7 @@ async def test_raw_subscribers_get_the_payload_alone(node: Node) -> None:
 
 async def test_unsubscribe_stops_delivery(node: Node) -> None:
     a = box()
-    node.subscribe(a, "x", False)
+    node_join(node, a, "x", False)[0]
     node.unsubscribe(a, "x")
     node.unsubscribe(a, "x")  # harmless
     node.unsubscribe(a, "never")
@@ -96,7 +96,7 @@ async def test_fan_out_counts_drops_and_refusals_without_stopping(node: Node) ->
     dropping = Outbox(1, 10_000, SlowConsumerPolicy.DROP_OLDEST)
     fine = box()
     for outbox in (slow, dropping, fine):
-        node.subscribe(outbox, "x", False)
+        node_join(node, outbox, "x", False)[0]
     publish(node, "x", 1)
     second = publish(node, "x", 2).fan_out
     assert (second.queued, second.dropped, second.refused) == (2, 1, 1)
@@ -106,41 +106,42 @@ async def test_fan_out_counts_drops_and_refusals_without_stopping(node: Node) ->
 async def test_positions_survive_while_the_channel_is_remembered(node: Node) -> None:
     publish(node, "a", 1)
     epoch = publish(node, "a", 2).position.epoch
-    assert node.subscribe(box(), "a", False) == Position(epoch, 2)
+    assert node_join(node, box(), "a", False)[0] == Position(epoch, 2)
 
 
 async def test_idle_channels_are_forgotten_oldest_first_and_busy_ones_never(node: Node) -> None:
-    node.subscribe(box(), "busy", False)
+    node_join(node, box(), "busy", False)[0]
     publish(node, "idle1", 1)
     publish(node, "idle2", 1)
     publish(node, "idle3", 1)  # forgets idle1: its count restarts in a new epoch
     assert node.channel_state("idle1") is None
     assert node.channel_state("busy") is not None
-    node.subscribe(box(), "idle2", False)
-    node.subscribe(box(), "idle3", False)
+    node_join(node, box(), "idle2", False)[0]
+    node_join(node, box(), "idle3", False)[0]
     with pytest.raises(ChannelTableFull):
         publish(node, "fourth", 1)
     with pytest.raises(ChannelTableFull):
-        node.publish_all(["busy", "fourth"], Payload.from_value(1), "json")
+        node.publish(
+            [(c, Payload.from_value(1), None) for c in ("busy", "fourth")], "json", all_or_none=True
+        )
     assert node.channel_state("busy")[0].offset == 0  # all or nothing
 
 
 async def test_recovery_replays_exactly_what_was_missed(node: Node) -> None:
     a = box()
-    start = node.subscribe(a, "x", False)
+    start = node_join(node, a, "x", False)[0]
     for i in range(5):
         publish(node, "x", i)
-    top = node.channel_state("x")[0]
-    recovery = node.recover("x", Position(start.epoch, 2), top)
+    recovery = node_join(node, box(), "x", since=Position(start.epoch, 2))[1]
     assert recovery.recovered
     assert [p.offset for p in recovery.replay] == [3, 4, 5]
-    assert node.recover("x", Position("other", 2), top).reason == "epoch"
-    assert [p.offset for p in node.recover("x", Last(2), top).replay] == [4, 5]
+    assert node_join(node, box(), "x", since=Position("other", 2))[1].reason == "epoch"
+    assert [p.offset for p in node_join(node, box(), "x", since=Last(2))[1].replay] == [4, 5]
 
 
 async def test_an_idempotency_key_publishes_once(node: Node) -> None:
     a = box()
-    node.subscribe(a, "x", False)
+    node_join(node, a, "x", False)[0]
     first = publish(node, "x", "m", key="k")
     again = publish(node, "x", "m", key="k")
     other = publish(node, "y", "m", key="k")  # keys are per channel

@@ -24,8 +24,9 @@ from redis.asyncio.connection import AbstractConnection
 from broadcastd.broker.pubsub import PubSubConnection
 from broadcastd.broker.redis import RedisBroker, Shard, shard_of
 from broadcastd.core.envelope import Payload
+from broadcastd.core.hub import FanOut
 from broadcastd.core.observer import NullObserver
-from broadcastd.core.stream import Publication
+from broadcastd.core.stream import Position, Publication
 
 from .conftest import Running, make_settings, recv_json, running_daemon
 from .redisserver import RedisServer, free_port
@@ -48,7 +49,7 @@ def redis_settings(url: str | list[str], **overrides: Any) -> Any:
 async def broker_is(d: Running, up: bool, timeout: float = 20) -> None:
     """Wait for the broker's health to become ``up`` (a connection, a reconnection,
     a probe failing), then check that readiness says the same."""
-    broker = d.daemon.node.remote
+    broker = d.daemon.node.broker
     assert isinstance(broker, RedisBroker)
     async with asyncio.timeout(timeout):
         while broker.health.up != up:
@@ -237,7 +238,7 @@ async def test_an_idempotency_key_holds_across_nodes(redis_server: RedisServer) 
             await recv_json(ws)
             first = await a.publish("orders", {"id": 7}, headers={"Idempotency-Key": "k-7"})
             again = await b.publish("orders", {"id": 7}, headers={"Idempotency-Key": "k-7"})
-            assert again == {**first, "duplicate": True, "subscribers": 1}
+            assert again == {**first, "duplicate": True, "subscribers": 0}  # it went nowhere
             await b.publish("orders", {"id": 8})
             got = await messages(ws, 2)
             assert [m["data"]["id"] for m in got] == [7, 8]
@@ -590,16 +591,39 @@ async def test_closed_redis_connections_need_no_cyclic_collector(
         gc.enable()
 
 
+class Collector:
+    """An engine's handler that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.got: asyncio.Queue[Publication] = asyncio.Queue()
+        self.subscriptions: asyncio.Queue[tuple[str, Position]] = asyncio.Queue()
+
+    def subscribed(self, channel: str, position: Position) -> None:
+        self.subscriptions.put_nowait((channel, position))
+
+    def unavailable(self, channel: str, error: Exception) -> None:
+        raise AssertionError(f"{channel}: {error}")
+
+    def deliver(self, channel: str, publication: Publication) -> FanOut:
+        self.got.put_nowait(publication)
+        return FanOut()
+
+    def resync(self, channel: str, position: Position, reason: str) -> None:
+        raise AssertionError(f"{channel}: resync ({reason})")
+
+
 async def run_broker_through_reconnects(server: RedisServer) -> list[weakref.ref[Any]]:
     """A broker through a Redis restart and a killed pub/sub connection, then
     closed; returns weak references to every object of ours it made."""
     broker = RedisBroker(redis_settings(server.url), NullObserver())
-    got: asyncio.Queue[Publication] = asyncio.Queue()
-    await broker.start(lambda channel, publication: got.put_nowait(publication), lambda _: None)
+    handler = Collector()
+    got = handler.got
+    await broker.start(handler)
     refs: list[weakref.ref[Any]] = [weakref.ref(broker), *map(weakref.ref, broker.shards)]
     payload = Payload.from_json_text(b"1")
     first = await reconnected(broker, None)
-    await broker.subscribe("loop")
+    broker.subscribe("loop")
+    await handler.subscriptions.get()
     await broker.publish([("loop", payload, None)])
     assert (await got.get()).offset == 1
     refs.append(weakref.ref(first))

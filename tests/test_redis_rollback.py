@@ -28,7 +28,7 @@ class Positions:
 
     def __init__(self, d: Running) -> None:
         self.d = d
-        broker = d.daemon.node.remote
+        broker = d.daemon.node.broker
         assert isinstance(broker, RedisBroker)
         self.broker = broker
         self.given: list[tuple[Position, str, Any]] = []

@@ -11,14 +11,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broadcastd.core.envelope import Payload
 from broadcastd.core.outbox import Outbox
 from broadcastd.core.session import Command, Session, parse_command
 from broadcastd.core.stream import Position
 from broadcastd.errors import ClientError, CloseReason
 from broadcastd.node import Node
 
-from .conftest import make_settings
+from .conftest import make_settings, node_publish
 from .test_channels import valid_names
 
 ids = st.none() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=64)
@@ -86,13 +85,13 @@ def replies(outbox: Outbox) -> list[dict[str, Any]]:
 
 def make_session(**kwargs: Any) -> tuple[Session, Node]:
     node = Node(make_settings())
-    node.broker._deliver = node.hub.deliver  # type: ignore[attr-defined]  # no loop needed
+    node.broker._handler = node  # type: ignore[attr-defined]  # started, with no loop needed
     return Session("c1", node, Outbox(100, 100_000), **kwargs), node
 
 
 def test_subscribe_reply_carries_the_position_and_echoes_the_id() -> None:
     session, node = make_session()
-    epoch = node.publish("news", Payload.from_value(1), "json").position.epoch
+    epoch = node_publish(node, "news", 1).position.epoch
     assert session.handle('{"op": "subscribe", "channel": "news", "id": "a"}') is None
     assert replies(session.outbox) == [
         {"type": "subscribed", "channel": "news", "epoch": epoch, "offset": 1, "id": "a"}
@@ -103,7 +102,7 @@ def test_subscribe_with_since_replays_after_the_reply() -> None:
     session, node = make_session()
     epoch = ""
     for i in range(4):
-        epoch = node.publish("news", Payload.from_value(i), "json").position.epoch
+        epoch = node_publish(node, "news", i).position.epoch
     since = json.dumps({"epoch": epoch, "offset": 1})
     session.handle(f'{{"op": "subscribe", "channel": "news", "since": {since}, "id": 7}}')
     got = replies(session.outbox)
@@ -122,7 +121,7 @@ def test_subscribe_with_since_replays_after_the_reply() -> None:
 
 def test_raw_clients_are_told_the_outcome_of_a_recovery_they_asked_for() -> None:
     session, node = make_session(raw=True)
-    epoch = node.publish("a", Payload.from_value("m"), "json").position.epoch
+    epoch = node_publish(node, "a", "m").position.epoch
     session.open(["a"], [("a", Position(epoch, 0))])
     frames = session.outbox.take()
     assert json.loads(frames[0][2:])["recovered"] is True

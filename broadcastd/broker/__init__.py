@@ -1,28 +1,57 @@
-"""Brokers assign stream positions and carry publications to every node.
+"""The engine seam: one interface for every broker, and the handler it calls back.
 
-The seam (DESIGN.md, "Broker seam"): the node hands a publication to the
-broker, which gives it the channel's next position and delivers it back, through
-``deliver``, to every node with local subscribers of the channel. The node
-never invents an offset, and the publish path after the broker is the same on
-one node (MemoryBroker, which delivers synchronously inside ``publish``) and on
-many.
+A broker (an engine) assigns stream positions, keeps history and carries
+publications to every node; the node holds one and calls it one way, whichever
+runs (ARCHITECTURE.md, "The engine seam"). The memory engine lives in this
+process and answers at once; the Redis engine is a round trip away and answers
+later. Both deliver through the same ``BrokerHandler``, so the path after the
+engine is one path, and the node never asks which engine it holds.
 
-``subscribe``/``unsubscribe`` are called for a node's first and last local
-subscriber of a channel; ``history`` reads what the broker keeps of a channel,
-for recovery and the control API.
+The shape, and why: a call that may need a round trip returns its answer, or an
+awaitable of it (``MaybeAwaitable``), and ``then`` chains what to do with it.
+On the memory engine the answer is there at once and the chain runs in the
+caller's own step: no task, no future, no event-loop turn on the hot path (a
+publish, a subscribe in a connection storm), which an awaitable everywhere
+would cost the memory engine on every call. On Redis the same call site waits.
+
+Ordering is the engine's promise: ``deliver`` hands the node each channel's
+publications in offset order from the position ``subscribed`` told, none twice
+and none skipped; where a gap cannot be filled, ``resync`` says where the
+channel continues. The gap tracking that keeps this promise over Redis's
+pub/sub lives beside that engine (``broadcastd.broker.feeds``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import NamedTuple, Protocol
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import NamedTuple, Protocol, TypeAlias, TypeVar
 
-from broadcastd.core.envelope import Payload
 from broadcastd.core.hub import FanOut
 from broadcastd.core.publication import Item
 from broadcastd.core.stream import Position, Publication
+from broadcastd.errors import ClientError
 
-Deliver = Callable[[str, Publication], FanOut]
+T = TypeVar("T")
+U = TypeVar("U")
+
+MaybeAwaitable: TypeAlias = T | Awaitable[T]
+"""An engine's answer: the value at once (memory), or an awaitable of it (Redis)."""
+
+
+def then(answer: MaybeAwaitable[T], step: Callable[[T], MaybeAwaitable[U]]) -> MaybeAwaitable[U]:
+    """``step`` applied to ``answer``: at once if it is there, else once it comes."""
+    if not inspect.isawaitable(answer):
+        return step(answer)
+    pending = answer
+
+    async def chained() -> U:
+        result = step(await pending)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+
+    return chained()
 
 
 class Published(NamedTuple):
@@ -30,7 +59,7 @@ class Published(NamedTuple):
 
     position: Position
     fan_out: FanOut | None
-    """The local fan-out, when the broker delivered inside publish (memory)."""
+    """The local fan-out, when the engine delivered inside publish (memory)."""
     duplicate: bool = False
     """The idempotency key was seen before: nothing was published, ``position``
     is the first publish's."""
@@ -45,7 +74,7 @@ class History(NamedTuple):
 
 
 class HistoryStats(NamedTuple):
-    """What the broker keeps here, for metrics; evictions count since start."""
+    """What the engine keeps in this process, for metrics; evictions count since start."""
 
     entries: int = 0
     bytes: int = 0
@@ -60,79 +89,64 @@ class Health(NamedTuple):
     reason: str = ""
 
 
-class Broker(Protocol):
-    async def start(self, deliver: Deliver) -> None:
-        """Begin delivering publications to ``deliver``."""
+class BrokerHandler(Protocol):
+    """What an engine calls back: the node."""
 
-    def publish(self, channel: str, payload: Payload, key: str | None = None) -> Published:
-        """Give ``payload`` the channel's next position (or, for an idempotency
-        ``key`` seen before, answer the first publish's position)."""
+    def subscribed(self, channel: str, position: Position) -> None:
+        """``subscribe(channel)`` holds: every publication after ``position`` will
+        be delivered (called before any of them is)."""
+
+    def unavailable(self, channel: str, error: ClientError) -> None:
+        """``subscribe(channel)`` could not be made (the engine is unreachable)."""
+
+    def deliver(self, channel: str, publication: Publication) -> FanOut:
+        """The channel's next publication: fan it out to the local subscribers."""
+
+    def resync(self, channel: str, position: Position, reason: str) -> None:
+        """What the channel's subscribers missed cannot be had (``gap``), or its
+        count restarted (``epoch``): it continues after ``position``."""
+
+
+class Broker(Protocol):
+    """An engine: memory (this process) or Redis (every node)."""
+
+    async def start(self, handler: BrokerHandler) -> None:
+        """Begin calling ``handler`` back."""
+
+    def publish(
+        self, items: Sequence[Item]
+    ) -> list[Published | ClientError] | Awaitable[list[Published | ClientError]]:
+        """Give each item its channel's next position (or, for an idempotency key
+        seen before, answer the first publish's position): one answer per item,
+        a ClientError for an item refused alone. BrokerUnavailable (503) when the
+        engine cannot be reached: then nothing is known to be published."""
 
     def has_room_for(self, channels: list[str]) -> bool:
         """Whether publishing to all of ``channels`` would be refused for none."""
 
-    def subscribe(self, channel: str) -> Position:
-        """This node gained its first subscriber of ``channel``; its position now."""
+    def subscribe(self, channel: str) -> None:
+        """This node gained its first subscriber of ``channel``: the engine answers
+        through ``subscribed`` or ``unavailable`` (at once, or after a round
+        trip). A refusal known at once (a full channel table) is raised."""
 
     def unsubscribe(self, channel: str) -> None:
         """This node lost its last subscriber of ``channel``."""
 
-    def history(self, channel: str, since: int, limit: int) -> History:
+    def history(self, channel: str, since: int, limit: int) -> MaybeAwaitable[History]:
         """Up to ``limit`` publications after offset ``since``."""
 
-    def latest(self, channel: str, count: int) -> History:
+    def latest(self, channel: str, count: int) -> MaybeAwaitable[History]:
         """The last ``count`` publications kept."""
 
-    def position(self, channel: str) -> Position | None:
-        """The channel's latest position, if the broker holds it here."""
+    def position(self, channel: str) -> MaybeAwaitable[Position | None]:
+        """The channel's latest position, if the engine knows the channel."""
 
-    def channels(self) -> Iterable[str]:
-        """The channels whose streams this broker holds here (for listings)."""
+    def channels(self) -> Iterable[tuple[str, Position]]:
+        """The channels this engine holds here, with their latest position known
+        here (memory: every stream; Redis: those this node subscribes to)."""
 
-    def history_stats(self) -> HistoryStats: ...
-
-    @property
-    def health(self) -> Health: ...
-
-    async def close(self) -> None: ...
-
-
-class RemoteBroker(Protocol):
-    """A broker in another process (Redis): every call that asks it something is a
-    round trip, and publications reach this node later, through ``deliver``.
-
-    Failures to reach it are BrokerUnavailable (HTTP 503, code
-    ``broker_unavailable``), raised within its configured timeout.
-    """
-
-    async def start(
-        self, deliver: Callable[[str, Publication], None], resubscribed: Callable[[list[str]], None]
-    ) -> None:
-        """Begin (in the background) delivering this node's channels to ``deliver``;
-        ``resubscribed`` hears, after each reconnection, which channels may have
-        missed publications."""
-
-    async def publish(self, items: Sequence[Item]) -> list[Published]:
-        """Publish every item; answered once the broker has accepted all of them."""
-
-    async def subscribe(self, channel: str) -> Position:
-        """Subscribe this node; once confirmed, the channel's position (begun in a
-        new epoch if it had none). Every later publication arrives via ``deliver``."""
-
-    def unsubscribe(self, channel: str) -> None: ...
-
-    async def begin(self, channel: str) -> Position:
-        """The channel's position, begun in a new epoch if the broker has none."""
-
-    async def restart(self, channel: str, epoch: str) -> Position:
-        """Begin a new epoch if the channel is still in ``epoch`` (the broker lost
-        acknowledged publications: their offsets must not be given out again)."""
-
-    async def history(self, channel: str, since: int, limit: int) -> History: ...
-
-    async def latest(self, channel: str, count: int) -> History: ...
-
-    async def position(self, channel: str) -> Position | None: ...
+    def stats(self) -> HistoryStats:
+        """What this engine keeps in this process."""
 
     @property
     def health(self) -> Health: ...

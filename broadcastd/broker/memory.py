@@ -1,10 +1,12 @@
-"""The single-process broker: positions, history and idempotency keys in memory.
+"""The memory engine: positions, history and idempotency keys in this process.
 
 A publication gets its position from the in-process Streams and is delivered to
 this node synchronously, inside ``publish``: the fast path stays one call deep,
-and the publish response can say how many local subscribers took it. A process
-start begins every channel in a new epoch, so a client that reconnects after a
-restart is told its position belongs to another life of the channel.
+and the publish response can say how many local subscribers took it. Every
+answer of this engine is there at once (``broadcastd.broker`` says why that
+matters). A process start begins every channel in a new epoch, so a client
+that reconnects after a restart is told its position belongs to another life
+of the channel.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 
-from broadcastd.broker import Deliver, Health, History, HistoryStats, Published
+from broadcastd.broker import BrokerHandler, Health, History, HistoryStats, Published
 from broadcastd.core.envelope import Payload
+from broadcastd.core.hub import FanOut
 from broadcastd.core.idempotency import Idempotency
 from broadcastd.core.namespaces import Namespaces
-from broadcastd.core.stream import Position, Streams
+from broadcastd.core.publication import Item
+from broadcastd.core.stream import Position, Publication, Streams
+from broadcastd.errors import ClientError
 from broadcastd.settings import Settings
 
 SWEEP_INTERVAL = 1.0
@@ -53,20 +58,37 @@ class MemoryBroker:
         self.keys = Idempotency(
             settings.publish.idempotency_ttl, settings.publish.idempotency_max_keys, clock
         )
-        self._deliver: Deliver | None = None
+        self._handler: BrokerHandler | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
-    async def start(self, deliver: Deliver) -> None:
-        self._deliver = deliver
+    async def start(self, handler: BrokerHandler) -> None:
+        self._handler = handler
         self._sweep()
 
     def _sweep(self) -> None:
         self.streams.expire()
         self._sweeper = asyncio.get_running_loop().call_later(SWEEP_INTERVAL, self._sweep)
 
-    def publish(self, channel: str, payload: Payload, key: str | None = None) -> Published:
-        deliver = self._deliver
-        assert deliver is not None, "publish before start"
+    def publish(self, items: Sequence[Item]) -> list[Published | ClientError]:
+        handler = self._handler
+        assert handler is not None, "publish before start"
+        deliver = handler.deliver
+        one = self._publish
+        results: list[Published | ClientError] = []
+        for channel, payload, key in items:
+            try:
+                results.append(one(channel, payload, key, deliver))
+            except ClientError as exc:  # this item alone (a full channel table)
+                results.append(exc)
+        return results
+
+    def _publish(
+        self,
+        channel: str,
+        payload: Payload,
+        key: str | None,
+        deliver: Callable[[str, Publication], FanOut],
+    ) -> Published:
         if key is not None:
             first = self.keys.get(channel, key)
             if first is not None:
@@ -80,8 +102,10 @@ class MemoryBroker:
     def has_room_for(self, channels: list[str]) -> bool:
         return self.streams.has_room_for(channels)
 
-    def subscribe(self, channel: str) -> Position:
-        return self.streams.pin(channel).position
+    def subscribe(self, channel: str) -> None:
+        position = self.streams.pin(channel).position
+        assert self._handler is not None, "subscribe before start"
+        self._handler.subscribed(channel, position)
 
     def unsubscribe(self, channel: str) -> None:
         self.streams.unpin(channel)
@@ -102,10 +126,10 @@ class MemoryBroker:
         stream = self.streams.get(channel)
         return None if stream is None else stream.position
 
-    def channels(self) -> Iterable[str]:
-        return (stream.name for stream in self.streams)
+    def channels(self) -> Iterable[tuple[str, Position]]:
+        return ((stream.name, stream.position) for stream in self.streams)
 
-    def history_stats(self) -> HistoryStats:
+    def stats(self) -> HistoryStats:
         streams = self.streams
         evicted = streams.evicted
         return HistoryStats(
@@ -125,4 +149,4 @@ class MemoryBroker:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        self._deliver = None
+        self._handler = None

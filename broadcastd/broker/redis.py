@@ -48,7 +48,8 @@ from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from broadcastd import log
-from broadcastd.broker import Health, History, Published
+from broadcastd.broker import BrokerHandler, Health, History, HistoryStats, Published
+from broadcastd.broker.feeds import Feeds
 from broadcastd.broker.memory import new_epoch
 from broadcastd.broker.pubsub import PubSubConnection
 from broadcastd.broker.scripts import HISTORY, POSITION, PUBLISH, RESTART
@@ -57,15 +58,13 @@ from broadcastd.core.namespaces import Namespaces
 from broadcastd.core.observer import Observer
 from broadcastd.core.publication import Item
 from broadcastd.core.stream import Position, Publication
-from broadcastd.errors import BrokerUnavailable
+from broadcastd.errors import BrokerUnavailable, ClientError
 from broadcastd.settings import RedisSettings, Settings, mask_url
 
 _log = log.get("broadcastd.broker")
 _throttle = log.Throttle(per_second=10)
 T = TypeVar("T")
 
-RemoteDeliver = Callable[[str, Publication], None]
-Resubscribed = Callable[[list[str]], None]
 FAILURES = (RedisError, OSError, TimeoutError, ConnectionError)
 SEEN_CHANNELS = 10_000
 """Channels without a subscriber here whose highest position a node remembers
@@ -130,7 +129,7 @@ class Shard:
         """Pub/sub channels wanted on this shard (the probe's included)."""
         self.queue: list[tuple[Item, asyncio.Future[Published]]] = []
         """Publishes asked for in this turn of the event loop, sent together."""
-        self.joining: list[tuple[str, bytes, asyncio.Future[Position]]] = []
+        self.joining: list[tuple[str, bytes]] = []
         """Channels subscribed in this turn of the event loop, subscribed together."""
         self.pubsub: PubSubConnection | None = None
         self.subscribed = False
@@ -167,8 +166,8 @@ class RedisBroker:
         self._recent: dict[str, Position] = {}
         """The highest position seen of other channels, least recently used first
         (at most SEEN_CHANNELS)."""
-        self._deliver: RemoteDeliver | None = None
-        self._resubscribed: Resubscribed | None = None
+        self._feeds: Feeds | None = None
+        """What this node subscribes to, in order (``broadcastd.broker.feeds``)."""
         self._probe_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         """Probes and publish flushes under way (cancelled at close)."""
@@ -177,11 +176,10 @@ class RedisBroker:
 
     # Lifecycle
 
-    async def start(self, deliver: RemoteDeliver, resubscribed: Resubscribed) -> None:
+    async def start(self, handler: BrokerHandler) -> None:
         """Begin connecting (in the background: a Redis that is down at start makes
         the node unready, never stops it from starting)."""
-        self._deliver = deliver
-        self._resubscribed = resubscribed
+        self._feeds = Feeds(self, handler, self.observer)
         self.observer.broker_up(False)
         _log.info(
             "broker.start",
@@ -206,8 +204,9 @@ class RedisBroker:
                     await shard.task
                 shard.task = None
             await shard.client.aclose()
-        self._deliver = None
-        self._resubscribed = None
+        if self._feeds is not None:
+            self._feeds.close()
+            self._feeds = None
 
     # The pub/sub connection's life
 
@@ -301,7 +300,7 @@ class RedisBroker:
 
     # Publishing
 
-    async def publish(self, items: Sequence[Item]) -> list[Published]:
+    async def publish(self, items: Sequence[Item]) -> list[Published | ClientError]:
         """Publish every item; answered once Redis accepted them all.
 
         Publishes are coalesced: everything asked for in one turn of the event
@@ -323,7 +322,7 @@ class RedisBroker:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        return cast(list[Published], results)
+        return cast(list[Published | ClientError], results)
 
     def _flush(self, shard: Shard) -> None:
         batch, shard.queue = shard.queue, []
@@ -418,29 +417,25 @@ class RedisBroker:
 
     # Subscriptions
 
-    async def subscribe(self, channel: str) -> Position:
+    def subscribe(self, channel: str) -> None:
         """Subscribe this node to ``channel``; once Redis confirms, its position
-        (begun in a new epoch if the channel has none): every publication after it
-        will arrive through ``deliver``."""
+        (begun in a new epoch if the channel has none) goes to the handler's
+        ``subscribed``, and every later publication to its ``deliver``."""
+        feeds = self._feeds
+        assert feeds is not None, "subscribe before start"
         shard = self._shard(channel)
         topic = self._topic_prefix + channel.encode()
+        if shard.pubsub is None or not shard.subscribed:
+            raise BrokerUnavailable("Redis is not reachable; try again shortly")
         shard.topics.add(topic)
         self._prefixes[channel] = channel_prefix(channel)
         seen = self._recent.pop(channel, None)
         if seen is not None:
             self._heard.setdefault(channel, seen)
-        try:
-            if shard.pubsub is None or not shard.subscribed:
-                raise BrokerUnavailable("Redis is not reachable; try again shortly")
-            loop = asyncio.get_running_loop()
-            joined: asyncio.Future[Position] = loop.create_future()
-            shard.joining.append((channel, topic, joined))
-            if len(shard.joining) == 1:
-                loop.call_soon(self._join_flush, shard)
-            return await joined
-        except BaseException:
-            self._forget(shard, channel, topic)
-            raise
+        feeds.want(channel)
+        shard.joining.append((channel, topic))
+        if len(shard.joining) == 1:
+            asyncio.get_running_loop().call_soon(self._join_flush, shard)
 
     def _join_flush(self, shard: Shard) -> None:
         """Everything subscribed in one turn of the event loop goes to Redis as one
@@ -451,20 +446,18 @@ class RedisBroker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _join(
-        self, shard: Shard, batch: list[tuple[str, bytes, asyncio.Future[Position]]]
-    ) -> None:
+    async def _join(self, shard: Shard, batch: list[tuple[str, bytes]]) -> None:
         script = shard.position_script
         try:
             pubsub = shard.pubsub
             if pubsub is None or not shard.subscribed:
                 raise BrokerUnavailable("Redis is not reachable; try again shortly")
-            confirmations = pubsub.subscribe([topic for _, topic, _ in batch])
+            confirmations = pubsub.subscribe([topic for _, topic in batch])
             await self._call(shard, lambda: asyncio.gather(*confirmations))
 
             async def positions() -> list[Any]:
                 async with shard.client.pipeline(transaction=False) as pipe:
-                    for channel, _, _ in batch:
+                    for channel, _ in batch:
                         known = self._known(channel)
                         args: list[str | int] = [new_epoch(), self.meta_ttl_ms, *known]
                         await script(keys=list(self._keys(channel)), args=args, client=pipe)
@@ -472,19 +465,27 @@ class RedisBroker:
 
             answers = await self._call(shard, positions)
         except asyncio.CancelledError:
-            for _, _, future in batch:
-                future.cancel()
             raise
-        except Exception as exc:
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+        except ClientError as exc:
+            self._not_joined(shard, batch, exc)
             return
-        for (channel, _, future), (epoch, offset) in zip(batch, answers, strict=True):
+        except Exception as exc:  # a failure of ours: these channels alone
+            _log.error("broker.subscribe_failed", error=f"{type(exc).__name__}"[:200], exc_info=exc)
+            self._not_joined(shard, batch, BrokerUnavailable("the subscription failed"))
+            return
+        feeds = self._feeds
+        for (channel, _), (epoch, offset) in zip(batch, answers, strict=True):
             position = Position(epoch.decode(), int(offset))
             self._saw(channel, position)
-            if not future.done():
-                future.set_result(position)
+            if feeds is not None:
+                feeds.opened(channel, position)
+
+    def _not_joined(self, shard: Shard, batch: list[tuple[str, bytes]], error: ClientError) -> None:
+        for channel, topic in batch:
+            if self._feeds is not None:
+                self._feeds.failed(channel, error)  # before _forget, which drops the feed
+            if channel in self._prefixes:
+                self._forget(shard, channel, topic)
 
     def unsubscribe(self, channel: str) -> None:
         shard = self._shard(channel)
@@ -495,6 +496,8 @@ class RedisBroker:
                 shard.pubsub.unsubscribe([topic])
 
     def _forget(self, shard: Shard, channel: str, topic: bytes) -> None:
+        if self._feeds is not None:
+            self._feeds.forget(channel)
         shard.topics.discard(topic)
         self._prefixes.pop(channel, None)
         heard = self._heard.pop(channel, None)
@@ -503,9 +506,10 @@ class RedisBroker:
 
     def _on_messages(self, messages: list[tuple[bytes, bytes]]) -> None:
         """Publications (and probes) as they arrive, in the order Redis sent them."""
-        deliver = self._deliver
-        if deliver is None:
+        feeds = self._feeds
+        if feeds is None:
             return
+        deliver = feeds.deliver
         skip = len(self._topic_prefix)
         prefixes = self._prefixes
         heard = self._heard
@@ -645,8 +649,8 @@ class RedisBroker:
             self.observer.broker_reconnected()
         self._set(shard, True, "")
         names = [topic[len(self._topic_prefix) :].decode() for topic in shard.topics]
-        if self._resubscribed is not None:
-            self._resubscribed([name for name in names if name in self._prefixes])
+        if self._feeds is not None:
+            self._feeds.resubscribed([name for name in names if name in self._prefixes])
 
     def _shard_lost(self, shard: Shard, error: BaseException | None) -> None:
         if shard.up or shard.reason == "connecting":  # once per outage, not per attempt
@@ -677,5 +681,13 @@ class RedisBroker:
         """Return once ``health`` next changes (tests and tools wait on it)."""
         await self._changed.wait()
 
-    def channels(self) -> Iterable[str]:
-        return iter(self._prefixes)
+    def channels(self) -> Iterable[tuple[str, Position]]:
+        """The channels this node subscribes to (GET /channels lists this node's)."""
+        heard = self._heard
+        return ((name, heard.get(name, NOTHING_SEEN)) for name in self._prefixes)
+
+    def has_room_for(self, channels: list[str]) -> bool:
+        return True  # Redis holds the channels; its memory is its operator's to size
+
+    def stats(self) -> HistoryStats:
+        return HistoryStats()  # history lives in Redis, not in this process

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from broadcastd.core.outbox import DROPPED, Budget, Outbox
 from broadcastd.core.stream import Position, Publication
@@ -35,6 +35,7 @@ class Channel:
         "offset",
         "policy",
         "raw_subscribers",
+        "recovering",
     )
 
     def __init__(
@@ -52,6 +53,9 @@ class Channel:
         """Its namespace's slow-consumer policy; None: each subscriber's own."""
         self.budget = budget
         """Its namespace's share of each outbox (set only with a policy)."""
+        self.recovering: set[Any] = set()
+        """Subscribers reading what they missed before they join (the node's): the
+        channel stays while any does, even with no subscriber left."""
 
     @property
     def subscriber_count(self) -> int:
@@ -124,9 +128,21 @@ class Hub:
         ):
             return False
         self.subscriptions -= 1
-        if channel.subscriber_count:
+        if channel.subscriber_count or channel.recovering:
             return False
         del self._channels[name]
+        return True
+
+    def forget_if_idle(self, channel: Channel) -> bool:
+        """Remove ``channel`` if nobody subscribes to it or recovers into it any
+        more; True if it went."""
+        if (
+            self._channels.get(channel.name) is not channel
+            or channel.subscriber_count
+            or channel.recovering
+        ):
+            return False
+        del self._channels[channel.name]
         return True
 
     def deliver(self, name: str, publication: Publication) -> FanOut:

@@ -44,7 +44,7 @@ from urllib.parse import parse_qsl, unquote
 import orjson
 
 from broadcastd import log
-from broadcastd.broker import Published
+from broadcastd.broker import Published, then
 from broadcastd.core.channels import is_valid_channel
 from broadcastd.core.hub import page
 from broadcastd.core.publication import (
@@ -239,11 +239,6 @@ class ControlApi:
             "/publish/": ("{channel}", {"POST": self._publish_channel}),
             "/channels/": ("{name}", {"GET": self._channel}),
         }
-        if node.remote is not None:  # the same routes, answered after a round trip
-            self._exact["/publish"]["POST"] = self._publish_remote
-            self._exact["/batch"]["POST"] = self._batch_remote
-            self._prefixed["/publish/"][1]["POST"] = self._publish_channel_remote
-            self._prefixed["/channels/"][1]["GET"] = self._channel_remote
         self._openapi_body = openapi_document()
 
     def routes(self) -> dict[str, tuple[str, ...]]:
@@ -442,139 +437,105 @@ class ControlApi:
         reason = "draining" if node.draining else "starting" if not node.ready else health.reason
         return json_response(503, {"ready": False, "reason": reason}, [("Retry-After", "5")])
 
-    def _publish_channel(self, request: Request, channel: str, grant: Grant) -> Response:
-        payload = body_payload(request.body, request.headers.get("content-type"))
-        published = self.node.publish(channel, payload, "channel", _key(request))
-        return json_response(200, _result(channel, published))
+    # Each route answers at once on the memory engine, and once the engine has
+    # answered on Redis: ``then`` runs the rest either way (broadcastd.broker).
 
-    def _publish(self, request: Request, _: str, grant: Grant) -> Response:
+    def _publish_channel(
+        self, request: Request, channel: str, grant: Grant
+    ) -> Response | Awaitable[Response]:
+        payload = body_payload(request.body, request.headers.get("content-type"))
+        answers = self.node.publish(
+            [(channel, payload, _key(request))], "channel", all_or_none=True
+        )
+        return then(answers, lambda done: json_response(200, self._result(channel, done[0])))
+
+    def _publish(self, request: Request, _: str, grant: Grant) -> Response | Awaitable[Response]:
         self._require_json(request)
         channels, payload, multi = parse_publish(request.body, self.settings.max_batch_items)
         self._require_channels(grant, channels, "publish")
-        published = self.node.publish_all(channels, payload, "json", _key(request))
-        results = [_result(c, p) for c, p in zip(channels, published, strict=True)]
-        return json_response(200, {"results": results} if multi else results[0])
+        key = _key(request)
+        answers = self.node.publish([(c, payload, key) for c in channels], "json", all_or_none=True)
 
-    def _batch(self, request: Request, _: str, grant: Grant) -> Response:
+        def answer(done: list[Published | ClientError]) -> Response:
+            results = [self._result(c, p) for c, p in zip(channels, done, strict=True)]
+            return json_response(200, {"results": results} if multi else results[0])
+
+        return then(answers, answer)
+
+    def _batch(self, request: Request, _: str, grant: Grant) -> Response | Awaitable[Response]:
         self._require_json(request)
         if self.node.draining:  # refuse the whole batch, not item by item
             raise Draining("the server is shutting down")
         items = parse_batch(request.body, self.settings.max_batch_items, self.node.hub)
         self._require_items(grant, items)
-        results: list[dict[str, Any]] = []
-        failed = 0
-        for item, result in zip(items, self.node.publish_many(items, "batch"), strict=True):
-            if isinstance(result, ClientError):
-                failed += 1
-                results.append({"error": {"code": result.code, "message": result.message}})
-            else:
-                assert not isinstance(item, ClientError)
-                results.append(_result(item[0], result))
-        return json_response(
-            200, {"published": len(items) - failed, "failed": failed, "results": results}
-        )
 
-    # The same routes through a remote broker (Redis)
+        def answer(done: list[Published | ClientError]) -> Response:
+            results: list[dict[str, Any]] = []
+            failed = 0
+            for item, result in zip(items, done, strict=True):
+                if isinstance(result, ClientError):
+                    failed += 1
+                    results.append({"error": {"code": result.code, "message": result.message}})
+                else:
+                    assert not isinstance(item, ClientError)
+                    results.append(self._result(item[0], result))
+            return json_response(
+                200, {"published": len(items) - failed, "failed": failed, "results": results}
+            )
 
-    async def _publish_channel_remote(
-        self, request: Request, channel: str, grant: Grant
-    ) -> Response:
-        payload = body_payload(request.body, request.headers.get("content-type"))
-        (published,) = await self.node.publish_remote(
-            [(channel, payload, _key(request))], "channel", all_or_none=True
-        )
+        return then(self.node.publish(items, "batch"), answer)
+
+    def _result(self, channel: str, published: Published | ClientError) -> dict[str, Any]:
+        """One publish's answer: where the message went, and to how many here. An
+        engine that delivers inside the publish (memory) counts the subscribers
+        that took it; one whose publications come back later (Redis) counts the
+        local subscribers as they are when the answer is sent."""
         assert isinstance(published, Published)
-        return json_response(200, self._remote_result(channel, published))
-
-    async def _publish_remote(self, request: Request, _: str, grant: Grant) -> Response:
-        self._require_json(request)
-        channels, payload, multi = parse_publish(request.body, self.settings.max_batch_items)
-        self._require_channels(grant, channels, "publish")
-        key = _key(request)
-        answers = await self.node.publish_remote(
-            [(c, payload, key) for c in channels], "json", all_or_none=True
-        )
-        results = [
-            self._remote_result(c, p)
-            for c, p in zip(channels, answers, strict=True)
-            if isinstance(p, Published)
-        ]
-        return json_response(200, {"results": results} if multi else results[0])
-
-    async def _batch_remote(self, request: Request, _: str, grant: Grant) -> Response:
-        self._require_json(request)
-        if self.node.draining:
-            raise Draining("the server is shutting down")
-        items = parse_batch(request.body, self.settings.max_batch_items, self.node.hub)
-        self._require_items(grant, items)
-        valid = [item for item in items if not isinstance(item, ClientError)]
-        answers = iter(await self.node.publish_remote(valid, "batch"))
-        results: list[dict[str, Any]] = []
-        failed = 0
-        for item in items:
-            result = item if isinstance(item, ClientError) else next(answers)
-            if isinstance(result, ClientError):
-                failed += 1
-                results.append({"error": {"code": result.code, "message": result.message}})
-            else:
-                assert not isinstance(item, ClientError)
-                results.append(self._remote_result(item[0], result))
-        return json_response(
-            200, {"published": len(items) - failed, "failed": failed, "results": results}
-        )
-
-    def _remote_result(self, channel: str, published: Published) -> dict[str, Any]:
-        """With Redis the message reaches this node's subscribers a moment after the
-        answer: ``subscribers`` counts them as they are when it is sent."""
-        doc = _result(channel, published)
-        local = self.node.hub.get(channel)
-        doc["subscribers"] = 0 if local is None else local.subscriber_count
+        epoch, offset = published.position
+        fan_out = published.fan_out
+        if fan_out is not None or published.duplicate:  # a duplicate went nowhere
+            subscribers = 0 if fan_out is None else fan_out.queued
+        else:
+            local = self.node.hub.get(channel)
+            subscribers = 0 if local is None else local.subscriber_count
+        doc: dict[str, Any] = {
+            "channel": channel,
+            "epoch": epoch,
+            "offset": offset,
+            "subscribers": subscribers,
+        }
+        if published.duplicate:
+            doc["duplicate"] = True
         return doc
 
-    async def _channel_remote(self, request: Request, name: str, grant: Grant) -> Response:
+    def _channels(self, request: Request, _: str, grant: Grant) -> Response:
+        """A page of the channels this node knows (with Redis: those with
+        subscribers here), of those the token covers only: a token limited to
+        ``orders:*`` does not learn the names of the others."""
+        after, limit = _page_query(request.query)
+        known = {name: (position, count) for name, position, count in self.node.known_channels()}
+        names: Iterable[str] = known
+        if not grant.everywhere:
+            names = filter(grant.covers, names)
+        chosen, cursor = page(names, after, limit)
+        channels = [_channel_doc(name, *known[name]) for name in chosen]
+        return json_response(200, {"count": len(channels), "channels": channels, "next": cursor})
+
+    def _channel(self, request: Request, name: str, grant: Grant) -> Response | Awaitable[Response]:
         name, slash, rest = name.partition("/")
         if slash:
             if rest != "history":
                 raise NotFound(f"no route for /channels/{name[:64]}/{rest[:32]}")
             since, epoch, limit, newest_first = _history_query(request.query)
-            found = await self.node.read_history_remote(name, since, limit, newest_first)
-            return self._history_doc(name, found, epoch, newest_first)
-        state = await self.node.channel_state_remote(name)
-        if state is None:
-            raise NotFound(f"no channel {name[:64]!r}")
-        return json_response(200, _channel_doc(name, *state))
+            found = self.node.read_history(name, since, limit, newest_first)
+            return then(found, lambda doc: self._history_doc(name, doc, epoch, newest_first))
 
-    def _channels(self, request: Request, _: str, grant: Grant) -> Response:
-        """A page of the channels, of those the token covers only: a token limited
-        to ``orders:*`` does not learn the names of the others."""
-        after, limit = _page_query(request.query)
-        node = self.node
-        known: Iterable[str] = node.channel_names()
-        if not grant.everywhere:
-            known = filter(grant.covers, known)
-        names, cursor = page(known, after, limit)
-        channels = []
-        for name in names:
-            state = node.channel_state(name)
-            if state is not None:
-                channels.append(_channel_doc(name, *state))
-        return json_response(200, {"count": len(channels), "channels": channels, "next": cursor})
+        def answer(state: tuple[Position, int] | None) -> Response:
+            if state is None:
+                raise NotFound(f"no channel {name[:64]!r}")
+            return json_response(200, _channel_doc(name, *state))
 
-    def _channel(self, request: Request, name: str, grant: Grant) -> Response:
-        name, slash, rest = name.partition("/")
-        if slash:
-            if rest != "history":
-                raise NotFound(f"no route for /channels/{name[:64]}/{rest[:32]}")
-            return self._history(request, name)
-        state = self.node.channel_state(name)
-        if state is None:
-            raise NotFound(f"no channel {name[:64]!r}")
-        return json_response(200, _channel_doc(name, *state))
-
-    def _history(self, request: Request, name: str) -> Response:
-        since, epoch, limit, newest_first = _history_query(request.query)
-        found = self.node.read_history(name, since, limit, newest_first)
-        return self._history_doc(name, found, epoch, newest_first)
+        return then(self.node.channel_state(name), answer)
 
     @staticmethod
     def _history_doc(
@@ -649,21 +610,6 @@ def _key(request: Request) -> str | None:
     except UnicodeDecodeError:
         raise BadCommand("the Idempotency-Key header must be UTF-8 text") from None
     return check_key(key)
-
-
-def _result(channel: str, published: Published) -> dict[str, Any]:
-    """One publish's answer: where the message went, and to how many here."""
-    epoch, offset = published.position
-    fan_out = published.fan_out
-    doc: dict[str, Any] = {
-        "channel": channel,
-        "epoch": epoch,
-        "offset": offset,
-        "subscribers": 0 if fan_out is None else fan_out.queued,
-    }
-    if published.duplicate:
-        doc["duplicate"] = True
-    return doc
 
 
 def _channel_doc(name: str, position: Position, subscribers: int) -> dict[str, Any]:

@@ -450,7 +450,7 @@ class DaemonCollector(Collector):
             [],
             {(): m.replayed},
         )
-        stats = self.node.broker.history_stats()
+        stats = self.node.broker.stats()
         yield _gauge("history_entries", "Messages kept in channel histories here.", stats.entries)
         yield _gauge(
             "history_bytes",
