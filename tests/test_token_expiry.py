@@ -20,7 +20,7 @@ from .conftest import Running
 from .rawclient import RawClient
 
 SECRET = "e" * 32
-PAYLOAD = "x" * 8000
+PAYLOAD = "x" * 16_000
 
 
 async def expired(d: Running, count: int = 1) -> None:
@@ -41,9 +41,12 @@ async def paused(d: Running) -> None:
     connections = d.daemon.ws.connections()
     assert len(connections) == 1
     _, conn = connections[0]
+    batch = [{"channel": "news", "data": {"before": True, "text": PAYLOAD}}] * 64
     async with asyncio.timeout(60):
-        while not conn.paused:
-            await d.publish("news", {"before": True, "text": PAYLOAD})
+        while not conn.paused:  # a megabyte a request: a few fill every buffer
+            assert conn.session is not None
+            assert conn.session.channels, "the token expired before the buffers filled"
+            assert (await d.http.post("/batch", json=batch)).status_code == 200
 
 
 async def test_an_expired_token_leaves_its_channels_even_while_the_client_does_not_read(
@@ -58,7 +61,7 @@ async def test_an_expired_token_leaves_its_channels_even_while_the_client_does_n
         "ws__ping_interval": None,
         "ws__close_timeout": 600,
     }
-    exp = int(time.time()) + 3
+    exp = int(time.time()) + 6
     claims = {"sub": "alice", "exp": exp, "channels": ["news"]}
     token = jwt.encode(claims, SECRET, algorithm="HS256")
     async with daemon_factory(**settings) as d:  # type: ignore[operator]
