@@ -5,11 +5,17 @@ clients match on) and a human ``message``; the adapters map them onto their wire
 (a JSON error reply on the WebSocket, an HTTP status with a JSON body on the
 control port). Every way a subscriber connection can end is a CloseReason, so
 logs, metrics and the protocol document speak of the same set.
+
+Over HTTP (the control port, a refused WebSocket handshake) every error is one
+document, ``{"error": {"code": ..., "message": ...}}``, built by ``error_body``
+and nowhere else, so each port answers in the shape the clients parse.
 """
 
 from __future__ import annotations
 
 from enum import Enum
+
+import orjson
 
 
 class BroadcastdError(Exception):
@@ -204,3 +210,13 @@ class InternalError(BroadcastdError):
     def __init__(self, message: str = "internal error; the failure is logged") -> None:
         super().__init__(message)
         self.message = message
+
+
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    """The error document an HTTP answer carries (and a refused batch item)."""
+    return {"error": {"code": code, "message": message}}
+
+
+def error_json(code: str, message: str) -> bytes:
+    """``error_body`` as the bytes of a response body."""
+    return orjson.dumps(error_body(code, message))

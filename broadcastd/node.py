@@ -33,7 +33,7 @@ from broadcastd.core.hub import Channel, Delivery, FanOut, Hub
 from broadcastd.core.namespaces import ChannelOptions, Namespaces
 from broadcastd.core.observer import NullObserver, Observer
 from broadcastd.core.outbox import Outbox
-from broadcastd.core.publication import Item
+from broadcastd.core.publish_forms import Item
 from broadcastd.core.stream import Last, Position, Publication, Recovery, Since, plan_recovery
 from broadcastd.errors import (
     ChannelTableFull,
@@ -184,8 +184,7 @@ class Node:
         (Redis; BrokerUnavailable if it cannot be reached). The whole call counts
         as accepted at one instant and is reported to the observer once.
         """
-        if self.draining:
-            raise Draining("the server is shutting down")
+        self.refuse_if_draining()
         check = self._check
         answers: list[Published | ClientError | None] = []
         accepted: list[Item] = []
@@ -276,7 +275,7 @@ class Node:
             raise PermissionDenied(f"may not subscribe to {name!r}: {refusal}", str(refusal))
         return options
 
-    # Subscribing and recovering (the session's Channels)
+    # Subscribing and recovering (the session's Membership)
 
     def join(
         self,
@@ -533,6 +532,13 @@ class Node:
     def begin_drain(self) -> None:
         self.ready = False
         self.draining = True
+
+    def refuse_if_draining(self) -> None:
+        """Raise Draining (503) once the drain has begun: from then on nothing new is
+        accepted (no publish, no new subscriber), while what was accepted before
+        still reaches the subscribers."""
+        if self.draining:
+            raise Draining("the server is shutting down")
 
 
 def _nothing_read(after: int, limit: int) -> list[Publication] | None:

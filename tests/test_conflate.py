@@ -97,15 +97,15 @@ def test_conflate_bound_in_bytes_is_one_frame_per_channel_beyond_max_bytes() -> 
     assert readable(outbox.take()) == [b"12345678", missed("a", 1), b"aaaaaaa"]
 
 
-def test_a_full_outbox_drains_before_conflating() -> None:
+def test_a_full_outbox_writes_out_before_conflating() -> None:
     outbox = Outbox(2, 1000)
     written: list[bytes] = []
 
-    def drain() -> bool:
+    def write_now() -> bool:
         written.extend(outbox.take())
         return True
 
-    outbox.drain = drain
+    outbox.write_now = write_now
     for frame in (b"a1", b"a2", b"a3", b"a4"):
         assert outbox.push_to(frame, "a", CONFLATE) == QUEUED
     assert written + outbox.take() == [b"a1", b"a2", b"a3", b"a4"]
@@ -324,7 +324,7 @@ def what(percentile: int) -> str:
     for limit, op in ((60, "push_to"), (75, "push"), (80, "reply"), (88, "take")):
         if percentile < limit:
             return op
-    return "drain"
+    return "writable"
 
 
 @settings(max_examples=400, deadline=None)
@@ -351,14 +351,14 @@ def test_conflation_keeps_order_counts_and_the_newest_of_every_channel(
     budget_of = [budgets[n // 5] for n in range(len(CHANNELS))]
     outbox = Outbox(max_messages, max_bytes, outbox_policy)
     delivered: list[bytes] = []
-    can_drain = False
+    can_write = False
 
-    def drain() -> bool:
-        if can_drain:
+    def write_now() -> bool:
+        if can_write:
             delivered.extend(outbox.take())
-        return can_drain
+        return can_write
 
-    outbox.drain = drain
+    outbox.write_now = write_now
     conflating = sum(policy is not DROP_OLDEST for policy in policies)
     largest = 0
     pushed: dict[str, int] = dict.fromkeys([*CHANNELS, "u"], 0)
@@ -383,7 +383,7 @@ def test_conflation_keeps_order_counts_and_the_newest_of_every_channel(
         elif op == "take":
             delivered.extend(outbox.take())
         else:
-            can_drain = not can_drain
+            can_write = not can_write
         if outbox.closed is not None:
             break
         # The bound: one frame (of any size) per conflated channel beyond the limits.
@@ -469,7 +469,7 @@ async def test_conflate_as_the_servers_policy_conflates_every_channel(
         rounds = after_pause = 0
         while after_pause < 50:  # once writes pause, well past the outbox's 16 frames
             rounds += 1
-            after_pause += conn.paused
+            after_pause += conn.write_paused
             for channel in ("a", "b"):
                 answer = await d.publish(channel, {"n": rounds, "pad": "x" * 4000})
                 last[channel] = answer["offset"]

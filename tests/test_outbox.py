@@ -95,17 +95,17 @@ def test_replies_nobody_reads_end_a_drop_oldest_client() -> None:
 
 
 @pytest.mark.parametrize("policy", list(SlowConsumerPolicy))
-def test_a_full_outbox_first_drains_to_a_socket_that_can_take_more(
+def test_a_full_outbox_first_writes_to_a_socket_that_can_take_more(
     policy: SlowConsumerPolicy,
 ) -> None:
     outbox = Outbox(2, 1000, policy)
     written: list[bytes] = []
 
-    def drain() -> bool:
+    def write_now() -> bool:
         written.extend(outbox.take())
         return True
 
-    outbox.drain = drain
+    outbox.write_now = write_now
     for frame in (b"a", b"b", b"c", b"d", b"e"):
         assert outbox.push(frame) == QUEUED
     assert written + outbox.take() == [b"a", b"b", b"c", b"d", b"e"]

@@ -57,7 +57,7 @@ def half_close_now(client: RawClient) -> None:
 
 async def fill_until_paused(daemon: Running, channel: str, conn: Any) -> None:
     """Publish until the connection's transport is above its write limit."""
-    while not conn.paused:
+    while not conn.write_paused:
         batch = [{"channel": channel, "data": "x" * 1000}] * 200
         assert (await daemon.http.post("/batch", json=batch)).status_code == 200
 

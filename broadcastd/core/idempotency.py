@@ -13,8 +13,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from broadcastd.core.stream import Position
+from broadcastd.errors import BadCommand
 
 MAX_KEY_LENGTH = 128
+
+
+def check_key(key: object) -> str:
+    """An idempotency key: 1 to 128 printable characters (``str.isprintable``, so no
+    control characters: it travels in a header, where it is UTF-8)."""
+    if isinstance(key, str) and 0 < len(key) <= MAX_KEY_LENGTH and key.isprintable():
+        return key
+    raise BadCommand(f"an idempotency key is 1 to {MAX_KEY_LENGTH} printable characters")
 
 
 class Idempotency:

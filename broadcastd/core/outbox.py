@@ -1,7 +1,7 @@
 """Per-subscriber bounded queue with overflow policies, per client and per channel.
 
 Fan-out pushes frames here and never waits. A push that finds the queue full
-first asks the adapter to write out what is queued (``drain``): a client is slow
+first asks the adapter to write out what is queued (``write_now``): a client is slow
 only when its socket cannot take more, so a burst larger than the queue (a big
 batch, many pipelined publishes in one read) reaches a client that reads. Only
 when the socket is full too does a policy act:
@@ -58,9 +58,11 @@ The adapter's part: clear ``tell_missed`` for raw-mode clients (payloads only;
 losses are still counted), read ``take_channel_missed()`` for metrics, and call
 ``forget(channel)`` when the client unsubscribes.
 
-The outbox knows nothing of sockets: the adapter gives it a ``wake`` callable,
-called only when the queue goes from empty to non-empty or the outbox closes,
-so an idle writer costs no wake-ups and a busy one at most one per drain.
+The outbox knows nothing of sockets. The adapter gives it two callables:
+``wake``, called only when the queue goes from empty to non-empty or the
+outbox closes, so an idle writer costs no wake-ups and a busy one at most one
+per write; and ``write_now`` (above). ``detach`` lets go of both when the
+connection closes.
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def _no_wake() -> None:
     return None
 
 
-def _cannot_drain() -> bool:
+def _cannot_write() -> bool:
     return False
 
 
@@ -198,13 +200,13 @@ class Outbox:
         "channel_missed",
         "closed",
         "discarded",
-        "drain",
         "drop_oldest",
         "max_bytes",
         "max_messages",
         "missed",
         "tell_missed",
         "wake",
+        "write_now",
     )
 
     def __init__(
@@ -236,7 +238,7 @@ class Outbox:
         self.closed: CloseReason | None = None
         """Set once the connection must end; the writer then closes with this reason."""
         self.wake: Callable[[], None] = _no_wake
-        self.drain: Callable[[], bool] = _cannot_drain
+        self.write_now: Callable[[], bool] = _cannot_write
         """Set by the adapter: write everything queued now if the socket can take it
         and return True (the queue is then empty), else return False."""
 
@@ -337,7 +339,7 @@ class Outbox:
     def _full(self, frame: bytes) -> int:
         if self.closed is not None:
             return REFUSED
-        if self.drain() and not self._queue and len(frame) <= self.max_bytes:
+        if self.write_now() and not self._queue and len(frame) <= self.max_bytes:
             self._queue.append(frame)
             self._bytes = len(frame)
             self.wake()
@@ -355,11 +357,11 @@ class Outbox:
         policy: SlowConsumerPolicy,
         budget: Budget | None,
     ) -> int:
-        """push_to() found the outbox (or the budget) full: drain, else the frame's
-        policy decides."""
+        """push_to() found the outbox (or the budget) full: write out what is queued,
+        else the frame's policy decides."""
         if self.closed is not None:
             return REFUSED
-        if self.drain() and not self._queue and len(frame) <= self.max_bytes:
+        if self.write_now() and not self._queue and len(frame) <= self.max_bytes:
             self._append(tags, frame, channel, policy is _CONFLATE, budget)
             return QUEUED
         if policy is _CONFLATE:
@@ -580,7 +582,7 @@ class Outbox:
         """Forget the adapter's callbacks: its connection is gone, and they would
         keep it and this outbox in a reference cycle."""
         self.wake = _no_wake
-        self.drain = _cannot_drain
+        self.write_now = _cannot_write
 
     def close(self, reason: CloseReason) -> None:
         """Mark the outbox closed. A slow consumer's pending frames are discarded;

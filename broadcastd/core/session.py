@@ -71,8 +71,9 @@ class Command:
     token: str | None = None
 
 
-class Channels(Protocol):
-    """What a session needs of the node: subscriptions and recovery."""
+class Membership(Protocol):
+    """What a session needs of the node: joining and leaving channels (recovering
+    on the way in), and whether it may join one."""
 
     def join(
         self,
@@ -167,7 +168,7 @@ class Session:
     """A subscriber: its outbox, its channels, its mode and its error budget."""
 
     __slots__ = (
-        "_channels",
+        "_node",
         "channels",
         "claims",
         "errors",
@@ -182,7 +183,7 @@ class Session:
     def __init__(
         self,
         client_id: str,
-        channels: Channels,
+        node: Membership,
         outbox: Outbox,
         *,
         raw: bool = False,
@@ -190,7 +191,7 @@ class Session:
         max_errors: int = 20,
     ) -> None:
         self.id = client_id
-        self._channels = channels
+        self._node = node
         self.outbox = outbox
         self.raw = raw
         self.channels: dict[str, None] = {}
@@ -236,7 +237,7 @@ class Session:
     def close(self) -> None:
         """Leave every channel. Idempotent."""
         for name in self.channels:
-            self._channels.unsubscribe(self.outbox, name)
+            self._node.unsubscribe(self.outbox, name)
         self.channels.clear()
 
     def _execute(self, command: Command) -> dict[str, Any] | None:
@@ -256,7 +257,7 @@ class Session:
         if name not in self.channels:
             raise NotSubscribed(f"not subscribed to {name!r}")
         del self.channels[name]
-        self._channels.unsubscribe(self.outbox, name)
+        self._node.unsubscribe(self.outbox, name)
         self.outbox.forget(name)
         return {"type": "unsubscribed", "channel": name}
 
@@ -267,7 +268,7 @@ class Session:
         the channel (``_joined``), or an error reply if it could not."""
         if name not in self.channels and len(self.channels) >= self.max_channels:
             raise TooManyChannels(f"at most {self.max_channels} channels per connection")
-        self._channels.check_subscribe(name, self.claims)
+        self._node.check_subscribe(name, self.claims)
         self.channels[name] = None
 
         def joined(position: Position, recovery: Recovery | None) -> None:
@@ -278,7 +279,7 @@ class Session:
             self._error(exc, "subscribe", command_id)
 
         try:
-            self._channels.join(self.outbox, name, self.raw, since, joined, failed)
+            self._node.join(self.outbox, name, self.raw, since, joined, failed)
         except ClientError:
             self.channels.pop(name, None)
             raise

@@ -1,18 +1,17 @@
 """The control port: publishing, statistics, health and readiness over HTTP.
 
 Routes map HTTP onto Node calls; the request forms are parsed in
-broadcastd.core.publication. Every error is ``{"error": {"code", "message"}}``
-with the status its ClientError carries (500 ``internal`` for a failure of
-ours, answered by the HTTP layer). HEAD is served wherever GET is.
+broadcastd.core.publish_forms. Every error is ``{"error": {"code", "message"}}``
+(``errors.error_body``) with the status its ClientError carries (500
+``internal`` for a failure of ours, answered by the HTTP layer). HEAD is served
+wherever GET is.
 
 Tokens. Once ``control.token`` or any ``control.tokens`` entry is set, every
 route but the probes (/healthz, /readyz) needs ``Authorization: Bearer TOKEN``.
-Each token is a Grant: the scopes it holds (which routes) and the channel
-patterns it may touch (which channels). ``control.token`` holds every scope on
-every channel, as it always has. The presented token is hashed once (SHA-256)
-and its digest compared in constant time with the digest of every configured
-token, all of them, so neither the time taken nor the order of the entries says
-which matched; only digests are kept in memory. A missing or wrong token is a
+Each token is a Grant (broadcastd.auth.grants, which keeps only digests and
+compares them in constant time): the scopes it holds (which routes) and the
+channel patterns it may touch (which channels). ``control.token`` holds every
+scope on every channel, as it always has. A missing or wrong token is a
 401 ``unauthorized``; a valid token without the route's scope, or naming a
 channel outside its patterns, is a 403 ``forbidden``, decided before anything
 is read from a broker or published (and before the body is sent, where the
@@ -31,12 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -44,13 +40,14 @@ from urllib.parse import parse_qsl, unquote
 import orjson
 
 from broadcastd import log
+from broadcastd.auth.grants import OPEN_GRANT, Grant, find_grant, load_grants
 from broadcastd.broker import Published, then
 from broadcastd.core.channels import is_valid_channel
 from broadcastd.core.hub import page
-from broadcastd.core.publication import (
+from broadcastd.core.idempotency import check_key
+from broadcastd.core.publish_forms import (
     Item,
     body_payload,
-    check_key,
     is_json_type,
     parse_batch,
     parse_publish,
@@ -59,8 +56,6 @@ from broadcastd.core.stream import MAX_OFFSET, Position, Publication, decimal
 from broadcastd.errors import (
     BadCommand,
     ClientError,
-    ConfigError,
-    Draining,
     EpochMismatch,
     Forbidden,
     InternalError,
@@ -68,15 +63,18 @@ from broadcastd.errors import (
     NotFound,
     Unauthorized,
     UnsupportedMediaType,
+    error_body,
 )
 from broadcastd.node import Node
-from broadcastd.settings import ControlSettings, ControlToken, Scope
+from broadcastd.settings import ControlSettings, Scope
 from broadcastd.transport.http import Api, HttpProtocol, Limits, Request, Response
 
 _PUBLIC = frozenset(("/healthz", "/readyz"))
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PAGE_LIMIT = 1000
 """Default and largest ``limit`` of ``GET /channels``."""
+LISTEN_BACKLOG = 1024
+"""Connections the kernel queues for ``accept()`` on each listener (listen(2))."""
 
 
 _log = log.get("broadcastd.control")
@@ -96,96 +94,10 @@ _SCOPES: dict[str, Scope] = {
 route added later is closed to scoped tokens until it is given a scope (there
 are no admin-only routes yet: ``admin`` is every scope at once)."""
 
-_EMPTY_DIGEST = hashlib.sha256(b"").digest()
-
-
-@dataclass(frozen=True, slots=True)
-class Grant:
-    """What the bearer of one control token may do: the routes its scopes open
-    and the channels its patterns cover (``exact`` None: every channel)."""
-
-    name: str
-    scopes: frozenset[Scope]
-    exact: frozenset[str] | None = None
-    prefixes: tuple[str, ...] = ()
-
-    def allows(self, scope: Scope) -> bool:
-        return Scope.ADMIN in self.scopes or scope in self.scopes
-
-    def covers(self, channel: str) -> bool:
-        """``channel`` matches a pattern: its exact name, or a prefix ending in ``*``."""
-        if self.exact is None:
-            return True
-        return channel in self.exact or channel.startswith(self.prefixes)
-
-    @property
-    def everywhere(self) -> bool:
-        return self.exact is None
-
-
-OPEN = Grant("", frozenset(Scope))
-"""Every request's grant when no token is configured (and the probes' always)."""
-
-Route = Callable[[Request, str, Grant], Response | Awaitable[Response]]
-
-
-def load_grants(settings: ControlSettings) -> list[tuple[bytes, Grant]]:
-    """Every configured token as (SHA-256 digest, Grant), read once at start.
-
-    A ``file`` entry is read here and only its digest kept. Raises ConfigError for
-    a token file that is missing, unreadable or empty, a digest of the empty
-    string (``printf %s "$TOKEN" | sha256sum`` with TOKEN unset), a pattern with
-    ``*`` anywhere but at its end, and two entries holding the same token (which
-    of their grants would apply?). Messages name the entry, never a secret.
-    """
-    grants: list[tuple[bytes, Grant]] = []
-    if settings.token is not None:
-        secret = settings.token.get_secret_value().encode()
-        grants.append((hashlib.sha256(secret).digest(), Grant("control.token", frozenset(Scope))))
-    for index, entry in enumerate(settings.tokens):
-        where = f"control.tokens[{index}] ({entry.name!r})"
-        digest = _token_digest(entry, where)
-        if digest == _EMPTY_DIGEST:
-            raise ConfigError(f"{where}: sha256 is the digest of an empty token")
-        for known, grant in grants:
-            if hmac.compare_digest(known, digest):
-                raise ConfigError(f"{where}: the same token as {grant.name!r}")
-        grants.append((digest, _grant(entry, where)))
-    return grants
-
-
-def _token_digest(entry: ControlToken, where: str) -> bytes:
-    if entry.sha256 is not None:
-        return bytes.fromhex(entry.sha256)
-    assert entry.file is not None
-    try:
-        secret = entry.file.read_bytes().strip()
-    except OSError as exc:
-        raise ConfigError(
-            f"{where}: cannot read token file {entry.file}: {exc.strerror or exc}"
-        ) from None
-    if not secret:
-        raise ConfigError(f"{where}: token file {entry.file} is empty")
-    return hashlib.sha256(secret).digest()
-
-
-def _grant(entry: ControlToken, where: str) -> Grant:
-    scopes = frozenset(entry.scopes)
-    if entry.namespaces is None:
-        return Grant(entry.name, scopes)
-    exact: set[str] = set()
-    prefixes: list[str] = []
-    for pattern in entry.namespaces:
-        if not pattern or "*" in pattern[:-1]:
-            raise ConfigError(
-                f"{where}: channel pattern {pattern[:64]!r} must be a channel name, "
-                "or a prefix ending in * (orders:*)"
-            )
-        if pattern.endswith("*"):
-            prefixes.append(pattern[:-1])
-        else:
-            exact.add(pattern)
-    return Grant(entry.name, scopes, frozenset(exact), tuple(prefixes))
+Handler = Callable[[Request, str, Grant], Response | Awaitable[Response]]
+"""A route's handler, given the request, the rest of the path after a prefixed
+route's prefix (its channel; "" on the other routes) and the grant of the
+request's token."""
 
 
 def openapi_document() -> bytes:
@@ -205,8 +117,7 @@ def error_response(error: ClientError | InternalError) -> Response:
         headers.append(("WWW-Authenticate", 'Bearer realm="broadcastd"'))
     elif error.http_status == 503:
         headers.append(("Retry-After", "5"))
-    body = {"error": {"code": error.code, "message": error.message}}
-    return json_response(error.http_status, body, headers)
+    return json_response(error.http_status, error_body(error.code, error.message), headers)
 
 
 class ControlApi:
@@ -224,7 +135,7 @@ class ControlApi:
         self.client_count = client_count
         self.metrics = metrics
         self._grants = load_grants(settings)
-        self._exact: dict[str, dict[str, Route]] = {
+        self._exact: dict[str, dict[str, Handler]] = {
             "/healthz": {"GET": self._healthz},
             "/readyz": {"GET": self._readyz},
             "/publish": {"POST": self._publish},
@@ -235,7 +146,7 @@ class ControlApi:
         }
         if metrics is not None:
             self._exact["/metrics"] = {"GET": self._metrics}
-        self._prefixed: dict[str, tuple[str, dict[str, Route]]] = {
+        self._prefixed: dict[str, tuple[str, dict[str, Handler]]] = {
             "/publish/": ("{channel}", {"POST": self._publish_channel}),
             "/channels/": ("{name}", {"GET": self._channel}),
         }
@@ -252,12 +163,12 @@ class ControlApi:
     def handle(self, request: Request) -> Response | Awaitable[Response]:
         endpoint = "unknown"
         try:
-            found = self._route(request.path)
+            found = self._match(request.path)
             if found is None:
                 raise NotFound(f"no route for {request.path[:64]!r}")
             endpoint = found[2]
-            route, grant = self._gate(request, found)
-            response = route(request, found[1], grant)
+            handler, grant = self._gate(request, found)
+            response = handler(request, found[1], grant)
         except ClientError as error:
             response = error_response(error)
         if not isinstance(response, Response):
@@ -275,7 +186,7 @@ class ControlApi:
 
     def check(self, request: Request) -> ClientError | None:
         """Route, token and method of a request whose body has not been sent yet."""
-        found = self._route(request.path)
+        found = self._match(request.path)
         if found is None:
             return NotFound(f"no route for {request.path[:64]!r}")
         try:
@@ -288,7 +199,7 @@ class ControlApi:
         """An error answered by the HTTP layer (malformed, too large, a failure), counted."""
         endpoint = "unknown"
         if request is not None:
-            found = self._route(request.path)
+            found = self._match(request.path)
             if found is not None:
                 endpoint = found[2]
         response = error_response(error)
@@ -296,21 +207,21 @@ class ControlApi:
         return response
 
     def _gate(
-        self, request: Request, found: tuple[dict[str, Route], str, str]
-    ) -> tuple[Route, Grant]:
-        """The route for the request's method and the grant of its token: 401 without
+        self, request: Request, found: tuple[dict[str, Handler], str, str]
+    ) -> tuple[Handler, Grant]:
+        """The handler for the request's method and the grant of its token: 401 without
         a valid token, then 405 for a method the route lacks, then 403 for a token
         without the route's scope or, on the routes that name a channel in their
         path, without that channel. Judged from the head alone."""
         methods, argument, endpoint = found
-        grant = OPEN
+        grant = OPEN_GRANT
         if self._grants and request.path not in _PUBLIC:
             grant = self._authenticate(request, endpoint)
         method = request.method
-        route = methods.get("GET" if method == "HEAD" else method)
-        if route is None:
+        handler = methods.get("GET" if method == "HEAD" else method)
+        if handler is None:
             raise MethodNotAllowed(f"{method[:16]} is not allowed here", _methods(methods))
-        if grant is not OPEN:
+        if grant is not OPEN_GRANT:
             scope = _SCOPES.get(endpoint, Scope.ADMIN)
             if not grant.allows(scope):
                 held = ", ".join(sorted(grant.scopes)) or "none"
@@ -331,9 +242,11 @@ class ControlApi:
                         f"channel {channel[:64]!r} is outside the channels token "
                         f"{grant.name!r} may use",
                     )
-        return route, grant
+        return handler, grant
 
-    def _route(self, path: str) -> tuple[dict[str, Route], str, str] | None:
+    def _match(self, path: str) -> tuple[dict[str, Handler], str, str] | None:
+        """The handlers of the route serving ``path``, the path's argument (the part
+        after a prefix), and the endpoint's name (for metrics and scopes)."""
         methods = self._exact.get(path)
         if methods is not None:
             return methods, "", path.strip("/")
@@ -347,9 +260,7 @@ class ControlApi:
         return None
 
     def _authenticate(self, request: Request, endpoint: str) -> Grant:
-        """The grant of the request's bearer token. Its digest is compared with every
-        configured digest, without stopping at a match (load_grants made sure at
-        most one can match)."""
+        """The grant of the request's bearer token (``find_grant``)."""
         given = request.headers.get("authorization")
         if given is None:
             raise self._unauthorized(endpoint, "missing bearer token")
@@ -357,11 +268,7 @@ class ControlApi:
         if scheme.lower() != "bearer":
             raise self._unauthorized(endpoint, "invalid bearer token")
         # Headers are decoded as latin-1: this gives back the bytes that were sent.
-        digest = hashlib.sha256(credentials.encode("latin-1")).digest()
-        matched: Grant | None = None
-        for known, grant in self._grants:
-            if hmac.compare_digest(digest, known):
-                matched = grant
+        matched = find_grant(self._grants, credentials.encode("latin-1"))
         if matched is None:
             raise self._unauthorized(endpoint, "invalid bearer token")
         return matched
@@ -464,8 +371,7 @@ class ControlApi:
 
     def _batch(self, request: Request, _: str, grant: Grant) -> Response | Awaitable[Response]:
         self._require_json(request)
-        if self.node.draining:  # refuse the whole batch, not item by item
-            raise Draining("the server is shutting down")
+        self.node.refuse_if_draining()  # the whole batch, not item by item
         items = parse_batch(request.body, self.settings.max_batch_items, self.node.hub)
         self._require_items(grant, items)
 
@@ -475,7 +381,7 @@ class ControlApi:
             for item, result in zip(items, done, strict=True):
                 if isinstance(result, ClientError):
                     failed += 1
-                    results.append({"error": {"code": result.code, "message": result.message}})
+                    results.append(error_body(result.code, result.message))
                 else:
                     assert not isinstance(item, ClientError)
                     results.append(self._result(item[0], result))
@@ -654,9 +560,9 @@ def _history_query(query: str) -> tuple[int, str | None, int, bool]:
     return since, epoch, limit, newest_first
 
 
-def _methods(routes: dict[str, Route]) -> tuple[str, ...]:
+def _methods(handlers: dict[str, Handler]) -> tuple[str, ...]:
     """The methods a route answers: HEAD wherever GET."""
-    return (*routes, "HEAD") if "GET" in routes else tuple(routes)
+    return (*handlers, "HEAD") if "GET" in handlers else tuple(handlers)
 
 
 def _page_query(query: str) -> tuple[str | None, int]:
@@ -750,13 +656,15 @@ class HttpListener:
                 self._protocol,
                 self.host,
                 self.requested_port,
-                backlog=1024,
+                backlog=LISTEN_BACKLOG,
                 reuse_port=self.reuse_port or None,
             )
         )
         if self.unix_path is not None:
             _remove_stale_socket(self.unix_path)
-            server = await loop.create_unix_server(self._protocol, self.unix_path, backlog=1024)
+            server = await loop.create_unix_server(
+                self._protocol, self.unix_path, backlog=LISTEN_BACKLOG
+            )
             os.chmod(self.unix_path, self.unix_mode)
             self._servers.append(server)
 

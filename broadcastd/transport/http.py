@@ -60,6 +60,7 @@ from broadcastd.errors import (
     MethodNotAllowed,
     PayloadTooLarge,
     RequestTimeout,
+    error_json,
 )
 
 
@@ -118,10 +119,11 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # What happens to the input (HttpProtocol._state).
 _READING = 0
 """Requests are parsed and answered."""
-_DISCARDING = 1
+_SKIPPING_BODY = 1
 """A refused request's body is parsed and dropped; then _DONE."""
-_DRAINING = 2
-"""The input cannot be parsed any more: dropped until EOF or the linger bounds."""
+_DROPPING = 2
+"""The input cannot be parsed any more: dropped unparsed until EOF or the linger
+bounds."""
 _DONE = 3
 """The last request is read; nothing more is."""
 
@@ -313,7 +315,7 @@ class HttpProtocol(asyncio.Protocol):
         self._pause_reading()
 
     def resume_writing(self) -> None:
-        """The client read: answer what waits (a drain counts as activity)."""
+        """The client read: answer what waits (its reading counts as activity)."""
         self._writing_paused = False
         self._now = self._last_active = self._loop.time()
         try:
@@ -358,7 +360,7 @@ class HttpProtocol(asyncio.Protocol):
                 and self._out_size <= self._budget
                 and self._waiting is None
             ):
-                if self._state > _DISCARDING:
+                if self._state > _SKIPPING_BODY:
                     self._pending = b""
                     break
                 data = self._pending
@@ -421,9 +423,9 @@ class HttpProtocol(asyncio.Protocol):
                 self._fail(cause, "parse")
         elif isinstance(exc, httptools.HttpParserError):
             if self._state == _READING:
-                self._refuse(ClientError(f"malformed HTTP request: {exc}"), _DRAINING)
+                self._refuse(ClientError(f"malformed HTTP request: {exc}"), _DROPPING)
             else:
-                self._state = _DRAINING
+                self._state = _DROPPING
         else:
             raise exc
 
@@ -509,8 +511,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def _refuse(self, error: ClientError | InternalError, state: int) -> None:
         """Answer ``error``, end the connection, and set what becomes of the rest
-        of the input: DISCARDING (the request's body is parsed and dropped) or
-        DRAINING (input is dropped unparsed)."""
+        of the input: _SKIPPING_BODY (the request's body is parsed and dropped) or
+        _DROPPING (input is dropped unparsed)."""
         self._state = state
         self._head_at = None
         if self._final:
@@ -537,7 +539,7 @@ class HttpProtocol(asyncio.Protocol):
         bounds."""
         if self._state == _DONE:
             return False
-        if self._state == _DISCARDING:
+        if self._state == _SKIPPING_BODY:
             self._pending = bytes(self._pending) + data if self._pending else data
             return True
         return False
@@ -553,9 +555,9 @@ class HttpProtocol(asyncio.Protocol):
             transport.close()
 
     def _fail(self, exc: BaseException | None, where: str) -> None:
-        """An exception in our own parser callbacks: 500, then drain and close."""
+        """An exception in our own parser callbacks: 500, then drop the input and close."""
         self._log_error(exc, where, None)
-        self._refuse(InternalError(), _DRAINING)
+        self._refuse(InternalError(), _DROPPING)
 
     def _crash(self, exc: Exception, where: str) -> None:
         """An exception outside any request: end this connection, and only it."""
@@ -620,7 +622,7 @@ class HttpProtocol(asyncio.Protocol):
                         f"request line and headers not complete after {limits.header_timeout:g} s"
                     )
                     self._budget = -1  # not in a round: the answer waits for the pump
-                    self._refuse(timeout, _DRAINING)
+                    self._refuse(timeout, _DROPPING)
                     self._pump()
                     return
             else:
@@ -664,7 +666,7 @@ class HttpProtocol(asyncio.Protocol):
         headers = self._headers
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self._limits.max_body:
-            self._refuse(self._too_large(), _DISCARDING)
+            self._refuse(self._too_large(), _SKIPPING_BODY)
         elif "expect" in headers:
             self._expect(length)
 
@@ -682,21 +684,21 @@ class HttpProtocol(asyncio.Protocol):
             if error is None:
                 self._emit(_Reply(_CONTINUE, False))
             else:
-                self._refuse(error, _DISCARDING)
+                self._refuse(error, _SKIPPING_BODY)
 
     def on_body(self, body: bytes) -> None:
         if self._state:
-            return  # DISCARDING: a refused body
+            return  # _SKIPPING_BODY: a refused body
         self._body_size += len(body)
         if self._body_size > self._limits.max_body:
-            self._refuse(self._too_large(), _DISCARDING)
+            self._refuse(self._too_large(), _SKIPPING_BODY)
             return
         self._body.append(body)
 
     def on_message_complete(self) -> None:
         parser = self._parser
-        if self._state:  # DISCARDING: the refused request is read
-            self._state = _DRAINING if parser.should_upgrade() else _DONE
+        if self._state:  # _SKIPPING_BODY: the refused request is read
+            self._state = _DROPPING if parser.should_upgrade() else _DONE
             raise _Stop
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         path, _, query = self._url.decode("latin-1").partition("?")
@@ -725,7 +727,7 @@ class HttpProtocol(asyncio.Protocol):
             )
             if request.method == "CONNECT":
                 error = MethodNotAllowed("CONNECT is not supported", ("GET", "HEAD", "POST"))
-            self._refuse(error, _DRAINING)
+            self._refuse(error, _DROPPING)
             raise _Stop
         length = int(headers.get("content-length") or 0)
         if not length:
@@ -757,7 +759,7 @@ class HttpProtocol(asyncio.Protocol):
             error = HeadersTooLarge(
                 f"request line and headers exceed {self._limits.max_header} bytes"
             )
-            self._refuse(error, _DRAINING)
+            self._refuse(error, _DROPPING)
         raise _Stop
 
     def _too_large(self) -> PayloadTooLarge:
@@ -788,6 +790,9 @@ def _render(response: Response, head_only: bool, close: bool) -> bytes:
     return b"".join(head)
 
 
+_INTERNAL_BODY = error_json("internal", "internal error")
+
+
 def _internal_response() -> Response:
     """The 500 when even the API's own error answer failed."""
-    return Response(500, b'{"error":{"code":"internal","message":"internal error"}}')
+    return Response(500, _INTERNAL_BODY)

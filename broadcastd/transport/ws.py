@@ -55,7 +55,6 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-import orjson
 from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
@@ -70,7 +69,7 @@ from broadcastd.core.envelope import frame_payload, missed_frame
 from broadcastd.core.outbox import Outbox
 from broadcastd.core.route import Route, parse_route
 from broadcastd.core.session import Session
-from broadcastd.errors import ClientError, CloseReason
+from broadcastd.errors import ClientError, CloseReason, Draining, error_json
 from broadcastd.node import Node
 from broadcastd.settings import WebSocketSettings
 from broadcastd.transport.wsauth import ConnectionAuth
@@ -81,13 +80,20 @@ _throttle = log.Throttle(per_second=10)
 _protocol_log = logging.getLogger("websockets.server")
 OPEN, CONNECTING = State.OPEN, State.CONNECTING
 TEXT, CONT, BINARY, PONG = Opcode.TEXT, Opcode.CONT, Opcode.BINARY, Opcode.PONG
-BACKLOG = 4096
+LISTEN_BACKLOG = 4096
+"""Connections the kernel queues for ``accept()`` (listen(2)'s backlog)."""
 READ_SLICE = 16 * 1024
 """Most input bytes parsed per connection per event-loop turn (about 2700 of the
 smallest frames): the rest waits, with reading paused, for the next turn."""
 _PING_STAMP = struct.Struct("!d")
-_WRITE_FULL, _BACKLOG, _AUTH = 1, 2, 4
-"""Why reading is paused: the socket is above its write limit; input is waiting."""
+# Why a connection's reading is paused (``Connection._read_paused`` holds any of
+# them at once; reading resumes when none is left).
+_PAUSED_WRITE_FULL = 1
+"""The socket is above its write limit: the client must read first."""
+_PAUSED_PENDING_INPUT = 2
+"""Input beyond ``READ_SLICE`` waits, unparsed, for the next event-loop turn."""
+_PAUSED_TOKEN = 4
+"""The token given at connect is being verified: its verdict comes first."""
 
 
 class Refusal(ClientError):
@@ -108,7 +114,7 @@ class Refusal(ClientError):
         self.headers = headers
 
     def serialize(self) -> bytes:
-        body = orjson.dumps({"error": {"code": self.code, "message": self.message}})
+        body = error_json(self.code, self.message)
         head = [
             f"HTTP/1.1 {self.status.value} {self.status.phrase}",
             "Server: broadcastd",
@@ -194,7 +200,11 @@ class WsServer:
         self._loop = asyncio.get_running_loop()
         s = self.settings
         self._server = await self._loop.create_server(
-            lambda: Connection(self), s.host, s.port, backlog=BACKLOG, reuse_port=s.reuse_port
+            lambda: Connection(self),
+            s.host,
+            s.port,
+            backlog=LISTEN_BACKLOG,
+            reuse_port=s.reuse_port,
         )
 
     def stop_accepting(self) -> None:
@@ -271,16 +281,13 @@ class WsServer:
             self.pass_frames = self.pass_bytes = self.pass_writes = 0
             self.pass_oldest = _NEVER
 
-    def check(self, conn: Connection, request: Request) -> Refusal | None:
+    def admit(self, conn: Connection, request: Request) -> Refusal | None:
         """Admission: a refusal, or None (and the route stored on ``conn``)."""
         s = self.settings
-        if self.node.draining:
-            return Refusal(
-                http.HTTPStatus.SERVICE_UNAVAILABLE,
-                "draining",
-                "the server is shutting down",
-                "draining",
-            )
+        try:
+            self.node.refuse_if_draining()
+        except Draining as exc:
+            return Refusal(http.HTTPStatus.SERVICE_UNAVAILABLE, exc.code, exc.message, "draining")
         if len(self._open) >= s.max_clients:
             return Refusal(
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
@@ -346,18 +353,18 @@ class Connection(asyncio.Protocol):
         "compressed",
         "dirty",
         "frames_sent",
-        "idle_timer",
         "outbox",
-        "paused",
         "protocol",
         "remote",
         "route",
         "server",
         "session",
         "started",
+        "subscribe_timer",
         "timer",
         "transport",
         "waiting_since",
+        "write_paused",
     )
 
     def __init__(self, server: WsServer) -> None:
@@ -373,8 +380,8 @@ class Connection(asyncio.Protocol):
         self.outbox: Outbox | None = None
         self.route: Route | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.idle_timer: asyncio.TimerHandle | None = None
-        self.paused = False
+        self.subscribe_timer: asyncio.TimerHandle | None = None
+        self.write_paused = False
         """The transport is above its write limit: the writer waits for resume_writing."""
         self.dirty = False
         self.closing = False
@@ -418,9 +425,9 @@ class Connection(asyncio.Protocol):
         try:
             self.protocol.receive_eof()  # idempotent; the state is now CLOSED
             self._cancel_timer()
-            if self.idle_timer is not None:
-                self.idle_timer.cancel()
-                self.idle_timer = None
+            if self.subscribe_timer is not None:
+                self.subscribe_timer.cancel()
+                self.subscribe_timer = None
             self.transport = None
             self._pending = b""
             if self.auth is not None:
@@ -453,15 +460,15 @@ class Connection(asyncio.Protocol):
         if self.session is not None:
             self.session.on_token = None
         self.auth = None
-        self.timer = self.idle_timer = None
+        self.timer = self.subscribe_timer = None
 
     def pause_writing(self) -> None:
-        self.paused = True
-        self._pause_reading(_WRITE_FULL)
+        self.write_paused = True
+        self._pause_reading(_PAUSED_WRITE_FULL)
 
     def resume_writing(self) -> None:
-        self.paused = False
-        self._resume_reading(_WRITE_FULL)
+        self.write_paused = False
+        self._resume_reading(_PAUSED_WRITE_FULL)
         if self._pending:
             asyncio.get_running_loop().call_soon(self._receive_pending)
         if self.outbox is not None and not self.dirty:
@@ -494,7 +501,7 @@ class Connection(asyncio.Protocol):
         if len(data) > READ_SLICE:
             self._pending = data[READ_SLICE:]
             data = data[:READ_SLICE]
-            self._pause_reading(_BACKLOG)
+            self._pause_reading(_PAUSED_PENDING_INPUT)
             asyncio.get_running_loop().call_soon(self._receive_pending)
         if self.protocol.state is CONNECTING:
             self._receive_handshake(data)
@@ -504,13 +511,13 @@ class Connection(asyncio.Protocol):
     def _receive_pending(self) -> None:
         """Parse the next slice of input held back; while the socket is above its
         write limit, wait for resume_writing instead."""
-        if self.paused or not self._pending or self.transport is None:
+        if self.write_paused or not self._pending or self.transport is None:
             return
         data, self._pending = self._pending, b""
         try:
             self._receive(data)
             if not self._pending:
-                self._resume_reading(_BACKLOG)
+                self._resume_reading(_PAUSED_PENDING_INPUT)
         except Exception as exc:
             self.crash(exc, "read")
 
@@ -565,7 +572,7 @@ class Connection(asyncio.Protocol):
             return
         request = events[0]
         assert isinstance(request, Request)
-        refusal = self.server.check(self, request)
+        refusal = self.server.admit(self, request)
         if refusal is not None:
             self._refuse(refusal)
             return
@@ -624,7 +631,7 @@ class Connection(asyncio.Protocol):
         outbox = self.outbox = Outbox(s.outbox_messages, s.outbox_bytes, s.slow_consumer_policy)
         outbox.tell_missed = not route.raw
         outbox.wake = self.wake
-        outbox.drain = self.drain_now
+        outbox.write_now = self.write_now
         session = self.session = Session(
             self.protocol.id.hex,
             node,
@@ -647,11 +654,11 @@ class Connection(asyncio.Protocol):
 
             def open_channels() -> None:
                 session.open(route.channels, route.since)
-                self._resume_reading(_AUTH)
+                self._resume_reading(_PAUSED_TOKEN)
                 if self.session is not None:
                     self._watch_subscriptions()
 
-            auth.start(route.token, open_channels, lambda: self._pause_reading(_AUTH))
+            auth.start(route.token, open_channels, lambda: self._pause_reading(_PAUSED_TOKEN))
         node.observer.connection_opened()
         _log.info(
             "connection.open",
@@ -726,14 +733,16 @@ class Connection(asyncio.Protocol):
         if timeout is None or session is None:
             return
         if session.channels:
-            if self.idle_timer is not None:
-                self.idle_timer.cancel()
-                self.idle_timer = None
-        elif self.idle_timer is None:
-            self.idle_timer = asyncio.get_running_loop().call_later(timeout, self._no_subscription)
+            if self.subscribe_timer is not None:
+                self.subscribe_timer.cancel()
+                self.subscribe_timer = None
+        elif self.subscribe_timer is None:
+            self.subscribe_timer = asyncio.get_running_loop().call_later(
+                timeout, self._no_subscription
+            )
 
     def _no_subscription(self) -> None:
-        self.idle_timer = None
+        self.subscribe_timer = None
         if self.session is not None and not self.session.channels and self.outbox is not None:
             self.outbox.close(CloseReason.NO_SUBSCRIPTION)
 
@@ -757,15 +766,15 @@ class Connection(asyncio.Protocol):
         outbox = self.outbox
         if outbox is None or not self.writable():
             return
-        if not self.paused:
+        if not self.write_paused:
             self._write_queued(outbox)
         if outbox.closed is not None:
             self._close_if_flushed(outbox, outbox.closed)
 
-    def drain_now(self) -> bool:
+    def write_now(self) -> bool:
         """The outbox is full: write it out now if the socket can take more."""
         outbox = self.outbox
-        if self.paused or outbox is None or not self.writable():
+        if self.write_paused or outbox is None or not self.writable():
             return False
         self._write_queued(outbox)
         return True
@@ -801,7 +810,7 @@ class Connection(asyncio.Protocol):
     def _close_if_flushed(self, outbox: Outbox, reason: CloseReason) -> None:
         if len(outbox) or self.closing:
             return
-        if self.paused and reason is not CloseReason.SLOW_CONSUMER:
+        if self.write_paused and reason is not CloseReason.SLOW_CONSUMER:
             return  # resume_writing() flushes again, then closes
         self.protocol.send_close(reason.code, reason.reason)
         self._send_protocol_data()
@@ -910,7 +919,7 @@ class Connection(asyncio.Protocol):
         (what it sent meanwhile is read and ignored: the protocol is not OPEN)."""
         self.closing = True
         self._leave()
-        self._resume_reading(_AUTH)
+        self._resume_reading(_PAUSED_TOKEN)
         self._set_timer(self.server.settings.close_timeout, self.abort)
 
     # Closing

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broadcastd.core.envelope import Payload
-from broadcastd.core.publication import body_payload, parse_batch, parse_publish
+from broadcastd.core.publish_forms import body_payload, parse_batch, parse_publish
 from broadcastd.errors import ClientError
 
 DEEP = b"[" * 100_000 + b"]" * 100_000
