@@ -10,15 +10,19 @@ same port, freeze and thaw, and bring it back from an older snapshot.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import quote
 
 import pytest
 import redis
@@ -35,6 +39,89 @@ ADDRESS_IN_USE = "Address already in use"
 
 class RedisServerError(RuntimeError):
     """The server did not come up; the message ends with its log."""
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for a TLS port: the server's certificate and key, and the CA
+    that signed it (which clients must trust)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def make_tls_files(directory: Path) -> TLSFiles:
+    """A fresh CA and a certificate it signed for 127.0.0.1 and localhost."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TLSFiles(directory / "server.crt", directory / "server.key", directory / "ca.crt")
+    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files
 
 
 def free_port() -> int:
@@ -64,10 +151,22 @@ class RedisServer:
 
     The port is chosen by the first ``start()`` and kept by later ones, so
     clients (and the daemon under test) find the server again after a restart.
+
+    With ``password`` the server requires it (``requirepass``), and ``url`` and
+    ``client()`` carry it; ``unix_socket`` adds a Unix socket at that path
+    (``unix_url``), ``tls`` a TLS port beside the plain one (``tls_url``, whose
+    clients trust ``tls.ca``).
     """
 
     def __init__(
-        self, directory: Path, *, persistence: bool = True, ready_timeout: float = 10.0
+        self,
+        directory: Path,
+        *,
+        persistence: bool = True,
+        ready_timeout: float = 10.0,
+        password: str | None = None,
+        unix_socket: Path | None = None,
+        tls: TLSFiles | None = None,
     ) -> None:
         executable = shutil.which("redis-server")
         if executable is None:
@@ -79,8 +178,12 @@ class RedisServer:
         self.directory = directory
         self.persistence = persistence
         self.ready_timeout = ready_timeout
+        self.password = password
+        self.unix_socket = unix_socket
+        self.tls = tls
         self.log_path = directory / "redis-server.log"
         self._port: int | None = None
+        self._tls_port: int | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._frozen = False
         self._clients: list[redis.Redis] = []
@@ -95,7 +198,28 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{HOST}:{self.port}/0"
+        return f"redis://{self._credentials}{HOST}:{self.port}/0"
+
+    @property
+    def tls_url(self) -> str:
+        """The TLS port's URL, trusting the test CA (``tls`` must be given)."""
+        if self.tls is None or self._tls_port is None:
+            raise RuntimeError("RedisServer.tls_url without tls, or before the first start()")
+        return (
+            f"rediss://{self._credentials}{HOST}:{self._tls_port}/0"
+            f"?ssl_ca_certs={quote(str(self.tls.ca))}"
+        )
+
+    @property
+    def unix_url(self) -> str:
+        """The Unix socket's URL (``unix_socket`` must be given)."""
+        if self.unix_socket is None:
+            raise RuntimeError("RedisServer.unix_url without unix_socket")
+        return f"unix://{self._credentials}{self.unix_socket}?db=0"
+
+    @property
+    def _credentials(self) -> str:
+        return "" if self.password is None else f":{quote(self.password, safe='')}@"
 
     @property
     def pid(self) -> int:
@@ -117,6 +241,7 @@ class RedisServer:
         kwargs.setdefault("socket_timeout", 10.0)
         kwargs.setdefault("socket_connect_timeout", 10.0)
         kwargs.setdefault("retry", no_retry())
+        kwargs.setdefault("password", self.password)
         client = redis.Redis(host=HOST, port=self.port, **kwargs)
         self._clients.append(client)
         return client
@@ -141,6 +266,8 @@ class RedisServer:
             self._launch(self._port)
             return
         for attempt in range(BIND_ATTEMPTS):
+            if self.tls is not None:
+                self._tls_port = free_port()
             try:
                 self._launch(free_port())
             except _PortTaken:
@@ -281,7 +408,30 @@ class RedisServer:
             # DEBUG SLEEP and friends, for tests of a slow server.
             "--enable-debug-command",
             "local",
+            *self._options(),
         ]
+
+    def _options(self) -> list[str]:
+        """The command-line options of ``password``, ``unix_socket`` and ``tls``."""
+        options = []
+        if self.password is not None:
+            options += ["--requirepass", self.password]
+        if self.unix_socket is not None:
+            options += ["--unixsocket", str(self.unix_socket), "--unixsocketperm", "700"]
+        if self.tls is not None:
+            options += [
+                "--tls-port",
+                str(self._tls_port),
+                "--tls-cert-file",
+                str(self.tls.cert),
+                "--tls-key-file",
+                str(self.tls.key),
+                "--tls-ca-cert-file",
+                str(self.tls.ca),
+                "--tls-auth-clients",
+                "no",
+            ]
+        return options
 
     def _launch(self, port: int, *, aof: bool | None = None) -> None:
         with self.log_path.open("ab") as log:
@@ -305,7 +455,12 @@ class RedisServer:
         """Poll PING until it answers, the process exits, or the deadline passes."""
         deadline = time.monotonic() + self.ready_timeout
         with redis.Redis(
-            host=HOST, port=port, socket_timeout=0.5, socket_connect_timeout=0.5, retry=no_retry()
+            host=HOST,
+            port=port,
+            password=self.password,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
+            retry=no_retry(),
         ) as probe:
             while True:
                 try:

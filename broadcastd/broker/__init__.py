@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import NamedTuple, Protocol, TypeAlias, TypeVar
 
 from broadcastd.core.hub import FanOut
-from broadcastd.core.publication import Item
+from broadcastd.core.publish_forms import Item
 from broadcastd.core.stream import Position, Publication
 from broadcastd.errors import ClientError
 

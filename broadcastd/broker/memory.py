@@ -21,7 +21,7 @@ from broadcastd.core.envelope import Payload
 from broadcastd.core.hub import FanOut
 from broadcastd.core.idempotency import Idempotency
 from broadcastd.core.namespaces import Namespaces
-from broadcastd.core.publication import Item
+from broadcastd.core.publish_forms import Item
 from broadcastd.core.stream import Position, Publication, Streams
 from broadcastd.errors import ClientError
 from broadcastd.settings import Settings

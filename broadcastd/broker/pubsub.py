@@ -15,13 +15,14 @@ resolved, the reason it ended) refers back to it through a traceback.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections import deque
 from collections.abc import Callable
 from typing import Any, cast
 
 import hiredis
 from redis.connection import parse_url
+
+from broadcastd.broker.commands import tls_context
 
 OnMessages = Callable[[list[tuple[bytes, bytes]]], None]
 """Called with every (pub/sub channel, data) of one read, in order."""
@@ -58,7 +59,7 @@ class PubSubConnection(asyncio.Protocol):
                 if "path" in options:
                     await loop.create_unix_connection(lambda: protocol, options["path"])
                 else:
-                    tls = ssl.create_default_context() if url.startswith("rediss://") else None
+                    tls = tls_context(options) if url[:9].lower() == "rediss://" else None
                     await loop.create_connection(
                         lambda: protocol,
                         options.get("host", "localhost"),

@@ -1,21 +1,27 @@
 """The Redis broker: many nodes, one set of channels, no silent loss.
 
 Positions, history and idempotency keys live in Redis, changed only by the Lua
-scripts of ``broadcastd.broker.scripts`` (one atomic step per publish). Every node
-subscribes, on one pub/sub connection per Redis shard, to the channels it has
-local subscribers for, and hands what arrives to the node, which fans it out
-exactly as with the memory broker and checks that offsets follow each other.
+scripts of ``broadcastd.broker.scripts`` (one atomic step per publish). Each node
+has two connections per Redis shard: one for commands
+(``broadcastd.broker.commands``: every call of one loop turn leaves in one
+write, replies parsed by hiredis), and one for pub/sub
+(``broadcastd.broker.pubsub``), subscribed to the channels it has local
+subscribers for. What arrives goes through the feeds
+(``broadcastd.broker.feeds``), which hand it to the node in order, and the node
+fans it out exactly as with the memory engine.
 
 What this module promises the node:
 
 - a publish is answered only once Redis has accepted it, and fails with
-  BrokerUnavailable (503) within ``broker.redis.timeout`` otherwise;
+  BrokerUnavailable (503) when Redis has been silent for ``broker.redis.timeout``
+  (judged by Redis's replies, not by how late a busy node reads them);
 - a pub/sub connection is either subscribed to every wanted channel or being
-  rebuilt: after every (re)connection the node hears ``resubscribed`` with the
-  channels concerned, and reads what it may have missed from history;
+  rebuilt: after every (re)connection the feeds check every channel against
+  history, and fill or tell what was missed;
 - a probe message goes round each shard's pub/sub path every
-  ``probe_interval``; when one has not come back within ``probe_timeout`` the
-  connection is taken for wedged, health goes down and the connection is rebuilt;
+  ``probe_interval``; when one has not come back within ``probe_timeout`` (and
+  the sockets were read once more since) the connections are taken for wedged,
+  health goes down and they are rebuilt;
 - an offset is never given out twice: the node remembers the highest position
   it has seen of each channel it has subscribers of, and of the last
   ``SEEN_CHANNELS`` others it published to or read, and the scripts begin a new
@@ -24,9 +30,8 @@ What this module promises the node:
 A pub/sub connection that ended is freed by reference counting alone (the
 daemon tunes the cyclic collector down): shards hold no reference back to the
 broker, a connection lets go of its callback when it ends, and the reason it
-ended is kept without a traceback through the frames that hold it. redis-py's
-pool reconnects its connection objects in place, so Redis restarts leave none
-of them behind either; they are let go with the broker, when it closes.
+ended is kept without a traceback through the frames that hold it; so does a
+command connection.
 """
 
 from __future__ import annotations
@@ -37,18 +42,15 @@ import hashlib
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
 import orjson
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-from redis.maint_notifications import MaintNotificationsConfig
 
 from broadcastd import log
 from broadcastd.broker import BrokerHandler, Health, History, HistoryStats, Published
+from broadcastd.broker.commands import CommandConnection
 from broadcastd.broker.feeds import Feeds
 from broadcastd.broker.memory import new_epoch
 from broadcastd.broker.pubsub import PubSubConnection
@@ -56,7 +58,7 @@ from broadcastd.broker.scripts import HISTORY, POSITION, PUBLISH, RESTART
 from broadcastd.core.envelope import Payload, channel_prefix
 from broadcastd.core.namespaces import Namespaces
 from broadcastd.core.observer import Observer
-from broadcastd.core.publication import Item
+from broadcastd.core.publish_forms import Item
 from broadcastd.core.stream import Position, Publication
 from broadcastd.errors import BrokerUnavailable, ClientError
 from broadcastd.settings import RedisSettings, Settings, mask_url
@@ -66,6 +68,10 @@ _throttle = log.Throttle(per_second=10)
 T = TypeVar("T")
 
 FAILURES = (RedisError, OSError, TimeoutError, ConnectionError)
+PUBLISH_SHA, POSITION_SHA, HISTORY_SHA, RESTART_SHA = (
+    hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+    for script in (PUBLISH, POSITION, HISTORY, RESTART)
+)
 SEEN_CHANNELS = 10_000
 """Channels without a subscriber here whose highest position a node remembers
 (those it published to or read most recently), besides every channel it has
@@ -100,7 +106,7 @@ def shard_of(channel: str, shards: int) -> int:
 
 
 class Shard:
-    """One Redis server: a command client and the pub/sub connection of this node.
+    """One Redis server: this node's command connection and pub/sub connection.
 
     It holds no reference to the broker (which holds it), so that nothing of it
     waits for the cyclic collector once the broker is dropped.
@@ -110,33 +116,18 @@ class Shard:
         self.index = index
         self.url = url
         self.where = mask_url(url)
-        self.client: Redis = Redis.from_url(
-            url,
-            socket_timeout=settings.timeout,
-            socket_connect_timeout=settings.connect_timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            # Redis Enterprise's maintenance notices would make redis-py relax
-            # timeouts that must hold (a publish fails fast, with 503); and their
-            # handlers tie the pool and each connection into reference cycles.
-            maint_notifications_config=MaintNotificationsConfig(enabled=False),
-        )
-        self.publish_script = self.client.register_script(PUBLISH)
-        self.position_script = self.client.register_script(POSITION)
-        self.history_script = self.client.register_script(HISTORY)
-        self.restart_script = self.client.register_script(RESTART)
         self.topics: set[bytes] = set()
         """Pub/sub channels wanted on this shard (the probe's included)."""
-        self.queue: list[tuple[Item, asyncio.Future[Published]]] = []
-        """Publishes asked for in this turn of the event loop, sent together."""
         self.joining: list[tuple[str, bytes]] = []
         """Channels subscribed in this turn of the event loop, subscribed together."""
+        self.commands: CommandConnection | None = None
+        """Scripts and reads: every call of one loop turn leaves in one write."""
         self.pubsub: PubSubConnection | None = None
         self.subscribed = False
         """Every wanted channel is confirmed on a live pub/sub connection."""
         self.up = False
-        self.last_probe = 0.0
-        """Loop time the last probe came back."""
+        self.probe_sent: float | None = None
+        """When the probe under way was sent (``time.monotonic``; None: none is)."""
         self.reason = "connecting"
         self.task: asyncio.Task[None] | None = None
 
@@ -203,10 +194,16 @@ class RedisBroker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await shard.task
                 shard.task = None
-            await shard.client.aclose()
+            if shard.commands is not None:
+                shard.commands.close()
+                shard.commands = None
         if self._feeds is not None:
             self._feeds.close()
             self._feeds = None
+        # The calls the close failed run their callbacks (a probe's, a waiting
+        # publish's) in the next turn: let them, so that nothing of the broker
+        # is still referenced from the loop once this returns.
+        await asyncio.sleep(0)
 
     # The pub/sub connection's life
 
@@ -216,15 +213,22 @@ class RedisBroker:
         failures = 0
         while True:
             outcome = await self._connect(shard, failures)
-            if isinstance(outcome, PubSubConnection):
+            if isinstance(outcome, tuple):
                 failures = 0
+                commands, pubsub = outcome
                 try:
-                    await outcome.lost
+                    await asyncio.wait(
+                        (commands.lost, pubsub.lost), return_when=asyncio.FIRST_COMPLETED
+                    )
                 finally:
                     shard.pubsub = None
+                    shard.commands = None
                     shard.subscribed = False
-                    outcome.close()
-                error: BaseException | None = outcome.lost.result()
+                    shard.probe_sent = None
+                    commands.close()
+                    pubsub.close()
+                error: BaseException | None = pubsub.lost.result() or commands.lost.result()
+                del commands, pubsub, outcome
             else:
                 error = outcome
             failures += 1
@@ -232,55 +236,73 @@ class RedisBroker:
             ceiling = min(settings.backoff_max, settings.backoff_min * 2 ** min(failures, 30))
             await asyncio.sleep(random.uniform(0, ceiling))  # noqa: S311 - full jitter, not secrets
 
-    async def _connect(self, shard: Shard, failures: int) -> PubSubConnection | Exception:
-        """A pub/sub connection subscribed to every wanted channel, or why not.
+    async def _connect(
+        self, shard: Shard, failures: int
+    ) -> tuple[CommandConnection, PubSubConnection] | Exception:
+        """A command connection, and a pub/sub connection subscribed to every
+        wanted channel; or why not.
 
         The failure is returned, not raised: its traceback then ends in this
         frame, and holding it in ``_run`` makes no cycle through ``_run``'s frame.
         """
         settings = self.settings
-        connection: PubSubConnection | None = None
+        commands: CommandConnection | None = None
+        pubsub: PubSubConnection | None = None
         try:
-            connection = await PubSubConnection.open(
+            commands = await CommandConnection.open(
+                shard.url, settings.connect_timeout, call_timeout=settings.timeout
+            )
+            pubsub = await PubSubConnection.open(
                 shard.url, settings.connect_timeout, self._on_messages
             )
             topics = sorted(shard.topics)
             async with asyncio.timeout(settings.timeout):
-                await asyncio.gather(*connection.subscribe(topics))
-            # Pooled command connections from before are likely dead too.
-            await shard.client.connection_pool.disconnect(inuse_connections=False)
+                await asyncio.gather(*pubsub.subscribe(topics))
         except asyncio.CancelledError:
-            if connection is not None:
-                connection.close()
+            for connection in (commands, pubsub):
+                if connection is not None:
+                    connection.close()
             raise
         except Exception as exc:
-            if connection is not None:
-                connection.close()
+            for connection in (commands, pubsub):
+                if connection is not None:
+                    connection.close()
             return exc
-        shard.pubsub = connection
+        shard.commands = commands
+        shard.pubsub = pubsub
         shard.subscribed = True
-        shard.last_probe = asyncio.get_running_loop().time()
+        shard.probe_sent = None
         self._shard_connected(shard, failures)
-        return connection
+        return commands, pubsub
 
     def _rebuild(self, shard: Shard, reason: str) -> None:
-        """Drop the pub/sub connection (wedged): ``_run`` makes a new one."""
+        """Drop the connections (wedged): ``_run`` makes new ones."""
         if shard.pubsub is not None:
             shard.pubsub.close(ConnectionError(reason))
+        if shard.commands is not None:
+            shard.commands.close()
 
-    async def _call(self, shard: Shard, step: Callable[[], Awaitable[T]]) -> T:
-        """One Redis round trip, bounded by ``broker.redis.timeout``, timed; a
-        failure of any kind is BrokerUnavailable (nothing is known to be done)."""
+    @staticmethod
+    def _commands(shard: Shard) -> CommandConnection:
+        """The shard's command connection, or BrokerUnavailable while it has none."""
+        commands = shard.commands
+        if commands is None or commands.closed:
+            raise BrokerUnavailable("Redis is not reachable; try again shortly")
+        return commands
+
+    async def _wait(self, calls: Sequence[Awaitable[T]]) -> list[T]:
+        """The answers of ``calls``, timed once; a failure of any kind is
+        BrokerUnavailable (nothing is known to be done). The connection bounds
+        each call by ``broker.redis.timeout`` of Redis's silence."""
         started = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.settings.timeout):
-                result = await step()
-        except FAILURES as exc:
-            raise BrokerUnavailable(
-                f"Redis did not answer ({type(exc).__name__}); nothing was published"
-            ) from None
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        failed = next((a for a in answers if isinstance(a, BaseException)), None)
+        if failed is not None:
+            name = type(failed).__name__
+            del answers, failed  # no traceback of them outlives this frame
+            raise BrokerUnavailable(f"Redis did not answer ({name}); nothing was published")
         self.observer.broker_command(time.perf_counter() - started)
-        return result
+        return cast(list[T], answers)
 
     @property
     def health(self) -> Health:
@@ -303,68 +325,27 @@ class RedisBroker:
     async def publish(self, items: Sequence[Item]) -> list[Published | ClientError]:
         """Publish every item; answered once Redis accepted them all.
 
-        Publishes are coalesced: everything asked for in one turn of the event
-        loop (the pipelined requests of one read, a batch) goes to each shard in
-        one pipeline, so a busy node makes one round trip per shard per turn, not
-        one per message. Items of one channel keep their order.
+        Every call of one turn of the event loop (the pipelined requests of one
+        read, a batch) leaves in one write per shard, so a busy node makes one
+        round trip per shard per turn, not one per message. Items of one channel
+        keep their order.
         """
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Published]] = []
         shards = len(self.shards)
-        for item in items:
-            shard = self.shards[shard_of(item[0], shards)]
-            future: asyncio.Future[Published] = loop.create_future()
-            shard.queue.append((item, future))
-            if len(shard.queue) == 1:
-                loop.call_soon(self._flush, shard)
-            futures.append(future)
-        results = await asyncio.gather(*futures, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return cast(list[Published | ClientError], results)
-
-    def _flush(self, shard: Shard) -> None:
-        batch, shard.queue = shard.queue, []
-        task = asyncio.get_running_loop().create_task(self._send(shard, batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _send(
-        self, shard: Shard, batch: list[tuple[Item, asyncio.Future[Published]]]
-    ) -> None:
-        script = shard.publish_script
-        try:
-            if len(batch) == 1:
-                keys, argv = self._publish_args(*batch[0][0])
-                answers = [await self._call(shard, lambda: script(keys=keys, args=argv))]
-            else:
-
-                async def pipelined() -> list[Any]:
-                    async with shard.client.pipeline(transaction=False) as pipe:
-                        for item, _ in batch:
-                            keys, argv = self._publish_args(*item)
-                            await script(keys=keys, args=argv, client=pipe)
-                        return await pipe.execute()
-
-                answers = await self._call(shard, pipelined)
-        except asyncio.CancelledError:  # the broker closes: nobody waits in vain
-            for _, future in batch:
-                future.cancel()
-            raise
-        except Exception as exc:  # BrokerUnavailable (or a failure of ours) for each
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (item, future), answer in zip(batch, answers, strict=True):
+        connections = [self._commands(self.shards[shard_of(item[0], shards)]) for item in items]
+        calls = []
+        for item, commands in zip(items, connections, strict=True):
+            keys, argv = self._publish_args(*item)
+            calls.append(commands.script(PUBLISH_SHA, PUBLISH, keys, argv))
+        answers = await self._wait(calls)
+        results: list[Published | ClientError] = []
+        for item, answer in zip(items, answers, strict=True):
             epoch, _, offset = answer[0].partition(b" ")
             position = Position(epoch.decode(), int(offset))
             duplicate = answer[1] == 1
             if not duplicate:  # a first publish's answer may be of an epoch since left
                 self._saw(item[0], position)
-            if not future.done():
-                future.set_result(Published(position, None, duplicate))
+            results.append(Published(position, None, duplicate))
+        return results
 
     def _publish_args(
         self, channel: str, payload: Payload, key: str | None
@@ -447,30 +428,26 @@ class RedisBroker:
         task.add_done_callback(self._tasks.discard)
 
     async def _join(self, shard: Shard, batch: list[tuple[str, bytes]]) -> None:
-        script = shard.position_script
         try:
             pubsub = shard.pubsub
             if pubsub is None or not shard.subscribed:
                 raise BrokerUnavailable("Redis is not reachable; try again shortly")
+            commands = self._commands(shard)
             confirmations = pubsub.subscribe([topic for _, topic in batch])
-            await self._call(shard, lambda: asyncio.gather(*confirmations))
-
-            async def positions() -> list[Any]:
-                async with shard.client.pipeline(transaction=False) as pipe:
-                    for channel, _ in batch:
-                        known = self._known(channel)
-                        args: list[str | int] = [new_epoch(), self.meta_ttl_ms, *known]
-                        await script(keys=list(self._keys(channel)), args=args, client=pipe)
-                    return await pipe.execute()
-
-            answers = await self._call(shard, positions)
+            await self._wait(confirmations)
+            calls = []
+            for channel, _ in batch:
+                args: list[str | int] = [new_epoch(), self.meta_ttl_ms, *self._known(channel)]
+                keys = list(self._keys(channel))
+                calls.append(commands.script(POSITION_SHA, POSITION, keys, args))
+            answers = await self._wait(calls)
         except asyncio.CancelledError:
             raise
         except ClientError as exc:
             self._not_joined(shard, batch, exc)
             return
         except Exception as exc:  # a failure of ours: these channels alone
-            _log.error("broker.subscribe_failed", error=f"{type(exc).__name__}"[:200], exc_info=exc)
+            _log.error("broker.subscribe_failed", error=type(exc).__name__, exc_info=exc)
             self._not_joined(shard, batch, BrokerUnavailable("the subscription failed"))
             return
         feeds = self._feeds
@@ -544,11 +521,10 @@ class RedisBroker:
         return await self._position(self._shard(channel), channel, create=True)
 
     async def restart(self, channel: str, epoch: str) -> Position:
-        shard = self._shard(channel)
+        commands = self._commands(self._shard(channel))
         keys = list(self._keys(channel))
         args: list[str | int] = [epoch, new_epoch(), self.meta_ttl_ms]
-        script = shard.restart_script
-        new, offset = await self._call(shard, lambda: script(keys=keys, args=args))
+        ((new, offset),) = await self._wait([commands.script(RESTART_SHA, RESTART, keys, args)])
         position = Position(new.decode(), int(offset))
         self._saw(channel, position)
         return position
@@ -558,11 +534,11 @@ class RedisBroker:
         return position if position.epoch else None
 
     async def _position(self, shard: Shard, channel: str, *, create: bool) -> Position:
+        commands = self._commands(shard)
         keys = list(self._keys(channel))
         known = self._known(channel)
         args: list[str | int] = [new_epoch() if create else "", self.meta_ttl_ms, *known]
-        script = shard.position_script
-        epoch, offset = await self._call(shard, lambda: script(keys=keys, args=args))
+        ((epoch, offset),) = await self._wait([commands.script(POSITION_SHA, POSITION, keys, args)])
         position = Position(epoch.decode(), int(offset))
         self._saw(channel, position)
         return position
@@ -583,12 +559,12 @@ class RedisBroker:
     async def _read(
         self, channel: str, since: int, count: int, *, newest: bool
     ) -> tuple[Position, list[Publication]]:
-        shard = self._shard(channel)
+        commands = self._commands(self._shard(channel))
         keys = list(self._keys(channel))
         ttl = max(1, int(self.namespaces.history_ttl(channel)))
         args: list[str | int] = [f"0-{since + 1}", max(count, 0), ttl, "1" if newest else "0"]
-        script = shard.history_script
-        epoch_b, offset_b, rows = await self._call(shard, lambda: script(keys=keys, args=args))
+        call = commands.script(HISTORY_SHA, HISTORY, keys, args)
+        ((epoch_b, offset_b, rows),) = await self._wait([call])
         top = Position(epoch_b.decode(), int(offset_b))
         self._saw(channel, top)
         if count <= 0 or self.namespaces.history_size(channel) == 0:
@@ -610,34 +586,47 @@ class RedisBroker:
     # Health: the probe of every shard's pub/sub path
 
     def _probe(self) -> None:
+        """Every ``probe_interval``: a probe through each shard's pub/sub path, unless
+        one is still under way; one under way for longer than ``probe_timeout``
+        is judged after the next read of the sockets, not before (a loop busy with
+        a storm of its own clients may simply not have read it yet)."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = time.monotonic()  # fresh: the loop's time is that of its turn's start
         timeout = self.settings.probe_timeout
         for shard in self.shards:
-            if shard.subscribed:
-                if now - shard.last_probe > timeout:
-                    self.observer.broker_probe(None)
-                    self._set(shard, False, "probe_timeout")
-                    self._rebuild(shard, "no probe came back within broker.redis.probe_timeout")
-                else:
-                    task = loop.create_task(self._send_probe(shard))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+            if not shard.subscribed:
+                continue
+            sent = shard.probe_sent
+            if sent is None:
+                self._send_probe(shard)
+            elif now - sent > timeout:
+                loop.call_later(0, self._probe_overdue, shard, sent)
         self._probe_timer = loop.call_later(self.settings.probe_interval, self._probe)
 
-    async def _send_probe(self, shard: Shard) -> None:
-        stamp = b"%d %r" % (shard.index, time.perf_counter())
-        client = shard.client
-        try:
-            await self._call(shard, lambda: client.publish(self.probe_topic, stamp))
-        except BrokerUnavailable:
+    def _probe_overdue(self, shard: Shard, sent: float) -> None:
+        if shard.probe_sent == sent and shard.subscribed:  # still not back, sockets read
             self.observer.broker_probe(None)
-            self._set(shard, False, "unreachable")
+            self._set(shard, False, "probe_timeout")
+            self._rebuild(shard, "no probe came back within broker.redis.probe_timeout")
+
+    def _send_probe(self, shard: Shard) -> None:
+        commands = shard.commands
+        if commands is None or commands.closed:
+            return
+        shard.probe_sent = time.monotonic()
+        stamp = b"%d %r" % (shard.index, time.perf_counter())
+        commands.call("PUBLISH", self.probe_topic, stamp).add_done_callback(self._probe_sent)
+
+    def _probe_sent(self, published: asyncio.Future[Any]) -> None:
+        """A probe's PUBLISH was answered, or failed: the command path is down then
+        (the connection ends, and ``_run`` makes it again)."""
+        if not published.cancelled() and published.exception() is not None:
+            self.observer.broker_probe(None)
 
     def _probe_back(self, data: bytes) -> None:
         index, _, sent = data.partition(b" ")
         shard = self.shards[int(index)]
-        shard.last_probe = asyncio.get_running_loop().time()
+        shard.probe_sent = None
         self.observer.broker_probe(time.perf_counter() - float(sent))
         if shard.subscribed:
             self._set(shard, True, "")
