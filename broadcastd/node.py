@@ -17,14 +17,14 @@ never wait. The node also holds the lifecycle state both adapters consult
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from broadcastd import log
 from broadcastd.auth.claims import Claims, may_subscribe
+from broadcastd.background import Background
 from broadcastd.broker import Broker, Health, History, MaybeAwaitable, Published, then
 from broadcastd.broker.memory import MemoryBroker
 from broadcastd.core.channels import check_channel
@@ -46,7 +46,6 @@ from broadcastd.errors import (
 from broadcastd.settings import Settings, SlowConsumerPolicy
 
 _log = log.get("broadcastd.node")
-_throttle = log.Throttle(per_second=10)
 T = TypeVar("T")
 
 Joined = Callable[[Position, Recovery | None], None]
@@ -91,7 +90,8 @@ class Node:
         self.max_recover = settings.history.max_recover
         self._waiting: dict[str, list[Joiner]] = {}
         """Channels asked of the engine and not subscribed yet: who waits for each."""
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background = Background("broadcastd.node", "node.error")
+        """Joins waiting for the engine's answer."""
         self.ready = False
         """Every listener accepts connections and the daemon is not draining."""
         self.draining = False
@@ -103,8 +103,7 @@ class Node:
         await self.broker.start(self)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        self._background.cancel()
         await self.broker.close()
 
     @property
@@ -455,17 +454,7 @@ class Node:
                 return
             step(value)
 
-        task = asyncio.get_running_loop().create_task(wait())
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None and _throttle.allow("node.error"):
-            _log.error("node.error", error=f"{type(exc).__name__}: {exc}"[:200], exc_info=exc)
+        self._background.spawn(wait())
 
     # What the control API shows
 

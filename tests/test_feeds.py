@@ -84,8 +84,8 @@ class Recorder:
 
 async def settle(feeds: Feeds) -> None:
     """Until every repair under way has ended."""
-    while feeds._tasks:
-        await asyncio.gather(*feeds._tasks, return_exceptions=True)
+    while pending := feeds._background.pending():
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def opened(source: Kept, at: int) -> tuple[Feeds, Recorder]:

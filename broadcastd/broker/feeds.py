@@ -25,17 +25,13 @@ positions handed on here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import Protocol
 
-from broadcastd import log
+from broadcastd.background import Background
 from broadcastd.broker import BrokerHandler, History
 from broadcastd.core.observer import Observer
 from broadcastd.core.stream import Position, Publication
 from broadcastd.errors import ClientError
-
-_log = log.get("broadcastd.feeds")
-_throttle = log.Throttle(per_second=10)
 
 HELD_MAX = 10_000
 """Publications held for one channel while it is subscribed or repaired; older
@@ -84,7 +80,7 @@ class Feeds:
         self.handler = handler
         self.observer = observer
         self._feeds: dict[str, Feed] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = Background("broadcastd.feeds", "feeds.error")
 
     def __contains__(self, name: object) -> bool:
         return name in self._feeds
@@ -93,8 +89,7 @@ class Feeds:
         return len(self._feeds)
 
     def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        self._background.cancel()
 
     # A subscription's life
 
@@ -162,7 +157,7 @@ class Feeds:
     def _repair(self, feed: Feed) -> None:
         if not feed.repairing and self._feeds.get(feed.name) is feed:
             feed.repairing = True
-            self._spawn(self._repair_run(feed))
+            self._background.spawn(self._repair_run(feed))
 
     async def _repair_run(self, feed: Feed) -> None:
         name = feed.name
@@ -226,18 +221,3 @@ class Feeds:
     def _resync(self, feed: Feed, position: Position, reason: str) -> None:
         feed.epoch, feed.offset = position
         self.handler.resync(feed.name, position, reason)
-
-    # Tasks
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None and _throttle.allow("feeds.error"):
-            _log.error("feeds.error", error=f"{type(exc).__name__}: {exc}"[:200], exc_info=exc)
