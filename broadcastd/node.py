@@ -20,12 +20,20 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from broadcastd import log
 from broadcastd.auth.claims import Claims, may_subscribe
 from broadcastd.background import Background
-from broadcastd.broker import Broker, Health, History, MaybeAwaitable, Published, then
+from broadcastd.broker import (
+    Broker,
+    Health,
+    History,
+    MaybeAwaitable,
+    Published,
+    pending,
+    then,
+)
 from broadcastd.broker.memory import MemoryBroker
 from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import Payload, reply_frame
@@ -183,55 +191,77 @@ class Node:
         (Redis; BrokerUnavailable if it cannot be reached). The whole call counts
         as accepted at one instant and is reported to the observer once.
         """
-        self.refuse_if_draining()
+        if self.draining:
+            self.refuse_if_draining()
         check = self._check
-        answers: list[Published | ClientError | None] = []
-        accepted: list[Item] = []
-        for item in items:
+        refused: dict[int, ClientError] | None = None
+        """Items refused before the engine saw them, by index (None: none was)."""
+        for index, item in enumerate(items):
             if not isinstance(item, ClientError):
                 try:
                     check(item[0], item[1])
-                    answers.append(None)
-                    accepted.append(item)
                     continue
                 except ClientError as exc:
                     item = exc
             if all_or_none:
                 raise item
-            answers.append(item)
-        if all_or_none and not self.broker.has_room_for([item[0] for item in accepted]):
+            if refused is None:
+                refused = {}
+            refused[index] = item
+        accepted = cast(Sequence[Item], items)
+        if refused is not None:
+            accepted = [cast(Item, i) for n, i in enumerate(items) if n not in refused]
+        elif (
+            all_or_none
+            and len(accepted) > 1
+            and not self.broker.has_room_for([item[0] for item in accepted])
+        ):  # one item needs no look ahead: the engine refuses it alone, and it is raised
             raise ChannelTableFull(
                 f"the server holds {self.settings.channels.max_channels} channels, "
                 "all with subscribers"
             )
         if not accepted:
-            return self._answers(form, answers, [])
+            return self._answers(form, [], refused, all_or_none)
         self.publishing_since = self.clock()
         try:
             published = self.broker.publish(accepted)
         finally:
             self.publishing_since = None
-        return then(published, lambda done: self._answers(form, answers, done))
+        if pending(published):
+
+            def answered(done: Answers) -> Answers:
+                return self._answers(form, done, refused, all_or_none)
+
+            return then(published, answered)
+        return self._answers(form, cast(Answers, published), refused, all_or_none)
 
     def _answers(
-        self, form: str, answers: list[Published | ClientError | None], published: Answers
+        self,
+        form: str,
+        published: Answers,
+        refused: dict[int, ClientError] | None,
+        all_or_none: bool,
     ) -> Answers:
-        """The answers in item order, reported once."""
-        if published:
-            results = iter(published)
-            answers = [next(results) if a is None else a for a in answers]
-        messages = queued = refused = 0
-        for answer in answers:
-            if isinstance(answer, Published):
+        """The engine's answers, reported once, with the items refused before it
+        put back in their places (with ``all_or_none``, a refusal is raised)."""
+        messages = queued = dropped = 0
+        for answer in published:
+            if type(answer) is Published:
                 if not answer.duplicate:
                     messages += 1
                 fan_out = answer.fan_out
                 if fan_out is not None:
                     queued += fan_out.queued
-                    refused += fan_out.refused
+                    dropped += fan_out.refused
+            elif all_or_none and isinstance(answer, ClientError):
+                raise answer
         if messages:
-            self.observer.published(form, messages, queued, refused)
-        return [a for a in answers if a is not None]
+            self.observer.published(form, messages, queued, dropped)
+        if refused is None:
+            return published
+        answers = iter(published)
+        total = len(published) + len(refused)
+        return [refused[i] if i in refused else next(answers) for i in range(total)]
 
     def _check(self, channel: str, payload: Payload) -> None:
         if channel not in self.hub:  # channels with subscribers were checked already

@@ -23,9 +23,11 @@ pub/sub lives beside that engine (``broadcastd.broker.feeds``).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import types
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import NamedTuple, Protocol, TypeAlias, TypeVar
+from typing import NamedTuple, Protocol, TypeAlias, TypeGuard, TypeVar, cast
 
 from broadcastd.core.hub import FanOut
 from broadcastd.core.publish_forms import Item
@@ -39,14 +41,27 @@ MaybeAwaitable: TypeAlias = T | Awaitable[T]
 """An engine's answer: the value at once (memory), or an awaitable of it (Redis)."""
 
 
+def pending(answer: MaybeAwaitable[T]) -> TypeGuard[Awaitable[T]]:
+    """Whether an engine's answer is still to come. An engine answers later with a
+    coroutine or a future; checking those two types first keeps the test cheap
+    on the memory engine's hot path (``inspect.isawaitable`` alone asks an ABC)."""
+    return isinstance(answer, _AWAITABLES) or (
+        type(answer) not in _VALUES and inspect.isawaitable(answer)
+    )
+
+
+_AWAITABLES = (types.CoroutineType, asyncio.Future)
+_VALUES = frozenset((list, tuple, type(None)))
+
+
 def then(answer: MaybeAwaitable[T], step: Callable[[T], MaybeAwaitable[U]]) -> MaybeAwaitable[U]:
     """``step`` applied to ``answer``: at once if it is there, else once it comes."""
-    if not inspect.isawaitable(answer):
-        return step(answer)
-    pending = answer
+    if not pending(answer):
+        return step(cast(T, answer))
+    later = answer
 
     async def chained() -> U:
-        result = step(await pending)
+        result = step(await later)
         if inspect.isawaitable(result):
             return await result
         return result
