@@ -196,18 +196,26 @@ class Node:
         check = self._check
         refused: dict[int, ClientError] | None = None
         """Items refused before the engine saw them, by index (None: none was)."""
-        for index, item in enumerate(items):
-            if not isinstance(item, ClientError):
-                try:
-                    check(item[0], item[1])
-                    continue
-                except ClientError as exc:
-                    item = exc
-            if all_or_none:
-                raise item
-            if refused is None:
-                refused = {}
-            refused[index] = item
+        if len(items) == 1 and not isinstance(one := items[0], ClientError):
+            try:  # one item: the hot path of single publishes, spared the loop
+                check(one[0], one[1])
+            except ClientError as exc:
+                if all_or_none:
+                    raise
+                refused = {0: exc}
+        else:
+            for index, item in enumerate(items):
+                if not isinstance(item, ClientError):
+                    try:
+                        check(item[0], item[1])
+                        continue
+                    except ClientError as exc:
+                        item = exc
+                if all_or_none:
+                    raise item
+                if refused is None:
+                    refused = {}
+                refused[index] = item
         accepted = cast(Sequence[Item], items)
         if refused is not None:
             accepted = [cast(Item, i) for n, i in enumerate(items) if n not in refused]

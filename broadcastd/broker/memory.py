@@ -17,12 +17,10 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 
 from broadcastd.broker import BrokerHandler, Health, History, HistoryStats, Published
-from broadcastd.core.envelope import Payload
-from broadcastd.core.hub import FanOut
 from broadcastd.core.idempotency import Idempotency
 from broadcastd.core.namespaces import Namespaces
 from broadcastd.core.publish_forms import Item
-from broadcastd.core.stream import Position, Publication, Streams
+from broadcastd.core.stream import Position, Streams
 from broadcastd.errors import ClientError
 from broadcastd.settings import Settings
 
@@ -73,31 +71,25 @@ class MemoryBroker:
         handler = self._handler
         assert handler is not None, "publish before start"
         deliver = handler.deliver
-        one = self._publish
+        append = self.streams.append
+        keys = self.keys
         results: list[Published | ClientError] = []
         for channel, payload, key in items:
+            if key is not None:
+                first = keys.get(channel, key)
+                if first is not None:
+                    results.append(Published(first, None, True))
+                    continue
             try:
-                results.append(one(channel, payload, key, deliver))
+                publication = append(channel, payload)
             except ClientError as exc:  # this item alone (a full channel table)
                 results.append(exc)
+                continue
+            position = Position(publication.epoch, publication.offset)
+            if key is not None:
+                keys.put(channel, key, position)
+            results.append(Published(position, deliver(channel, publication)))
         return results
-
-    def _publish(
-        self,
-        channel: str,
-        payload: Payload,
-        key: str | None,
-        deliver: Callable[[str, Publication], FanOut],
-    ) -> Published:
-        if key is not None:
-            first = self.keys.get(channel, key)
-            if first is not None:
-                return Published(first, None, True)
-        publication = self.streams.append(channel, payload)
-        position = Position(publication.epoch, publication.offset)
-        if key is not None:
-            self.keys.put(channel, key, position)
-        return Published(position, deliver(channel, publication))
 
     def has_room_for(self, channels: list[str]) -> bool:
         return self.streams.has_room_for(channels)
