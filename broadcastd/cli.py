@@ -242,12 +242,15 @@ def serve(settings: Settings) -> int:
 def _tune_gc() -> None:
     """Collect young garbage every 10,000 allocations instead of every 700.
 
-    Each connection holds a few reference cycles (websockets' parser generator
-    refers to its protocol), so the heap of a busy daemon is large and every
-    collection walks much of it: at the default threshold a storm of 10,000
-    handshakes spends a tenth of its time collecting. Much higher thresholds make
-    each collection a latency spike, so this stays moderate. What was built at
-    start-up is frozen out of the collector's sight altogether.
+    A closed connection is freed by reference counting alone (it leaves no
+    reference cycle: see ``Connection._release`` and ``HttpProtocol.connection_lost``),
+    so the collector has next to nothing to free, and runs only to find that out:
+    a busy daemon's heap is large (every live connection's objects), and each
+    collection walks much of it. At the default threshold a storm of 10,000
+    handshakes (scenario S5) costs 3 to 8 % more server CPU than with this one.
+    Much higher thresholds would make each collection a latency spike, so this
+    stays moderate. What was built at start-up is frozen out of the collector's
+    sight altogether.
     """
     gc.freeze()
     gc.set_threshold(10_000, 20, 100)
