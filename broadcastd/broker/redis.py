@@ -295,7 +295,17 @@ class RedisBroker:
         BrokerUnavailable (nothing is known to be done). The connection bounds
         each call by ``broker.redis.timeout`` of Redis's silence."""
         started = time.perf_counter()
-        answers = await asyncio.gather(*calls, return_exceptions=True)
+        if len(calls) == 1:  # a single publish or read: no gathering task
+            try:
+                answers: list[Any] = [await calls[0]]
+            except FAILURES as exc:
+                name = type(exc).__name__
+                del exc
+                raise BrokerUnavailable(
+                    f"Redis did not answer ({name}); nothing was published"
+                ) from None
+        else:
+            answers = await asyncio.gather(*calls, return_exceptions=True)
         failed = next((a for a in answers if isinstance(a, BaseException)), None)
         if failed is not None:
             name = type(failed).__name__
