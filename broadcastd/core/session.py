@@ -44,7 +44,7 @@ from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import reply_frame
 from broadcastd.core.outbox import Outbox
 from broadcastd.core.route import MAX_TOKEN_LENGTH
-from broadcastd.core.stream import MAX_OFFSET, Position, Recovery, Since, parse_since
+from broadcastd.core.stream import Position, Recovery, Since, parse_since
 from broadcastd.errors import (
     BadCommand,
     BadJson,
@@ -135,10 +135,7 @@ def parse_command(text: str | bytes) -> Command:
     channel = check_channel(doc["channel"])
     since = doc.get("since")
     if since is not None and op == "subscribe":
-        where = parse_since(since)
-        if (where.offset if isinstance(where, Position) else where.number) > MAX_OFFSET:
-            raise BadCommand(f"since: an offset or count is at most {MAX_OFFSET}, as in the URL")
-        return Command(op, channel, command_id, where)
+        return Command(op, channel, command_id, parse_since(since))
     return Command(op, channel, command_id)
 
 

@@ -52,7 +52,8 @@ MAX_EPOCH_LENGTH = 64
 
 
 def parse_since(value: object) -> Since:
-    """The in-band form: ``{"epoch": "...", "offset": 41}`` or ``{"last": 5}``."""
+    """The in-band form: ``{"epoch": "...", "offset": 41}`` or ``{"last": 5}``, its
+    numbers bounded as in the URL form (MAX_OFFSET)."""
     if isinstance(value, dict):
         if set(value) == {"last"} and _count(value["last"]):
             return Last(value["last"])
@@ -108,7 +109,8 @@ def _epoch(value: object) -> bool:
 
 
 def _offset(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """An offset or count as a client may name one: an integer, 0 to MAX_OFFSET."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_OFFSET
 
 
 def _count(value: object) -> bool:
