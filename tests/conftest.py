@@ -264,3 +264,24 @@ def node_join(node: Any, outbox: Any, name: str, raw: bool = False, since: Any =
     )
     assert got, "the memory engine answers at once"
     return got[0]
+
+
+def cyclic_garbage_of(kinds: tuple[type, ...], names: tuple[str, ...] = ()) -> list[str]:
+    """The objects of ``kinds`` (or whose type's name holds one of ``names``) that
+    only the cyclic collector would free now, by type name, sorted: collected with
+    DEBUG_SAVEALL, so that they can be named. Whatever was freed by reference
+    counting is not there."""
+    import gc
+
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        found = sorted(
+            type(o).__qualname__
+            for o in gc.garbage
+            if isinstance(o, kinds) or any(n in type(o).__name__ for n in names)
+        )
+    finally:
+        gc.garbage.clear()
+        gc.set_debug(0)
+    return found

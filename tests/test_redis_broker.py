@@ -30,7 +30,7 @@ from broadcastd.core.hub import FanOut
 from broadcastd.core.observer import NullObserver
 from broadcastd.core.stream import Position, Publication
 
-from .conftest import Running, make_settings, recv_json, running_daemon
+from .conftest import Running, cyclic_garbage_of, make_settings, recv_json, running_daemon
 from .redisserver import RedisServer, free_port
 
 PROBE = 0.1
@@ -601,16 +601,8 @@ REDIS_PY = (Redis, ConnectionPool, AbstractConnection)
 
 
 def cyclic_garbage() -> list[str]:
-    """The broker's and redis-py's objects that only the cyclic collector would free
-    now (collected with DEBUG_SAVEALL, so that they can be named)."""
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        gc.collect()
-        found = sorted(type(o).__qualname__ for o in gc.garbage if isinstance(o, OURS + REDIS_PY))
-    finally:
-        gc.garbage.clear()
-        gc.set_debug(0)
-    return found
+    """The broker's and redis-py's objects that only the cyclic collector would free."""
+    return cyclic_garbage_of(OURS + REDIS_PY)
 
 
 def alive(refs: list[weakref.ref[Any]]) -> list[str]:

@@ -27,6 +27,7 @@ from broadcastd.broker.commands import (
     HandshakeRefused,
 )
 
+from .conftest import cyclic_garbage_of
 from .redisserver import RedisServer, RedisServerError, make_tls_files
 
 COUNTER = """
@@ -463,18 +464,7 @@ OURS = (
 
 def cyclic_garbage() -> list[str]:
     """Objects of the connection's that only the cyclic collector would free now."""
-    gc.set_debug(gc.DEBUG_SAVEALL)
-    try:
-        gc.collect()
-        found = sorted(
-            type(o).__qualname__
-            for o in gc.garbage
-            if isinstance(o, OURS) or "Transport" in type(o).__name__
-        )
-    finally:
-        gc.garbage.clear()
-        gc.set_debug(0)
-    return found
+    return cyclic_garbage_of(OURS, ("Transport",))
 
 
 async def freed(refs: list[weakref.ref[Any]]) -> list[str]:

@@ -34,7 +34,7 @@ from broadcastd.transport.http import HttpProtocol
 from broadcastd.transport.ws import Connection
 from broadcastd.transport.wsauth import ConnectionAuth
 
-from .conftest import Running, make_settings, recv_json, running_daemon
+from .conftest import Running, cyclic_garbage_of, make_settings, recv_json, running_daemon
 from .rawclient import RawClient
 from .test_fault_injection import Daemon
 
@@ -52,18 +52,7 @@ def collector_off() -> Iterator[Callable[[], Counter[str]]]:
     gc.disable()
 
     def left() -> Counter[str]:
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        try:
-            gc.collect()
-            found = Counter(
-                type(o).__qualname__
-                for o in gc.garbage
-                if isinstance(o, OURS) or type(o).__name__ == "HttpRequestParser"
-            )
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
-        return found
+        return Counter(cyclic_garbage_of(OURS, ("HttpRequestParser",)))
 
     try:
         yield left
