@@ -17,7 +17,6 @@ never wait. The node also holds the lifecycle state both adapters consult
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TypeVar, cast
@@ -445,8 +444,8 @@ class Node:
         """Run ``step`` on a history read: at once if the engine answered, else when
         it does. Meanwhile the channel stays in the hub (and subscribed at the
         engine) for the joiner, even if its other subscribers leave."""
-        if not inspect.isawaitable(answer):
-            step(answer)
+        if not pending(answer):
+            step(cast(History, answer))
             return
         channel.recovering.add(joiner)
 

@@ -51,7 +51,6 @@ def pending(answer: MaybeAwaitable[T]) -> TypeGuard[Awaitable[T]]:
 
 
 _AWAITABLES = (types.CoroutineType, asyncio.Future)
-_VALUES = frozenset((list, tuple, type(None)))
 
 
 def then(answer: MaybeAwaitable[T], step: Callable[[T], MaybeAwaitable[U]]) -> MaybeAwaitable[U]:
@@ -86,6 +85,10 @@ class History(NamedTuple):
     top: Position
     publications: list[Publication] | None
     """Oldest first; None when history no longer reaches back that far (or is off)."""
+
+
+_VALUES = frozenset((list, tuple, type(None), Position, History))
+"""Answers that are values, told apart at once."""
 
 
 class HistoryStats(NamedTuple):
