@@ -50,7 +50,7 @@ from typing import Any
 import uvloop
 
 from broadcastd.broker.commands import CommandConnection
-from broadcastd.broker.memory import new_epoch
+from broadcastd.broker.memory import Epochs
 from broadcastd.broker.redis import RedisBroker
 from broadcastd.broker.scripts import HISTORY, POSITION, PUBLISH
 from broadcastd.core.envelope import Payload
@@ -85,6 +85,7 @@ def broker_calls(url: str) -> dict[str, list[Call]]:
     payload = Payload.from_json_body(b'{"text":"' + b"x" * 80 + b'","n":1}')
     publish = [broker._publish_args(f"bench:{i}", payload, None) for i in range(CHANNELS)]
     position: list[Call] = []
+    new_epoch = Epochs()
     for i in range(CHANNELS):
         channel = f"bench:{i}"
         known = broker._known(channel)

@@ -43,7 +43,7 @@ from broadcastd.core.outbox import Outbox
 from broadcastd.core.publish_forms import Item
 from broadcastd.core.stream import Last, Position, Publication, Recovery, Since, plan_recovery
 from broadcastd.errors import (
-    ChannelTableFull,
+    BrokerUnavailable,
     ClientError,
     Draining,
     PayloadTooLarge,
@@ -177,98 +177,122 @@ class Node:
     # Publishing
 
     def publish(
+        self, channel: str, payload: Payload, form: str, key: str | None = None
+    ) -> MaybeAwaitable[Published]:
+        """Publish one message (``POST /publish/{channel}``), answered at once
+        (memory) or once the engine accepted it (Redis; BrokerUnavailable if it
+        cannot be reached); a refusal is raised, and nothing is published then."""
+        if self.draining:
+            self.refuse_if_draining()
+        self._check(channel, payload)
+        self.publishing_since = self.clock()
+        try:
+            published = self.broker.publish(channel, payload, key)
+        finally:
+            self.publishing_since = None
+        if pending(published):
+
+            def counted(done: Published) -> Published:
+                return self._counted_one(form, done)
+
+            return then(published, counted)
+        return self._counted_one(form, cast(Published, published))
+
+    def _counted_one(self, form: str, published: Published) -> Published:
+        if not published.duplicate:
+            fan_out = published.fan_out
+            if fan_out is None:
+                self.observer.published(form, 1, 0, 0)
+            else:
+                self.observer.published(form, 1, fan_out.queued, fan_out.refused)
+        return published
+
+    def publish_all(
         self, items: Sequence[Item | ClientError], form: str, *, all_or_none: bool = False
     ) -> MaybeAwaitable[Answers]:
         """Publish each item in order: one answer per item, a refused item's
         ClientError in its place (and an item already found bad, passed in as its
         ClientError, stays so), so one bad item does not sink the rest. With
-        ``all_or_none`` every item, and the room in the channel table, is checked
+        ``all_or_none`` every item, and the engine's room for them, is checked
         before the first is published, and a refusal is raised: nothing is left
-        half done, and a retry cannot duplicate a message.
+        half done, and a retry cannot duplicate a message. An engine that cannot
+        be reached refuses the whole call (BrokerUnavailable), before any item.
 
-        The answers come at once (memory) or once the engine accepted every item
-        (Redis; BrokerUnavailable if it cannot be reached). The whole call counts
-        as accepted at one instant and is reported to the observer once.
+        The answers come at once (memory) or once the engine answered every item
+        (Redis). The whole call counts as accepted at one instant and is reported
+        to the observer once.
         """
         if self.draining:
             self.refuse_if_draining()
         check = self._check
-        refused: dict[int, ClientError] | None = None
-        """Items refused before the engine saw them, by index (None: none was)."""
-        if len(items) == 1 and not isinstance(one := items[0], ClientError):
-            try:  # one item: the hot path of single publishes, spared the loop
-                check(one[0], one[1])
-            except ClientError as exc:
-                if all_or_none:
-                    raise
-                refused = {0: exc}
-        else:
-            for index, item in enumerate(items):
-                if not isinstance(item, ClientError):
-                    try:
-                        check(item[0], item[1])
-                        continue
-                    except ClientError as exc:
-                        item = exc
-                if all_or_none:
+        if all_or_none:
+            for item in items:
+                if isinstance(item, ClientError):
                     raise item
-                if refused is None:
-                    refused = {}
-                refused[index] = item
-        accepted = cast(Sequence[Item], items)
-        if refused is not None:
-            accepted = [cast(Item, i) for n, i in enumerate(items) if n not in refused]
-        elif (
-            all_or_none
-            and len(accepted) > 1
-            and not self.broker.has_room_for([item[0] for item in accepted])
-        ):  # one item needs no look ahead: the engine refuses it alone, and it is raised
-            raise ChannelTableFull(
-                f"the server holds {self.settings.channels.max_channels} channels, "
-                "all with subscribers"
-            )
-        if not accepted:
-            return self._answers(form, [], refused, all_or_none)
+                check(item[0], item[1])
+        refusal = self.broker.refusal([i[0] for i in items if not isinstance(i, ClientError)])
+        if refusal is not None and (all_or_none or isinstance(refusal, BrokerUnavailable)):
+            raise refusal
+        publish = self.broker.publish
+        answers: list[MaybeAwaitable[Published] | ClientError] = []
+        later = False
         self.publishing_since = self.clock()
         try:
-            published = self.broker.publish(accepted)
+            for item in items:
+                if isinstance(item, ClientError):
+                    answers.append(item)
+                    continue
+                channel, payload, key = item
+                try:
+                    if not all_or_none:
+                        check(channel, payload)
+                    answer = publish(channel, payload, key)
+                except ClientError as exc:  # this item alone
+                    if all_or_none:  # not met: the room was checked for every item
+                        raise
+                    answers.append(exc)
+                    continue
+                if not later and pending(answer):
+                    later = True
+                answers.append(answer)
         finally:
             self.publishing_since = None
-        if pending(published):
+        if later:
+            return self._awaited(form, answers)
+        return self._counted(form, cast(Answers, answers))
 
-            def answered(done: Answers) -> Answers:
-                return self._answers(form, done, refused, all_or_none)
-
-            return then(published, answered)
-        return self._answers(form, cast(Answers, published), refused, all_or_none)
-
-    def _answers(
-        self,
-        form: str,
-        published: Answers,
-        refused: dict[int, ClientError] | None,
-        all_or_none: bool,
+    async def _awaited(
+        self, form: str, answers: list[MaybeAwaitable[Published] | ClientError]
     ) -> Answers:
-        """The engine's answers, reported once, with the items refused before it
-        put back in their places (with ``all_or_none``, a refusal is raised)."""
+        """Every answer, once the engine gave the last; if it failed any, the whole
+        call fails as one (BrokerUnavailable: it is not known what was published)."""
+        done: Answers = []
+        failed: ClientError | None = None
+        for answer in answers:
+            if pending(answer):
+                try:
+                    done.append(await cast(Awaitable[Published], answer))
+                except ClientError as exc:
+                    failed = failed or exc
+            else:
+                done.append(cast(Published | ClientError, answer))
+        if failed is not None:
+            raise failed
+        return self._counted(form, done)
+
+    def _counted(self, form: str, answers: Answers) -> Answers:
+        """The engine's answers, reported to the observer once."""
         messages = queued = dropped = 0
-        for answer in published:
-            if type(answer) is Published:
-                if not answer.duplicate:
-                    messages += 1
+        for answer in answers:
+            if type(answer) is Published and not answer.duplicate:
+                messages += 1
                 fan_out = answer.fan_out
                 if fan_out is not None:
                     queued += fan_out.queued
                     dropped += fan_out.refused
-            elif all_or_none and isinstance(answer, ClientError):
-                raise answer
         if messages:
             self.observer.published(form, messages, queued, dropped)
-        if refused is None:
-            return published
-        answers = iter(published)
-        total = len(published) + len(refused)
-        return [refused[i] if i in refused else next(answers) for i in range(total)]
+        return answers
 
     def _check(self, channel: str, payload: Payload) -> None:
         if channel not in self.hub:  # channels with subscribers were checked already

@@ -239,9 +239,7 @@ def node_publish(node: Any, channel: str, value: Any, key: str | None = None) ->
     from broadcastd.broker import Published
     from broadcastd.core.envelope import Payload
 
-    (answer,) = node.publish(
-        [(channel, Payload.from_value(value), key)], "channel", all_or_none=True
-    )
+    answer = node.publish(channel, Payload.from_value(value), "channel", key)
     assert isinstance(answer, Published)
     return answer
 

@@ -445,7 +445,7 @@ def drop_connections(daemon: Running) -> None:
 
 def publish_now(daemon: Running, channel: str, payload: Payload) -> None:
     """Publish without yielding to the event loop: no client can connect meanwhile."""
-    daemon.daemon.node.publish([(channel, payload, None)], "channel")
+    daemon.daemon.node.publish(channel, payload, "channel")
 
 
 async def test_subscribe_resumes_each_channel_after_a_reconnect(daemon: Running) -> None:

@@ -94,7 +94,7 @@ def drop_connections(daemon: Running) -> None:
 
 def publish_now(daemon: Running, channel: str, value: Any) -> None:
     """Publish without yielding to the event loop: no client can connect meanwhile."""
-    daemon.daemon.node.publish([(channel, Payload.from_value(value), None)], "channel")
+    daemon.daemon.node.publish(channel, Payload.from_value(value), "channel")
 
 
 # Subscriber

@@ -121,7 +121,7 @@ async def test_idle_channels_are_forgotten_oldest_first_and_busy_ones_never(node
     with pytest.raises(ChannelTableFull):
         publish(node, "fourth", 1)
     with pytest.raises(ChannelTableFull):
-        node.publish(
+        node.publish_all(
             [(c, Payload.from_value(1), None) for c in ("busy", "fourth")], "json", all_or_none=True
         )
     assert node.channel_state("busy")[0].offset == 0  # all or nothing

@@ -181,7 +181,7 @@ def test_any_interleaving_of_publishes_drops_and_resumes(
     """Clients drop and resume at random while publishes flow: within history each
     receives every offset once, in order; beyond it, it is told, never skipped."""
     node = Node(make_settings(**{"history.size": size}))
-    node.broker._handler = node  # type: ignore[attr-defined]  # started, with no loop needed
+    node.broker.attach(node)  # type: ignore[attr-defined]  # the memory engine, started
     clients: dict[int, dict[str, Any]] = {}
     published = 0
     rng = random.Random(len(ops))
@@ -213,7 +213,7 @@ def test_any_interleaving_of_publishes_drops_and_resumes(
         connect(i, None)
     for op, i in ops:
         if op == "publish":
-            node.publish([("c", Payload.from_value(rng.random()), None)], "json")
+            node.publish("c", Payload.from_value(rng.random()), "json")
             published += 1
             for j, client in clients.items():
                 if client.get("session") is not None:

@@ -32,6 +32,7 @@ from broadcastd.core.stream import Position, Publication
 
 from .conftest import Running, cyclic_garbage_of, make_settings, recv_json, running_daemon
 from .redisserver import RedisServer, free_port
+from .test_control_edges import RawHttp, head
 
 PROBE = 0.1
 
@@ -88,6 +89,51 @@ async def test_publish_reaches_a_subscriber_with_positions(redis_server: RedisSe
             got = await messages(ws, 5)
             assert [m["data"]["n"] for m in got] == list(range(5))
             assert [m["offset"] for m in got] == [1, 2, 3, 4, 5]
+
+
+async def test_pipelined_publishes_on_one_connection_keep_their_order(
+    redis_server: RedisServer,
+) -> None:
+    """Requests pipelined on one control connection are under way together (their
+    Redis calls share round trips); the answers come in request order, each
+    channel's offsets follow that order, and a read pipelined behind publishes
+    sees them."""
+    async with running_daemon(redis_settings(redis_server.url)) as d:
+        await broker_is(d, up=True)
+        async with d.connect("/?channel=a&channel=b") as ws:
+            await recv_json(ws)
+            await recv_json(ws)
+            client = await RawHttp.connect(d.daemon.control.port)
+            pipeline = b""
+            for i in range(300):
+                body = json.dumps({"n": i}).encode()
+                channel = "a" if i % 3 else "b"
+                pipeline += head(
+                    "POST",
+                    f"/publish/{channel}",
+                    f"Content-Length: {len(body)}",
+                    "Content-Type: application/json",
+                )
+                pipeline += body
+            pipeline += head("GET", "/channels/a")
+            client.send(pipeline)
+            offsets: dict[str, list[int]] = {"a": [], "b": []}
+            for i in range(300):
+                status, _, body = await client.response()
+                assert status == 200, body
+                answer = json.loads(body)
+                assert answer["channel"] == ("a" if i % 3 else "b")
+                offsets[answer["channel"]].append(answer["offset"])
+            status, _, body = await client.response()
+            assert (status, json.loads(body)["offset"]) == (200, 200)
+            client.close()
+            assert offsets == {"a": list(range(1, 201)), "b": list(range(1, 101))}
+            got = await messages(ws, 300)
+            for channel in "ab":
+                mine = [m for m in got if m["channel"] == channel]
+                assert [m["offset"] for m in mine] == offsets[channel]
+                assert [m["data"]["n"] % 3 != 0 for m in mine] == [channel == "a"] * len(mine)
+                assert [m["data"]["n"] for m in mine] == sorted(m["data"]["n"] for m in mine)
 
 
 async def test_every_publish_form_and_read_route(redis_server: RedisServer) -> None:
@@ -274,10 +320,10 @@ async def test_a_publish_the_busy_loop_wrote_late_is_answered_not_refused(
         broker = d.daemon.node.broker
         payload = Payload.from_value(1)
         for _ in range(3):
-            publishing = asyncio.ensure_future(broker.publish([("busy", payload, None)]))
+            publishing = asyncio.ensure_future(broker.publish("busy", payload, None))
             await asyncio.sleep(0)  # the publish is issued; its write comes next turn
             occupy_the_loop(0.5)  # past broker.redis.timeout, before that write
-            (published,) = await publishing
+            published = await publishing
             assert isinstance(published, Published)
         assert d.daemon.node.broker.health.up
 
@@ -668,14 +714,16 @@ async def run_broker_through_reconnects(server: RedisServer) -> list[weakref.ref
     first = await reconnected(broker, None)
     broker.subscribe("loop")
     await handler.subscriptions.get()
-    await broker.publish([("loop", payload, None)])
+    await broker.publish("loop", payload, None)
     assert (await got.get()).offset == 1
     refs.append(weakref.ref(first))
 
     await asyncio.to_thread(server.restart)
     second = await reconnected(broker, first)
     refs.append(weakref.ref(second))
-    await broker.publish([("loop", payload, None), ("other", payload, None)])
+    await asyncio.gather(
+        broker.publish("loop", payload, None), broker.publish("other", payload, None)
+    )
     assert (await got.get()).offset == 2
     del first
     assert alive(refs[-2:-1]) == []  # the connection Redis's restart ended
@@ -684,7 +732,7 @@ async def run_broker_through_reconnects(server: RedisServer) -> list[weakref.ref
     await asyncio.to_thread(kill_pubsub, server)
     third = await reconnected(broker, second)
     refs.append(weakref.ref(third))
-    await broker.publish([("loop", payload, None)])
+    await broker.publish("loop", payload, None)
     assert (await got.get()).offset == 3
     del second
     assert alive(refs[-2:-1]) == []  # the connection the kill ended

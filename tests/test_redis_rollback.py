@@ -44,7 +44,9 @@ class Positions:
     async def batch(self, channel: str, data: list[Any]) -> None:
         """Through the broker directly, in one pipeline."""
         items = [(channel, Payload.from_json_text(json.dumps(d).encode()), None) for d in data]
-        for published, d in zip(await self.broker.publish(items), data, strict=True):
+        calls = [self.broker.publish(*item) for item in items]  # in one write
+        for call, d in zip(calls, data, strict=True):
+            published = await call
             self.given.append((published.position, channel, d))
 
     def of(self, channel: str) -> list[Position]:

@@ -85,7 +85,7 @@ def replies(outbox: Outbox) -> list[dict[str, Any]]:
 
 def make_session(**kwargs: Any) -> tuple[Session, Node]:
     node = Node(make_settings())
-    node.broker._handler = node  # type: ignore[attr-defined]  # started, with no loop needed
+    node.broker.attach(node)  # type: ignore[attr-defined]  # the memory engine, started
     return Session("c1", node, Outbox(100, 100_000), **kwargs), node
 
 

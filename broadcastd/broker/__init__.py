@@ -29,8 +29,8 @@ import types
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import NamedTuple, Protocol, TypeAlias, TypeGuard, TypeVar, cast
 
+from broadcastd.core.envelope import Payload
 from broadcastd.core.hub import FanOut
-from broadcastd.core.publish_forms import Item
 from broadcastd.core.stream import Position, Publication
 from broadcastd.errors import ClientError
 
@@ -87,7 +87,7 @@ class History(NamedTuple):
     """Oldest first; None when history no longer reaches back that far (or is off)."""
 
 
-_VALUES = frozenset((list, tuple, type(None), Position, History))
+_VALUES = frozenset((list, tuple, type(None), Position, History, Published))
 """Answers that are values, told apart at once."""
 
 
@@ -131,16 +131,18 @@ class Broker(Protocol):
     async def start(self, handler: BrokerHandler) -> None:
         """Begin calling ``handler`` back."""
 
-    def publish(
-        self, items: Sequence[Item]
-    ) -> list[Published | ClientError] | Awaitable[list[Published | ClientError]]:
-        """Give each item its channel's next position (or, for an idempotency key
-        seen before, answer the first publish's position): one answer per item,
-        a ClientError for an item refused alone. BrokerUnavailable (503) when the
-        engine cannot be reached: then nothing is known to be published."""
+    def publish(self, channel: str, payload: Payload, key: str | None) -> MaybeAwaitable[Published]:
+        """Give the payload the channel's next position (or, for an idempotency key
+        seen before, answer the first publish's position). A refusal known at once
+        is raised: ChannelTableFull for this item alone, BrokerUnavailable (503)
+        when the engine cannot be reached; an awaited answer fails with
+        BrokerUnavailable when the engine did not confirm it (then it is not known
+        whether it was published)."""
 
-    def has_room_for(self, channels: list[str]) -> bool:
-        """Whether publishing to all of ``channels`` would be refused for none."""
+    def refusal(self, channels: Sequence[str]) -> ClientError | None:
+        """What publishing to every one of ``channels`` now would meet at once, if
+        anything: BrokerUnavailable, else ChannelTableFull. Asked before a call of
+        many items, so that it is refused whole or not at all."""
 
     def subscribe(self, channel: str) -> None:
         """This node gained its first subscriber of ``channel``: the engine answers

@@ -52,13 +52,12 @@ from broadcastd import log
 from broadcastd.broker import BrokerHandler, Health, History, HistoryStats, Published
 from broadcastd.broker.commands import CommandConnection
 from broadcastd.broker.feeds import Feeds
-from broadcastd.broker.memory import new_epoch
+from broadcastd.broker.memory import Epochs
 from broadcastd.broker.pubsub import PubSubConnection
 from broadcastd.broker.scripts import HISTORY, POSITION, PUBLISH, RESTART
 from broadcastd.core.envelope import Payload, channel_prefix
 from broadcastd.core.namespaces import Namespaces
 from broadcastd.core.observer import Observer
-from broadcastd.core.publish_forms import Item
 from broadcastd.core.stream import Position, Publication
 from broadcastd.errors import BrokerUnavailable, ClientError
 from broadcastd.settings import RedisSettings, Settings, mask_url
@@ -140,6 +139,7 @@ class RedisBroker:
         self.namespaces = Namespaces(settings)
         """Each channel's history size and TTL (its namespace's)."""
         self.meta_ttl_ms = int(self.settings.meta_ttl * 1000)
+        self._new_epoch = Epochs()
         self.key_ttl_ms = int(settings.publish.idempotency_ttl * 1000)
         self.observer = observer
         prefix = self.settings.prefix
@@ -290,27 +290,30 @@ class RedisBroker:
             raise BrokerUnavailable("Redis is not reachable; try again shortly")
         return commands
 
-    async def _wait(self, calls: Sequence[Awaitable[T]]) -> list[T]:
-        """The answers of ``calls``, timed once; a failure of any kind is
-        BrokerUnavailable (nothing is known to be done). The connection bounds
-        each call by ``broker.redis.timeout`` of Redis's silence."""
+    async def _answer(self, call: Awaitable[T], unknown: str) -> T:
+        """The answer of ``call``, timed; a failure of any kind is BrokerUnavailable
+        (``unknown`` says what is not known then). The connection bounds each call
+        by ``broker.redis.timeout`` of Redis's silence."""
         started = time.perf_counter()
-        if len(calls) == 1:  # a single publish or read: no gathering task
-            try:
-                answers: list[Any] = [await calls[0]]
-            except FAILURES as exc:
-                name = type(exc).__name__
-                del exc
-                raise BrokerUnavailable(
-                    f"Redis did not answer ({name}); nothing was published"
-                ) from None
-        else:
-            answers = await asyncio.gather(*calls, return_exceptions=True)
+        try:
+            answer = await call
+        except FAILURES as exc:
+            name = type(exc).__name__
+            del exc  # no traceback of it outlives this frame
+            raise BrokerUnavailable(f"Redis did not answer ({name}); {unknown}") from None
+        self.observer.broker_command(time.perf_counter() - started)
+        return answer
+
+    async def _wait(self, calls: Sequence[Awaitable[T]]) -> list[T]:
+        """The answers of ``calls`` (a turn's subscriptions), timed once; a failure
+        of any kind is BrokerUnavailable."""
+        started = time.perf_counter()
+        answers = await asyncio.gather(*calls, return_exceptions=True)
         failed = next((a for a in answers if isinstance(a, BaseException)), None)
         if failed is not None:
             name = type(failed).__name__
             del answers, failed  # no traceback of them outlives this frame
-            raise BrokerUnavailable(f"Redis did not answer ({name}); nothing was published")
+            raise BrokerUnavailable(f"Redis did not answer ({name})")
         self.observer.broker_command(time.perf_counter() - started)
         return cast(list[T], answers)
 
@@ -332,30 +335,36 @@ class RedisBroker:
 
     # Publishing
 
-    async def publish(self, items: Sequence[Item]) -> list[Published | ClientError]:
-        """Publish every item; answered once Redis accepted them all.
+    def publish(self, channel: str, payload: Payload, key: str | None) -> Awaitable[Published]:
+        """Publish one payload; answered once Redis accepted it.
 
-        Every call of one turn of the event loop (the pipelined requests of one
-        read, a batch) leaves in one write per shard, so a busy node makes one
-        round trip per shard per turn, not one per message. Items of one channel
-        keep their order.
+        The command is written at once, with every other call of this turn of the
+        event loop (the pipelined requests of one read, a batch), in one write per
+        shard: a busy node makes one round trip per shard per turn, not one per
+        message. Publications of one channel keep their order.
         """
-        shards = len(self.shards)
-        connections = [self._commands(self.shards[shard_of(item[0], shards)]) for item in items]
-        calls = []
-        for item, commands in zip(items, connections, strict=True):
-            keys, argv = self._publish_args(*item)
-            calls.append(commands.script(PUBLISH_SHA, PUBLISH, keys, argv))
-        answers = await self._wait(calls)
-        results: list[Published | ClientError] = []
-        for item, answer in zip(items, answers, strict=True):
-            epoch, _, offset = answer[0].partition(b" ")
-            position = Position(epoch.decode(), int(offset))
-            duplicate = answer[1] == 1
-            if not duplicate:  # a first publish's answer may be of an epoch since left
-                self._saw(item[0], position)
-            results.append(Published(position, None, duplicate))
-        return results
+        commands = self._commands(self._shard(channel))
+        keys, argv = self._publish_args(channel, payload, key)
+        return self._published(channel, commands.script(PUBLISH_SHA, PUBLISH, keys, argv))
+
+    async def _published(self, channel: str, call: Awaitable[Any]) -> Published:
+        answer = await self._answer(call, "nothing is known to be published")
+        epoch, _, offset = answer[0].partition(b" ")
+        position = Position(epoch.decode(), int(offset))
+        duplicate = answer[1] == 1
+        if not duplicate:  # a first publish's answer may be of an epoch since left
+            self._saw(channel, position)
+        return Published(position, None, duplicate)
+
+    def refusal(self, channels: Sequence[str]) -> ClientError | None:
+        # Redis holds the channels (its memory is its operator's to size): the only
+        # refusal is a shard that cannot be reached.
+        shards = self.shards
+        for index in {shard_of(channel, len(shards)) for channel in channels}:
+            commands = shards[index].commands
+            if commands is None or commands.closed:
+                return BrokerUnavailable("Redis is not reachable; try again shortly")
+        return None
 
     def _publish_args(
         self, channel: str, payload: Payload, key: str | None
@@ -369,7 +378,7 @@ class RedisBroker:
             self.namespaces.history_size(channel),
             int(self.namespaces.history_ttl(channel) * 1000),
             self.meta_ttl_ms,
-            new_epoch(),
+            self._new_epoch(),
             self.key_ttl_ms,
             self._topic_prefix + channel.encode(),
             "0" if key is None else "1",
@@ -447,7 +456,7 @@ class RedisBroker:
             await self._wait(confirmations)
             calls = []
             for channel, _ in batch:
-                args: list[str | int] = [new_epoch(), self.meta_ttl_ms, *self._known(channel)]
+                args: list[str | int] = [self._new_epoch(), self.meta_ttl_ms, *self._known(channel)]
                 keys = list(self._keys(channel))
                 calls.append(commands.script(POSITION_SHA, POSITION, keys, args))
             answers = await self._wait(calls)
@@ -533,8 +542,9 @@ class RedisBroker:
     async def restart(self, channel: str, epoch: str) -> Position:
         commands = self._commands(self._shard(channel))
         keys = list(self._keys(channel))
-        args: list[str | int] = [epoch, new_epoch(), self.meta_ttl_ms]
-        ((new, offset),) = await self._wait([commands.script(RESTART_SHA, RESTART, keys, args)])
+        args: list[str | int] = [epoch, self._new_epoch(), self.meta_ttl_ms]
+        call = commands.script(RESTART_SHA, RESTART, keys, args)
+        new, offset = await self._answer(call, "the channel may have begun again")
         position = Position(new.decode(), int(offset))
         self._saw(channel, position)
         return position
@@ -547,8 +557,9 @@ class RedisBroker:
         commands = self._commands(shard)
         keys = list(self._keys(channel))
         known = self._known(channel)
-        args: list[str | int] = [new_epoch() if create else "", self.meta_ttl_ms, *known]
-        ((epoch, offset),) = await self._wait([commands.script(POSITION_SHA, POSITION, keys, args)])
+        args: list[str | int] = [self._new_epoch() if create else "", self.meta_ttl_ms, *known]
+        call = commands.script(POSITION_SHA, POSITION, keys, args)
+        epoch, offset = await self._answer(call, "its position is not known")
         position = Position(epoch.decode(), int(offset))
         self._saw(channel, position)
         return position
@@ -574,7 +585,7 @@ class RedisBroker:
         ttl = max(1, int(self.namespaces.history_ttl(channel)))
         args: list[str | int] = [f"0-{since + 1}", max(count, 0), ttl, "1" if newest else "0"]
         call = commands.script(HISTORY_SHA, HISTORY, keys, args)
-        ((epoch_b, offset_b, rows),) = await self._wait([call])
+        epoch_b, offset_b, rows = await self._answer(call, "nothing was read")
         top = Position(epoch_b.decode(), int(offset_b))
         self._saw(channel, top)
         if count <= 0 or self.namespaces.history_size(channel) == 0:
@@ -684,9 +695,6 @@ class RedisBroker:
         """The channels this node subscribes to (GET /channels lists this node's)."""
         heard = self._heard
         return ((name, heard.get(name, NOTHING_SEEN)) for name in self._prefixes)
-
-    def has_room_for(self, channels: list[str]) -> bool:
-        return True  # Redis holds the channels; its memory is its operator's to size
 
     def stats(self) -> HistoryStats:
         return HistoryStats()  # history lives in Redis, not in this process

@@ -23,7 +23,7 @@ sweep. The store is pure data: the clock and the epoch source are handed in.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 from broadcastd.core.envelope import Payload, channel_prefix, envelope_frame, raw_frame
@@ -226,7 +226,7 @@ class Streams:
     def get(self, name: str) -> Stream | None:
         return self._streams.get(name)
 
-    def has_room_for(self, names: list[str]) -> bool:
+    def has_room_for(self, names: Sequence[str]) -> bool:
         """Whether every one of ``names`` can be used without refusing any: room for
         one new stream is room for all (the first one made is idle, so forgettable)."""
         if len(self._streams) < self.max_streams or self._idle:

@@ -65,7 +65,7 @@ from broadcastd.errors import (
     UnsupportedMediaType,
     error_body,
 )
-from broadcastd.node import Answers, Node
+from broadcastd.node import Node
 from broadcastd.settings import ControlSettings, Scope
 from broadcastd.transport.http import Api, HttpProtocol, Limits, Request, Response
 
@@ -351,23 +351,23 @@ class ControlApi:
         self, request: Request, channel: str, grant: Grant
     ) -> Response | Awaitable[Response]:
         payload = body_payload(request.body, request.headers.get("content-type"))
-        answers = self.node.publish(
-            [(channel, payload, _key(request))], "channel", all_or_none=True
-        )
-        if not pending(answers):  # the memory engine: no closure on the hot path
-            return json_response(200, self._result(channel, cast(Answers, answers)[0]))
+        published = self.node.publish(channel, payload, "channel", _key(request))
+        if not pending(published):  # the memory engine: no closure on the hot path
+            return json_response(200, self._result(channel, cast(Published, published)))
 
-        def answer(done: Answers) -> Response:
-            return json_response(200, self._result(channel, done[0]))
+        def answer(done: Published) -> Response:
+            return json_response(200, self._result(channel, done))
 
-        return then(answers, answer)
+        return then(published, answer)
 
     def _publish(self, request: Request, _: str, grant: Grant) -> Response | Awaitable[Response]:
         self._require_json(request)
         channels, payload, multi = parse_publish(request.body, self.settings.max_batch_items)
         self._require_channels(grant, channels, "publish")
         key = _key(request)
-        answers = self.node.publish([(c, payload, key) for c in channels], "json", all_or_none=True)
+        answers = self.node.publish_all(
+            [(c, payload, key) for c in channels], "json", all_or_none=True
+        )
 
         def answer(done: list[Published | ClientError]) -> Response:
             results = [self._result(c, p) for c, p in zip(channels, done, strict=True)]
@@ -395,7 +395,7 @@ class ControlApi:
                 200, {"published": len(items) - failed, "failed": failed, "results": results}
             )
 
-        return then(self.node.publish(items, "batch"), answer)
+        return then(self.node.publish_all(items, "batch"), answer)
 
     def _result(self, channel: str, published: Published | ClientError) -> dict[str, Any]:
         """One publish's answer: where the message went, and to how many here. An

@@ -9,9 +9,10 @@ Handlers are plain functions that return a response at once, so a request is
 answered inside the ``data_received`` call that completed it, pipelined
 requests are answered in order with one write per read, and no task is created
 per request. A handler may instead return an awaitable (a publish through Redis
-waits for Redis): the connection then answers nothing else, parses nothing
-more and reads no further than one slice until that answer is written, so
-pipelined answers keep their order and what waits stays bounded.
+waits for Redis): the connection goes on answering the requests pipelined behind
+it, up to ``MAX_IN_FLIGHT`` of them, so that their calls share the engine's
+round trips; each answer is written once every answer before it is, so the
+answers keep their order, and what waits stays bounded.
 
 The bounds, and why each is there:
 
@@ -133,11 +134,18 @@ _DETACHED = httptools.HttpRequestParser(object())
 """The parser of every closed connection: it is never fed, and refers to none."""
 
 
+MAX_IN_FLIGHT = 128
+"""Answers one connection may have under way: a handler still working on the
+oldest, and those made after it, which wait for it. At the bound the
+connection parses no further until the oldest is written."""
+
+
 @dataclass(slots=True)
 class _Reply:
-    """An answer rendered before its turn came (a refusal, or 100 Continue)."""
+    """An answer rendered before its turn came (a refusal, 100 Continue, or one
+    behind a handler still working), or an answer to come (``data`` None)."""
 
-    data: bytes
+    data: bytes | None
     close: bool
 
 
@@ -159,6 +167,7 @@ class HttpProtocol(asyncio.Protocol):
         "_head_at",
         "_header_bytes",
         "_headers",
+        "_in_flight",
         "_last_active",
         "_limits",
         "_linger_until",
@@ -168,6 +177,7 @@ class HttpProtocol(asyncio.Protocol):
         "_out_size",
         "_parser",
         "_pending",
+        "_pump_soon",
         "_queue",
         "_reading_paused",
         "_shut",
@@ -178,7 +188,6 @@ class HttpProtocol(asyncio.Protocol):
         "_upgrade",
         "_upgrade_left",
         "_url",
-        "_waiting",
         "_write_limit",
         "_writing_paused",
         "api",
@@ -213,9 +222,12 @@ class HttpProtocol(asyncio.Protocol):
         """Answer bytes this round (a pass of parsing and answering ending in one
         write) may still produce. A timer sets it to -1, so that the answer it
         makes waits in the queue for the pump."""
-        self._waiting: asyncio.Future[Response] | None = None
-        """The answer a handler is still working on: nothing else is answered or
-        parsed until it is written."""
+        self._pump_soon = False
+        """A pump is due this turn of the loop: the answers that came meanwhile
+        leave in its one write."""
+        self._in_flight: deque[_Reply] = deque()
+        """From the oldest answer a handler is still working on, every answer in
+        request order (those made already wait for it): MAX_IN_FLIGHT at most."""
         self._final = False
         """The answer that ends the connection is made (it may wait in the queue)."""
         self._closing = False
@@ -248,6 +260,7 @@ class HttpProtocol(asyncio.Protocol):
             self._timer = None
         self._transport = None
         self._queue.clear()
+        self._in_flight.clear()
         self._pending = b""
         # The parser calls back into this protocol: dropping it breaks the cycle,
         # so the connection and the last request's body are freed now by
@@ -262,7 +275,7 @@ class HttpProtocol(asyncio.Protocol):
             if (
                 self._state
                 or self._pending
-                or self._waiting is not None
+                or self._in_flight
                 or self._upgrade is not None
                 or len(data) > READ_SLICE
                 or transport is None
@@ -308,7 +321,7 @@ class HttpProtocol(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         """The client will send nothing more: answer what it sent, then close."""
         self._eof = True
-        return True if self._queue or self._pending or self._waiting is not None else None
+        return True if self._queue or self._pending or self._in_flight else None
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -342,23 +355,31 @@ class HttpProtocol(asyncio.Protocol):
             return
         write_limit = self._write_limit
         queue = self._queue
+        in_flight = self._in_flight
         while True:
             out: list[bytes] = []
             self._out = out
             self._out_size = 0
             self._budget = write_limit - transport.get_write_buffer_size()
             while (
+                in_flight
+                and in_flight[0].data is not None
+                and self._out_size <= self._budget
+                and not self._closing
+            ):
+                self._write(in_flight.popleft())  # its turn came
+            while (
                 queue
                 and self._out_size <= self._budget
                 and not self._closing
-                and self._waiting is None
+                and len(self._in_flight) < MAX_IN_FLIGHT
             ):
                 self._serve(queue.popleft())
             while (
                 self._pending
                 and not queue
                 and self._out_size <= self._budget
-                and self._waiting is None
+                and len(self._in_flight) < MAX_IN_FLIGHT
             ):
                 if self._state > _SKIPPING_BODY:
                     self._pending = b""
@@ -375,13 +396,14 @@ class HttpProtocol(asyncio.Protocol):
             if self._closing:
                 self._end(transport)
                 return
-            if self._waiting is not None:
+            if len(self._in_flight) >= MAX_IN_FLIGHT:
                 if self._pending:
                     self._pause_reading()  # what is read meanwhile stays one slice
                 return
-            if not (queue or self._pending):
+            if not (queue or self._pending or (in_flight and in_flight[0].data is not None)):
                 if self._eof:
-                    transport.close()
+                    if not in_flight:  # else the last answer closes
+                        transport.close()
                 elif self._reading_paused:
                     self._resume_reading()
                 return
@@ -446,19 +468,26 @@ class HttpProtocol(asyncio.Protocol):
 
     def _emit(self, item: Request | _Reply) -> None:
         """Answer now, or queue behind answers waiting for the client to read."""
-        if self._queue or self._out_size > self._budget or self._waiting is not None:
+        if self._queue or self._out_size > self._budget:
             self._queue.append(item)
         else:
             self._serve(item)
 
     def _serve(self, item: Request | _Reply) -> None:
         if isinstance(item, _Reply):
-            self._out.append(item.data)
-            self._out_size += len(item.data)
-            if item.close:
-                self._closing = True
+            if self._in_flight:
+                self._in_flight.append(item)  # after the answers still to come
+            else:
+                self._write(item)
         else:
             self._answer(item)
+
+    def _write(self, reply: _Reply) -> None:
+        assert reply.data is not None
+        self._out.append(reply.data)
+        self._out_size += len(reply.data)
+        if reply.close:
+            self._closing = True
 
     def _answer(self, request: Request) -> None:
         try:
@@ -467,18 +496,25 @@ class HttpProtocol(asyncio.Protocol):
             self._log_error(exc, "handler", request)
             response = self._internal(request)
         if not isinstance(response, Response):
-            waiting = self._waiting = asyncio.ensure_future(response)
-            waiting.add_done_callback(lambda done: self._answered(request, done))
+            slot = _Reply(None, not request.keep_alive)
+            self._in_flight.append(slot)
+            waiting = asyncio.ensure_future(response)
+            waiting.add_done_callback(lambda done: self._answered(request, slot, done))
             return
         data = _render(response, request.method == "HEAD", not request.keep_alive)
+        if self._in_flight:
+            self._in_flight.append(_Reply(data, not request.keep_alive))
+            return
         self._out.append(data)
         self._out_size += len(data)
         if not request.keep_alive:
             self._closing = True
 
-    def _answered(self, request: Request, done: asyncio.Future[Response]) -> None:
-        """A handler that waited has its answer: it goes first, then the rest."""
-        self._waiting = None
+    def _answered(self, request: Request, slot: _Reply, done: asyncio.Future[Response]) -> None:
+        """A handler that waited has its answer: it goes out with the answers after
+        it that are made, once every answer before it is written."""
+        if self._transport is None:
+            return
         if done.cancelled():
             response = self._internal(request)
         elif (exc := done.exception()) is not None:
@@ -486,8 +522,13 @@ class HttpProtocol(asyncio.Protocol):
             response = self._internal(request)
         else:
             response = done.result()
-        data = _render(response, request.method == "HEAD", not request.keep_alive)
-        self._queue.appendleft(_Reply(data, not request.keep_alive))
+        slot.data = _render(response, request.method == "HEAD", not request.keep_alive)
+        if self._in_flight[0].data is not None and not self._pump_soon:
+            self._pump_soon = True
+            self._loop.call_soon(self._pump_later)
+
+    def _pump_later(self) -> None:
+        self._pump_soon = False
         try:
             self._pump()
         except Exception as exc:
@@ -742,7 +783,7 @@ class HttpProtocol(asyncio.Protocol):
         if not request.keep_alive:
             self._state = _DONE
             self._final = True
-        if self._queue or self._out_size > self._budget:
+        if self._queue or self._out_size > self._budget or len(self._in_flight) >= MAX_IN_FLIGHT:
             self._queue.append(request)
         else:
             self._answer(request)
