@@ -50,6 +50,7 @@ from broadcastd.errors import (
     PermissionDenied,
     UnknownNamespace,
 )
+from broadcastd.later import Later, every
 from broadcastd.settings import Settings, SlowConsumerPolicy
 
 _log = log.get("broadcastd.node")
@@ -234,7 +235,7 @@ class Node:
         if refusal is not None and (all_or_none or isinstance(refusal, BrokerUnavailable)):
             raise refusal
         publish = self.broker.publish
-        answers: list[MaybeAwaitable[Published] | ClientError] = []
+        answers: list[Published | Later[Published] | ClientError] = []
         later = False
         self.publishing_since = self.clock()
         try:
@@ -252,33 +253,16 @@ class Node:
                         raise
                     answers.append(exc)
                     continue
-                if not later and pending(answer):
+                if not later and type(answer) is Later:
                     later = True
                 answers.append(answer)
         finally:
             self.publishing_since = None
         if later:
-            return self._awaited(form, answers)
+            # Once the engine answered every item; if it failed any, the whole call
+            # fails as one (BrokerUnavailable: it is not known what was published).
+            return every(answers).then(lambda done: self._counted(form, cast(Answers, done)))
         return self._counted(form, cast(Answers, answers))
-
-    async def _awaited(
-        self, form: str, answers: list[MaybeAwaitable[Published] | ClientError]
-    ) -> Answers:
-        """Every answer, once the engine gave the last; if it failed any, the whole
-        call fails as one (BrokerUnavailable: it is not known what was published)."""
-        done: Answers = []
-        failed: ClientError | None = None
-        for answer in answers:
-            if pending(answer):
-                try:
-                    done.append(await cast(Awaitable[Published], answer))
-                except ClientError as exc:
-                    failed = failed or exc
-            else:
-                done.append(cast(Published | ClientError, answer))
-        if failed is not None:
-            raise failed
-        return self._counted(form, done)
 
     def _counted(self, form: str, answers: Answers) -> Answers:
         """The engine's answers, reported to the observer once."""

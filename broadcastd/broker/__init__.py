@@ -33,6 +33,7 @@ from broadcastd.core.envelope import Payload
 from broadcastd.core.hub import FanOut
 from broadcastd.core.stream import Position, Publication
 from broadcastd.errors import ClientError
+from broadcastd.later import Later
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -43,24 +44,41 @@ MaybeAwaitable: TypeAlias = T | Awaitable[T]
 
 def pending(answer: MaybeAwaitable[T]) -> TypeGuard[Awaitable[T]]:
     """Whether an engine's answer is still to come. An engine answers later with a
-    coroutine or a future; checking those two types first keeps the test cheap
-    on the memory engine's hot path (``inspect.isawaitable`` alone asks an ABC)."""
+    Later (a publish), a coroutine or a future; checking those types first keeps
+    the test cheap on the memory engine's hot path (``inspect.isawaitable`` alone
+    asks an ABC)."""
     return isinstance(answer, _AWAITABLES) or (
         type(answer) not in _VALUES and inspect.isawaitable(answer)
     )
 
 
-_AWAITABLES = (types.CoroutineType, asyncio.Future)
+_AWAITABLES = (Later, types.CoroutineType, asyncio.Future)
 
 
-def then(answer: MaybeAwaitable[T], step: Callable[[T], MaybeAwaitable[U]]) -> MaybeAwaitable[U]:
-    """``step`` applied to ``answer``: at once if it is there, else once it comes."""
+def then(
+    answer: MaybeAwaitable[T],
+    step: Callable[[T], MaybeAwaitable[U]],
+    failed: Callable[[BaseException], MaybeAwaitable[U]] | None = None,
+) -> MaybeAwaitable[U]:
+    """``step`` applied to ``answer``: at once if it is there, else once it comes;
+    or, if it fails, ``failed`` applied to the exception (without ``failed`` the
+    exception passes on). A Later runs the step the moment it is set; a
+    coroutine or a future is awaited (by whoever awaits what this returns)."""
     if not pending(answer):
         return step(cast(T, answer))
+    if isinstance(answer, Later):
+        return answer.then(step, failed)
     later = answer
 
     async def chained() -> U:
-        result = step(await later)
+        try:
+            value = await later
+        except Exception as exc:
+            if failed is None:
+                raise
+            result = failed(exc)
+        else:
+            result = step(value)
         if inspect.isawaitable(result):
             return await result
         return result
@@ -131,13 +149,16 @@ class Broker(Protocol):
     async def start(self, handler: BrokerHandler) -> None:
         """Begin calling ``handler`` back."""
 
-    def publish(self, channel: str, payload: Payload, key: str | None) -> MaybeAwaitable[Published]:
+    def publish(
+        self, channel: str, payload: Payload, key: str | None
+    ) -> Published | Later[Published]:
         """Give the payload the channel's next position (or, for an idempotency key
-        seen before, answer the first publish's position). A refusal known at once
-        is raised: ChannelTableFull for this item alone, BrokerUnavailable (503)
-        when the engine cannot be reached; an awaited answer fails with
-        BrokerUnavailable when the engine did not confirm it (then it is not known
-        whether it was published)."""
+        seen before, answer the first publish's position): at once, or as a Later
+        set when the engine answers. A refusal known at once is raised:
+        ChannelTableFull for this item alone, BrokerUnavailable (503) when the
+        engine cannot be reached; a Later fails with BrokerUnavailable when the
+        engine did not confirm the publish (then it is not known whether it was
+        published)."""
 
     def refusal(self, channels: Sequence[str]) -> ClientError | None:
         """What publishing to every one of ``channels`` now would meet at once, if

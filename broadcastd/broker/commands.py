@@ -43,7 +43,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast, overload
 
 import hiredis
 from redis.connection import parse_url
@@ -59,14 +59,27 @@ DEFAULT_MAX_IN_FLIGHT = 4096
 _pack = cast(Callable[[tuple[Arg, ...]], bytes], hiredis.pack_command)
 """RESP of a command, in C (its stub types the tuple as of one item)."""
 _ReplyError = hiredis.ReplyError
+
+
+class Answer(Protocol):
+    """Where a reply goes: an asyncio Future, or anything set the same way."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+A = TypeVar("A", bound=Answer)
 _Retry = tuple[Arg, Arg, Sequence[Arg], Sequence[Arg]]
 """(sha, source, keys, args) of a script call, to send it again as EVAL."""
-_Entry = tuple["asyncio.Future[Any] | None", "_Retry | None", list[float]]
+_Entry = tuple["Answer | None", "_Retry | None", list[float]]
 """A call sent (or in this turn's buffer): its future (None for a SCRIPT LOAD
 whose reply nobody needs), how to retry it, and its turn's deadline (``_now``)
 (one list shared by the calls of a turn: set when they are called, and set again
 when they are written)."""
-_Held = tuple["asyncio.Future[Any]", bytes, "_Retry | None"]
+_Held = tuple["Answer", bytes, "_Retry | None"]
 """A call waiting for room: its future, its command, how to retry it."""
 
 _now = time.monotonic
@@ -260,21 +273,38 @@ class CommandConnection(asyncio.Protocol):
             self._send(command, future, None)
         return future
 
+    @overload
     def script(
         self, sha: Arg, source: Arg, keys: Sequence[Arg], args: Sequence[Arg]
-    ) -> asyncio.Future[Any]:
+    ) -> asyncio.Future[Any]: ...
+
+    @overload
+    def script(
+        self, sha: Arg, source: Arg, keys: Sequence[Arg], args: Sequence[Arg], into: A
+    ) -> A: ...
+
+    def script(
+        self,
+        sha: Arg,
+        source: Arg,
+        keys: Sequence[Arg],
+        args: Sequence[Arg],
+        into: Answer | None = None,
+    ) -> Answer:
         """EVALSHA of the Lua script ``source`` (whose SHA1 in hex is ``sha``).
 
         The script is loaded once per connection (SCRIPT LOAD, in the same write as
         its first call); if Redis has lost it since (SCRIPT FLUSH, a restart behind
         a proxy), the call is sent again as EVAL, after the calls already sent.
         ``keys`` and ``args`` are read again then: do not change them until the
-        future is done. Errors as for ``call``.
+        future is done. Errors as for ``call``. The reply goes to ``into`` if
+        given (a ``broadcastd.later.Later``, whose steps run as the reply is
+        read), else to a new future.
         """
         if self._ended is not None:
             raise ConnectionLost(self._ended)
         command: bytes = _pack(("EVALSHA", sha, len(keys), *keys, *args))
-        future = self._loop.create_future()
+        future = self._loop.create_future() if into is None else into
         retry = (sha, source, keys, args)
         if self._held or len(self._waiting) >= self._max_in_flight:
             self._held.append((future, command, retry))
@@ -323,9 +353,7 @@ class CommandConnection(asyncio.Protocol):
         Safe to call at any time, more than once."""
         self._end(ConnectionLost, "the Redis connection was closed", None)
 
-    def _send(
-        self, command: bytes, future: asyncio.Future[Any] | None, retry: _Retry | None
-    ) -> None:
+    def _send(self, command: bytes, future: Answer | None, retry: _Retry | None) -> None:
         self._out.append(command)
         if not self._flush_scheduled:
             self._flush_scheduled = True

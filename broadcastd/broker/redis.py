@@ -60,6 +60,7 @@ from broadcastd.core.namespaces import Namespaces
 from broadcastd.core.observer import Observer
 from broadcastd.core.stream import Position, Publication
 from broadcastd.errors import BrokerUnavailable, ClientError
+from broadcastd.later import Later
 from broadcastd.settings import RedisSettings, Settings, mask_url
 
 _log = log.get("broadcastd.broker")
@@ -335,7 +336,7 @@ class RedisBroker:
 
     # Publishing
 
-    def publish(self, channel: str, payload: Payload, key: str | None) -> Awaitable[Published]:
+    def publish(self, channel: str, payload: Payload, key: str | None) -> Later[Published]:
         """Publish one payload; answered once Redis accepted it.
 
         The command is written at once, with every other call of this turn of the
@@ -345,16 +346,19 @@ class RedisBroker:
         """
         commands = self._commands(self._shard(channel))
         keys, argv = self._publish_args(channel, payload, key)
-        return self._published(channel, commands.script(PUBLISH_SHA, PUBLISH, keys, argv))
+        started = time.perf_counter()
+        call = commands.script(PUBLISH_SHA, PUBLISH, keys, argv, Later[Any]())
 
-    async def _published(self, channel: str, call: Awaitable[Any]) -> Published:
-        answer = await self._answer(call, "nothing is known to be published")
-        epoch, _, offset = answer[0].partition(b" ")
-        position = Position(epoch.decode(), int(offset))
-        duplicate = answer[1] == 1
-        if not duplicate:  # a first publish's answer may be of an epoch since left
-            self._saw(channel, position)
-        return Published(position, None, duplicate)
+        def published(answer: Any) -> Published:
+            self.observer.broker_command(time.perf_counter() - started)
+            epoch, _, offset = answer[0].partition(b" ")
+            position = Position(epoch.decode(), int(offset))
+            duplicate = answer[1] == 1
+            if not duplicate:  # a first publish's answer may be of an epoch since left
+                self._saw(channel, position)
+            return Published(position, None, duplicate)
+
+        return call.then(published, _not_published)
 
     def refusal(self, channels: Sequence[str]) -> ClientError | None:
         # Redis holds the channels (its memory is its operator's to size): the only
@@ -698,3 +702,12 @@ class RedisBroker:
 
     def stats(self) -> HistoryStats:
         return HistoryStats()  # history lives in Redis, not in this process
+
+
+def _not_published(error: BaseException) -> Published:
+    """A publish Redis did not confirm: BrokerUnavailable (503)."""
+    if isinstance(error, FAILURES):
+        raise BrokerUnavailable(
+            f"Redis did not answer ({type(error).__name__}); nothing is known to be published"
+        ) from None
+    raise error

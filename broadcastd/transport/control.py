@@ -172,15 +172,17 @@ class ControlApi:
         except ClientError as error:
             response = error_response(error)
         if not isinstance(response, Response):
-            return self._finish(response, endpoint)
-        self.node.observer.control_request(endpoint, response.status)
-        return response
 
-    async def _finish(self, pending: Awaitable[Response], endpoint: str) -> Response:
-        try:
-            response = await pending
-        except ClientError as error:
-            response = error_response(error)
+            def answered(response: Response) -> Response:
+                self.node.observer.control_request(endpoint, response.status)
+                return response
+
+            def refused(error: BaseException) -> Response:
+                if not isinstance(error, ClientError):
+                    raise error  # the framing answers 500 and logs it
+                return answered(error_response(error))
+
+            return cast(Awaitable[Response], then(response, answered, refused))
         self.node.observer.control_request(endpoint, response.status)
         return response
 

@@ -63,6 +63,7 @@ from broadcastd.errors import (
     RequestTimeout,
     error_json,
 )
+from broadcastd.later import Later
 
 
 @dataclass(slots=True)
@@ -498,8 +499,11 @@ class HttpProtocol(asyncio.Protocol):
         if not isinstance(response, Response):
             slot = _Reply(None, not request.keep_alive)
             self._in_flight.append(slot)
-            waiting = asyncio.ensure_future(response)
-            waiting.add_done_callback(lambda done: self._answered(request, slot, done))
+            if isinstance(response, Later):  # answered as soon as it is set
+                response.listen(lambda done: self._answered(request, slot, done))
+            else:
+                waiting = asyncio.ensure_future(response)
+                waiting.add_done_callback(lambda done: self._answered(request, slot, done))
             return
         data = _render(response, request.method == "HEAD", not request.keep_alive)
         if self._in_flight:
@@ -510,19 +514,25 @@ class HttpProtocol(asyncio.Protocol):
         if not request.keep_alive:
             self._closing = True
 
-    def _answered(self, request: Request, slot: _Reply, done: asyncio.Future[Response]) -> None:
+    def _answered(
+        self, request: Request, slot: _Reply, done: asyncio.Future[Response] | Later[Response]
+    ) -> None:
         """A handler that waited has its answer: it goes out with the answers after
         it that are made, once every answer before it is written."""
         if self._transport is None:
             return
-        if done.cancelled():
-            response = self._internal(request)
-        elif (exc := done.exception()) is not None:
-            self._log_error(exc, "handler", request)
-            response = self._internal(request)
-        else:
-            response = done.result()
-        slot.data = _render(response, request.method == "HEAD", not request.keep_alive)
+        try:
+            if done.cancelled():
+                response = self._internal(request)
+            elif (exc := done.exception()) is not None:
+                self._log_error(exc, "handler", request)
+                response = self._internal(request)
+            else:
+                response = done.result()
+            slot.data = _render(response, request.method == "HEAD", not request.keep_alive)
+        except Exception as exc:  # called back by whoever set the answer: contain it here
+            self._crash(exc, "write")
+            return
         if self._in_flight[0].data is not None and not self._pump_soon:
             self._pump_soon = True
             self._loop.call_soon(self._pump_later)
