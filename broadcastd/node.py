@@ -179,7 +179,7 @@ class Node:
 
     def publish(
         self, channel: str, payload: Payload, form: str, key: str | None = None
-    ) -> MaybeAwaitable[Published]:
+    ) -> Published | Later[Published]:
         """Publish one message (``POST /publish/{channel}``), answered at once
         (memory) or once the engine accepted it (Redis; BrokerUnavailable if it
         cannot be reached); a refusal is raised, and nothing is published then."""
@@ -191,13 +191,9 @@ class Node:
             published = self.broker.publish(channel, payload, key)
         finally:
             self.publishing_since = None
-        if pending(published):
-
-            def counted(done: Published) -> Published:
-                return self._counted_one(form, done)
-
-            return then(published, counted)
-        return self._counted_one(form, cast(Published, published))
+        if isinstance(published, Later):
+            return published.then(lambda done: self._counted_one(form, done))
+        return self._counted_one(form, published)  # the memory engine: no closure
 
     def _counted_one(self, form: str, published: Published) -> Published:
         if not published.duplicate:

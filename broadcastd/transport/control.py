@@ -41,7 +41,7 @@ import orjson
 
 from broadcastd import log
 from broadcastd.auth.grants import OPEN_GRANT, Grant, find_grant, load_grants
-from broadcastd.broker import Published, pending, then
+from broadcastd.broker import Published, then
 from broadcastd.core.channels import is_valid_channel
 from broadcastd.core.hub import page
 from broadcastd.core.idempotency import check_key
@@ -65,6 +65,7 @@ from broadcastd.errors import (
     UnsupportedMediaType,
     error_body,
 )
+from broadcastd.later import Later
 from broadcastd.node import Node
 from broadcastd.settings import ControlSettings, Scope
 from broadcastd.transport.http import Api, HttpProtocol, Limits, Request, Response
@@ -354,13 +355,9 @@ class ControlApi:
     ) -> Response | Awaitable[Response]:
         payload = body_payload(request.body, request.headers.get("content-type"))
         published = self.node.publish(channel, payload, "channel", _key(request))
-        if not pending(published):  # the memory engine: no closure on the hot path
-            return json_response(200, self._result(channel, cast(Published, published)))
-
-        def answer(done: Published) -> Response:
-            return json_response(200, self._result(channel, done))
-
-        return then(published, answer)
+        if isinstance(published, Later):
+            return published.then(lambda done: json_response(200, self._result(channel, done)))
+        return json_response(200, self._result(channel, published))  # memory: no closure
 
     def _publish(self, request: Request, _: str, grant: Grant) -> Response | Awaitable[Response]:
         self._require_json(request)
