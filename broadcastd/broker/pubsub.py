@@ -46,6 +46,9 @@ class PubSubConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._confirming: dict[bytes, deque[asyncio.Future[None]]] = {}
         self._auth: asyncio.Future[None] | None = None
+        self._out: list[bytes] = []
+        """Commands of this turn of the loop, written together at its end: the
+        SUBSCRIBEs and UNSUBSCRIBEs of a connection storm cost one write a turn."""
         self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
 
     @classmethod
@@ -112,7 +115,16 @@ class PubSubConnection(asyncio.Protocol):
     def _write(self, data: bytes) -> None:
         if self._transport is None or self._transport.is_closing():
             raise ConnectionError("the pub/sub connection is closed")
-        self._transport.write(data)
+        out = self._out
+        out.append(data)
+        if len(out) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        transport = self._transport
+        if transport is not None and not transport.is_closing():  # else it is rebuilt
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     # asyncio callbacks
 

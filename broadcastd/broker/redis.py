@@ -77,6 +77,9 @@ SEEN_CHANNELS = 10_000
 (those it published to or read most recently), besides every channel it has
 subscribers of: a few hundred bytes each."""
 NOTHING_SEEN = Position("", 0)
+_PublishKeys = tuple[str, str, str, int, int, bytes]
+"""A channel's meta key, stream key, idempotency key prefix, history size,
+history TTL in ms, and pub/sub topic."""
 
 
 def payload_from_json(text: bytes) -> Payload:
@@ -119,7 +122,9 @@ class Shard:
         self.topics: set[bytes] = set()
         """Pub/sub channels wanted on this shard (the probe's included)."""
         self.joining: list[tuple[str, bytes]] = []
-        """Channels subscribed in this turn of the event loop, subscribed together."""
+        """Channels subscribed since the last batch left, to be subscribed together."""
+        self.join_running = False
+        """A batch is under way (the next waits for it)."""
         self.commands: CommandConnection | None = None
         """Scripts and reads: every call of one loop turn leaves in one write."""
         self.pubsub: PubSubConnection | None = None
@@ -160,6 +165,12 @@ class RedisBroker:
         (at most SEEN_CHANNELS)."""
         self._feeds: Feeds | None = None
         """What this node subscribes to, in order (``broadcastd.broker.feeds``)."""
+        self._publish_keys: dict[str, _PublishKeys] = {}
+        """What a publish to each channel sends besides its payload, for the last
+        channels published to (at most SEEN_CHANNELS)."""
+        self._turn_started: float | None = None
+        """When the first publish of this loop turn was sent (its round trip is
+        timed, one per turn, as the others share it)."""
         self._probe_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         """Probes and publish flushes under way (cancelled at close)."""
@@ -344,13 +355,20 @@ class RedisBroker:
         shard: a busy node makes one round trip per shard per turn, not one per
         message. Publications of one channel keep their order.
         """
-        commands = self._commands(self._shard(channel))
+        shards = self.shards
+        commands = self._commands(shards[0] if len(shards) == 1 else self._shard(channel))
         keys, argv = self._publish_args(channel, payload, key)
-        started = time.perf_counter()
-        call = commands.script(PUBLISH_SHA, PUBLISH, keys, argv, Later[Any]())
+        call: Later[Any] = commands.script(PUBLISH_SHA, PUBLISH, keys, argv, Later())
+        started = self._turn_started
+        if started is None:  # the turn's round trip: timed once
+            started = self._turn_started = time.perf_counter()
+            asyncio.get_running_loop().call_soon(self._turn_ended)
+        else:
+            started = None
 
         def published(answer: Any) -> Published:
-            self.observer.broker_command(time.perf_counter() - started)
+            if started is not None:
+                self.observer.broker_command(time.perf_counter() - started)
             epoch, _, offset = answer[0].partition(b" ")
             position = Position(epoch.decode(), int(offset))
             duplicate = answer[1] == 1
@@ -359,6 +377,9 @@ class RedisBroker:
             return Published(position, None, duplicate)
 
         return call.then(published, _not_published)
+
+    def _turn_ended(self) -> None:
+        self._turn_started = None
 
     def refusal(self, channels: Sequence[str]) -> ClientError | None:
         # Redis holds the channels (its memory is its operator's to size): the only
@@ -373,22 +394,41 @@ class RedisBroker:
     def _publish_args(
         self, channel: str, payload: Payload, key: str | None
     ) -> tuple[list[str], list[Any]]:
-        meta, stream = self._keys(channel)
-        # A key of the channel's slot even without an idempotency key: Cluster-safe.
-        seen = f"{self._key_prefix}{channel}}}:k:{'' if key is None else key}"
+        fixed = self._publish_keys.get(channel)
+        if fixed is None:
+            fixed = self._publish_keys_of(channel)
+        meta, stream, seen, size, ttl_ms, topic = fixed
         known = self._known(channel)
-        return [meta, stream, seen], [
+        return [meta, stream, seen if key is None else seen + key], [
             payload.json,
-            self.namespaces.history_size(channel),
-            int(self.namespaces.history_ttl(channel) * 1000),
+            size,
+            ttl_ms,
             self.meta_ttl_ms,
             self._new_epoch(),
             self.key_ttl_ms,
-            self._topic_prefix + channel.encode(),
+            topic,
             "0" if key is None else "1",
             known.epoch,
             known.offset,
         ]
+
+    def _publish_keys_of(self, channel: str) -> _PublishKeys:
+        meta, stream = self._keys(channel)
+        # A key of the channel's slot even without an idempotency key: Cluster-safe.
+        seen = f"{self._key_prefix}{channel}}}:k:"
+        fixed = (
+            meta,
+            stream,
+            seen,
+            self.namespaces.history_size(channel),
+            int(self.namespaces.history_ttl(channel) * 1000),
+            self._topic_prefix + channel.encode(),
+        )
+        keys = self._publish_keys
+        if len(keys) >= SEEN_CHANNELS:
+            del keys[next(iter(keys))]
+        keys[channel] = fixed
+        return fixed
 
     # What this node has seen: the highest position of each channel
 
@@ -438,17 +478,28 @@ class RedisBroker:
             self._heard.setdefault(channel, seen)
         feeds.want(channel)
         shard.joining.append((channel, topic))
-        if len(shard.joining) == 1:
+        if len(shard.joining) == 1 and not shard.join_running:
             asyncio.get_running_loop().call_soon(self._join_flush, shard)
 
     def _join_flush(self, shard: Shard) -> None:
-        """Everything subscribed in one turn of the event loop goes to Redis as one
-        SUBSCRIBE and one pipeline of position reads: a storm of new channels costs
-        two round trips per turn, not two per channel."""
+        """Everything subscribed since the last batch left goes to Redis as one
+        SUBSCRIBE and one pipeline of position reads, one batch at a time per
+        shard: in a storm of new channels, those that arrive while a batch is
+        under way wait for it and leave together (two round trips per batch, not
+        two per channel, and few writes)."""
+        if shard.join_running or not shard.joining:
+            return
         batch, shard.joining = shard.joining, []
+        shard.join_running = True
         task = asyncio.get_running_loop().create_task(self._join(shard, batch))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda done: self._joined(shard, done))
+
+    def _joined(self, shard: Shard, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        shard.join_running = False
+        if shard.joining:
+            self._join_flush(shard)
 
     async def _join(self, shard: Shard, batch: list[tuple[str, bytes]]) -> None:
         try:
