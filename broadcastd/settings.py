@@ -99,6 +99,11 @@ class WebSocketSettings(_Section):
     """Port of the WebSocket listener (0 picks a free one)."""
     max_clients: int = Field(10_000, ge=1)
     """Most subscriber connections at once; the next handshake gets HTTP 503."""
+    accept_rate: float = Field(0.0, ge=0)
+    """New connections accepted per second by this process, with bursts of up to
+    one second's worth; a handshake beyond it gets HTTP 503 `rate_limited` with
+    `Retry-After`, so that a reconnect storm degrades into retries instead of
+    timeouts. 0 accepts as fast as they come."""
     max_channels_per_client: int = Field(100, ge=1)
     """Most channels one connection may subscribe to."""
     max_fragments: int = Field(64, ge=1)
@@ -113,6 +118,10 @@ class WebSocketSettings(_Section):
     """Most bytes waiting for one client before the slow-consumer policy applies."""
     write_limit: int = Field(64 * KiB, ge=1 * KiB)
     """Unsent bytes per connection above which its writer pauses."""
+    write_delay: float = Field(0.0, ge=0, le=1.0)
+    """Seconds a client's frames may be held so that more leave in one write (each
+    stays a frame of its own). Saves server CPU when publishes come one at a time;
+    every delivery waits up to this long. 0 writes once per event-loop turn."""
     slow_consumer_policy: SlowConsumerPolicy = SlowConsumerPolicy.DISCONNECT
     """`disconnect` closes a client that falls behind with 1013; `drop_oldest` drops
     its oldest queued messages and tells it how many it missed; `conflate` keeps only

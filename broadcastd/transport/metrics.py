@@ -223,7 +223,15 @@ class LoopLagProbe:
 PUBLISH_FORMS = ("channel", "json", "batch")
 DROP_REASONS = ("drop_oldest", "slow_consumer", "conflate")
 POLICIES = ("disconnect", "drop_oldest", "conflate")
-REJECT_REASONS = ("cap", "origin", "bad_request", "handshake_timeout", "draining", "fd_limit")
+REJECT_REASONS = (
+    "cap",
+    "rate_limited",
+    "origin",
+    "bad_request",
+    "handshake_timeout",
+    "draining",
+    "fd_limit",
+)
 RECOVERY_FAILURES = ("epoch", "too_old", "too_many", "disabled", "position")
 CLOSE_CODES = frozenset({1000, 1002, 1005} | {reason.code for reason in CloseReason})
 """Close codes with a series of their own (README, "How connections end")."""

@@ -50,6 +50,7 @@ import asyncio
 import dataclasses
 import http
 import logging
+import math
 import struct
 import time
 from collections.abc import Callable
@@ -67,6 +68,7 @@ from broadcastd import log
 from broadcastd.auth.tokens import TokenVerifier
 from broadcastd.core.envelope import frame_payload, missed_frame
 from broadcastd.core.outbox import Outbox
+from broadcastd.core.rate import TokenBucket
 from broadcastd.core.route import Route, parse_route
 from broadcastd.core.session import Session
 from broadcastd.errors import ClientError, CloseReason, Draining, error_json
@@ -122,7 +124,9 @@ class Refusal(ClientError):
             "Content-Type: application/json",
             f"Content-Length: {len(body)}",
         ]
-        if self.status is http.HTTPStatus.SERVICE_UNAVAILABLE:
+        if self.status is http.HTTPStatus.SERVICE_UNAVAILABLE and not any(
+            name == "Retry-After" for name, _ in self.headers
+        ):
             head.append("Retry-After: 5")
         head.extend(f"{name}: {value}" for name, value in self.headers)
         return ("\r\n".join(head) + "\r\n\r\n").encode() + body
@@ -172,6 +176,9 @@ class WsServer:
         self._open: dict[Session, Connection] = {}
         self._all: set[Connection] = set()
         self._dirty: list[Connection] = []
+        self._held: asyncio.TimerHandle | None = None
+        """The pass of the writers due at the end of ``ws.write_delay``, if one is."""
+        self._rate = TokenBucket(settings.accept_rate)
         self.pass_frames = 0
         self.pass_bytes = 0
         self.pass_writes = 0
@@ -227,6 +234,7 @@ class WsServer:
                 conn.abort()
         for session in list(self._open):
             session.outbox.close(CloseReason.SHUTDOWN)
+        self.flush_held()
         aborted = 0
         if self._all:
             try:
@@ -254,8 +262,18 @@ class WsServer:
     def schedule_flush(self, conn: Connection) -> None:
         if not self._dirty:
             assert self._loop is not None
-            self._loop.call_soon(self._flush)
+            delay = self.settings.write_delay
+            if delay:
+                self._held = self._loop.call_later(delay, self._flush)
+            else:
+                self._loop.call_soon(self._flush)
         self._dirty.append(conn)
+
+    def flush_held(self) -> None:
+        """Write what ``ws.write_delay`` holds now (at drain)."""
+        if self._held is not None:
+            self._held.cancel()
+            self._flush()
 
     def _flush(self) -> None:
         """One pass of the writers: every client that has frames queued gets one write.
@@ -265,6 +283,7 @@ class WsServer:
         once per pass; its delivery latency is that of the oldest frame written
         since the last report (the first queued, the last written).
         """
+        self._held = None
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             try:
@@ -295,6 +314,16 @@ class WsServer:
                 "the server is at its connection limit",
                 "cap",
             )
+        if s.accept_rate:
+            wait = self._rate.take(self.node.clock())
+            if wait:
+                return Refusal(
+                    http.HTTPStatus.SERVICE_UNAVAILABLE,
+                    "rate_limited",
+                    f"more than {s.accept_rate:g} new connections per second: try again shortly",
+                    "rate_limited",
+                    (("Retry-After", str(max(1, math.ceil(wait)))),),
+                )
         origins = request.headers.get_all("Origin")
         if len(origins) > 1:
             return Refusal(http.HTTPStatus.BAD_REQUEST, "bad_request", "more than one Origin")
