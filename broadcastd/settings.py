@@ -392,6 +392,14 @@ class LogSettings(_Section):
     buffer_bytes: int = Field(1 * MiB, ge=4 * KiB)
     """Log bytes held while stdout cannot take them (a stuck log shipper); lines
     beyond this are dropped and counted, never waited for."""
+    connection_level: Literal["debug", "info"] = "info"
+    """Level of each subscriber connection's `connection.open` and `connection.close`
+    events."""
+    connection_summary_rate: int = Field(100, ge=0)
+    """Connection opens and closes per second beyond which the rest of that second's
+    are logged at `debug`, with one `connections.summary` line at `info` giving the
+    second's counts (opened, closed, closes by code). 0 logs every one at
+    `log.connection_level`."""
 
 
 class Settings(BaseSettings):

@@ -66,6 +66,7 @@ from websockets.server import ServerProtocol
 
 from broadcastd import log
 from broadcastd.auth.tokens import TokenVerifier
+from broadcastd.connlog import ConnectionLog
 from broadcastd.core.envelope import frame_payload, missed_frame
 from broadcastd.core.outbox import Outbox
 from broadcastd.core.rate import TokenBucket
@@ -179,6 +180,11 @@ class WsServer:
         self._held: asyncio.TimerHandle | None = None
         """The pass of the writers due at the end of ``ws.write_delay``, if one is."""
         self._rate = TokenBucket(settings.accept_rate)
+        self.connections_log = ConnectionLog(
+            node.settings.log.connection_level,
+            node.settings.log.connection_summary_rate,
+            time.monotonic,
+        )
         self.pass_frames = 0
         self.pass_bytes = 0
         self.pass_writes = 0
@@ -249,6 +255,7 @@ class WsServer:
                     await self._gone.wait()
         if self._server is not None:
             await self._server.wait_closed()
+        self.connections_log.close()
         return aborted
 
     # Connections report here
@@ -689,8 +696,7 @@ class Connection(asyncio.Protocol):
 
             auth.start(route.token, open_channels, lambda: self._pause_reading(_PAUSED_TOKEN))
         node.observer.connection_opened()
-        _log.info(
-            "connection.open",
+        server.connections_log.opened(
             client=session.id,
             remote=self.remote,
             channels=list(route.channels),
@@ -981,12 +987,11 @@ class Connection(asyncio.Protocol):
                     discarded=outbox.discarded,
                     suppressed=_throttle.suppressed("slow_consumer.disconnect"),
                 )
-        _log.info(
-            "connection.close",
+        self.server.connections_log.closed(
+            code,
             client=session.id,
             remote=self.remote,
             channels=self.channels,
-            code=code,
             reason=reason,
             initiator=initiator,
             messages_sent=self.frames_sent,
