@@ -1,4 +1,4 @@
-"""The benchmark scenarios, S1 to S5, S5t, S1c and R, each against one freshly started server.
+"""The benchmark scenarios, S1 to S6, S5t, S1c and R, each against one freshly started server.
 
 Every scenario returns ``{"metrics": {...}, "details": {...}}``: metrics are
 the headline figures the report tabulates (each with its label, unit and which
@@ -19,7 +19,7 @@ import socket
 import statistics
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +43,16 @@ from benchmarks.publisher import (
 from benchmarks.recovery import Fleet, Resumer, Track
 from benchmarks.servers import HOST, Server
 from benchmarks.stats import percentiles_ms
-from benchmarks.wsclient import ConnectResult, Pool
+from benchmarks.storm import (
+    Steady,
+    StormJob,
+    StormProcess,
+    StormResult,
+    paced_until,
+    received,
+    shortfalls,
+)
+from benchmarks.wsclient import ConnectResult, MakeSubscriber, Pool
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,24 @@ class Params:
     s5_clients: int = 10_000
     s5_in_flight: int = 500
     """S5 and S5t: handshakes in flight."""
+    s6_subscribers: int = 1000
+    """S6: steady subscribers of one channel, open through both phases."""
+    s6_rate: float = 50.0
+    """S6: publishes per second to the steady subscribers' channel, one at a time: S2b's
+    stream, so that the quiet phase leaves the server room for a storm. At 200/s
+    (200,000 deliveries/s, each its own socket write) the stream alone saturated a
+    core on the reference VM (broadcastd's, 99 % busy; against Nchan, the load
+    client's, 99 %): the quiet latency was a queue's, and neither storm finished
+    within ``connect_timeout``."""
+    s6_quiet: float = 5.0
+    """S6: seconds of the quiet phase (the stream alone)."""
+    s6_storm: int = 20_000
+    """S6: clients of the storm, each on a channel of its own: connect, subscribe, close."""
+    s6_in_flight: int = 500
+    """S6: storm clients in flight (from connect to closed)."""
+    s6_sample_every: int = 31
+    """S6: latency of every Nth delivery (prime to the subscriber count, so that the
+    samples rotate over the subscribers)."""
     s1c_slow: int = 10
     """S1c: slow readers among the ``s1_subscribers`` (half paused, half lagging)."""
     s1c_max_messages: int = 5_000_000
@@ -130,6 +157,11 @@ QUICK = Params(
     s5_in_flight=50,
     s1c_slow=4,
     s1c_max_messages=5000,
+    s6_subscribers=50,
+    s6_quiet=0.5,
+    s6_storm=200,
+    s6_in_flight=50,
+    s6_sample_every=7,
     r_clients=20,
     r_channels=2,
     r_rate=40.0,
@@ -155,6 +187,15 @@ CONFLATE_NAMESPACE = "px"
 CONFLATE_CHANNEL = f"{CONFLATE_NAMESPACE}:feed"
 """S1c's channel, in a namespace whose slow-consumer policy is ``conflate``."""
 
+S6_CHANNEL = "s6"
+STORM_IMPACT_TARGET = 3.0
+"""S6: the storm's p99 latency may be at most 3 times the quiet phase's."""
+SATURATED = 0.9
+"""A core busier than this in an S6 phase: that process set the pace."""
+MIN_PHASE_S = 1.0
+"""Shorter phases (quick runs) are too short for CPU shares to mean much."""
+STORM_LOG_LINES = 5
+
 MIN_CPU_S = 0.05
 """Less server CPU than this (5 ticks of /proc's 10 ms clock) is too little to
 divide by: the per-1M figure is left out (quick runs)."""
@@ -177,9 +218,10 @@ async def _connect(
     p: Params,
     concurrency: int | None = None,
     tokens: list[str] | None = None,
+    make: MakeSubscriber | None = None,
 ) -> ConnectResult:
     """One connection per entry of ``channels``, each subscribed to that channel (with
-    the token of the same index in ``?token=``, if given)."""
+    the token of the same index in ``?token=``, if given; built by ``make``, if given)."""
     raw, json_mode = _mode(server, p)
     paths = [server.ws_path([c], raw) for c in channels]
     if tokens is not None:
@@ -194,6 +236,7 @@ async def _connect(
         replies_expected=1 if json_mode else 0,
         concurrency=concurrency or p.connect_concurrency,
         deadline=asyncio.get_running_loop().time() + p.connect_timeout,
+        make=make,
     )
 
 
@@ -210,10 +253,12 @@ def _pool_details(pool: Pool, conn: ConnectResult) -> dict[str, Any]:
 
 class _Meter:
     """Server CPU (all its nodes), its helpers' CPU (redis-server: utime+stime from
-    /proc/PID/stat), client CPU and wall time over one measured phase."""
+    /proc/PID/stat), client CPU and wall time over one measured phase. ``clients``
+    are other processes of the load client (S6's storm): not "other processes"."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, clients: Sequence[int] = ()) -> None:
         self.pids = server.node_pids()
+        self.clients = list(clients)
         self.helpers = server.helpers()
         self.wall = time.monotonic()
         self.server_cpu = self._server_cpu()
@@ -232,7 +277,7 @@ class _Meter:
             role: tree_cpu_seconds(pid) - self.helper_cpu[role]
             for role, pid in self.helpers.items()
         }
-        ours = {os.getpid(), *self.helpers.values()}
+        ours = {os.getpid(), *self.clients, *self.helpers.values()}
         for pid in self.pids:
             ours.update(descendants(pid))
         usage: dict[str, Any] = {
@@ -767,6 +812,211 @@ async def _storm(server: Server, p: Params, *, with_tokens: bool) -> dict[str, A
         pool.abort_all()
 
 
+async def s6_storm_impact(server: Server, p: Params) -> dict[str, Any]:
+    """S6: does a connection storm hurt the connections already open?
+
+    ``s6_subscribers`` steady subscribers of one channel get ``s6_rate``
+    publishes/s, one request at a time on an absolute schedule. Quiet phase:
+    the stream alone for ``s6_quiet`` seconds. Storm phase: the stream again,
+    while ``s6_storm`` clients connect, subscribe to a channel of their own and
+    close (``s6_in_flight`` at once, S5's connect machinery, in a process of
+    its own at a lower priority: see benchmarks/storm.py); the stream stops
+    when the last of them has closed. Each phase ends once its messages reached
+    every steady subscriber (or ``settle_timeout`` passed), so the two phases'
+    counts are exact: a subscriber missed what it did not get of what was
+    published in the phase. The latency is sampled (every ``s6_sample_every``-th
+    delivery) as in S1.
+    """
+    _, json_mode = _mode(server, p)
+    replies = 1 if json_mode else 0
+    pool = Pool(json_mode=json_mode, sample_every=p.s6_sample_every)
+    made: list[Steady] = []
+    pipe: HttpPipe | None = None
+    publishing: asyncio.Task[PublishStats] | None = None
+    storm: StormProcess | None = None
+
+    def steady_subscriber(
+        i: int, request: bytes, accept: bytes, ready: asyncio.Future[None]
+    ) -> Steady:
+        subscriber = Steady(pool, request, accept, replies, ready)
+        made.append(subscriber)
+        return subscriber
+
+    try:
+        conn = await _connect(
+            server, pool, [S6_CHANNEL] * p.s6_subscribers, p, make=steady_subscriber
+        )
+        subscribers = [
+            s
+            for s in made
+            if s.ready.done() and not s.ready.cancelled() and not s.ready.exception()
+        ]
+        seen = await server.wait_subscribers(S6_CHANNEL, len(subscribers), acknowledged=json_mode)
+        n = len(subscribers)
+
+        pool.reset_counts()
+        before = received(subscribers)
+        pipe = await HttpPipe.open(HOST, server.control_port)
+        meter = _Meter(server)
+        stats = await paced_until(
+            pipe,
+            S6_CHANNEL,
+            rate=p.s6_rate,
+            stop=asyncio.Event(),
+            max_messages=max(1, int(p.s6_rate * p.s6_quiet)),
+        )
+        quiet = await _deliveries(pool, stats.ok * n, meter, p)
+        pipe.close()
+        quiet.update(_stream_details(stats, before, received(subscribers)))
+
+        storm = await StormProcess.start(
+            StormJob(
+                host=HOST,
+                ports=server.ws_ports,
+                paths=[server.ws_path([f"s6-{i}"], not json_mode) for i in range(p.s6_storm)],
+                replies_expected=replies,
+                in_flight=p.s6_in_flight,
+                timeout=p.connect_timeout,
+            )
+        )
+        pool.reset_counts()
+        before = received(subscribers)
+        pipe = await HttpPipe.open(HOST, server.control_port)
+        stop = asyncio.Event()
+        meter = _Meter(server, clients=[storm.pid])
+        publishing = asyncio.create_task(
+            paced_until(
+                pipe,
+                S6_CHANNEL,
+                rate=p.s6_rate,
+                stop=stop,
+                max_messages=int(p.s6_rate * p.scenario_timeout),
+            )
+        )
+        visits = await storm.run()
+        stop.set()
+        stats = await publishing
+        publishing = None
+        during = await _deliveries(pool, stats.ok * n, meter, p)
+        pipe.close()
+        during.update(_stream_details(stats, before, received(subscribers)))
+        during["storm_client_cpu_util"] = visits.cpu_s / max(visits.seconds, 1e-9)
+        storm_log = await storm.finish()
+        clients = {
+            "connected": visits.completed,
+            "attempted": visits.attempted,
+            "connect_s": round(visits.seconds, 3),
+            "connect_errors": visits.errors,
+            "closed_by_server": visits.closed_by_server,
+            "lost_connections": visits.lost_connections,
+            "in_flight": p.s6_in_flight,
+            "cpu_s": visits.cpu_s,
+            "log": storm_log.splitlines()[-STORM_LOG_LINES:],
+        }
+        details = {
+            **_pool_details(pool, conn),
+            "server_subscribers": seen,
+            "json_mode": json_mode,
+            "quiet": quiet,
+            "storm": during,
+            "storm_clients": clients,
+        }
+        return _storm_impact_result(p, n, visits, details)
+    finally:
+        if publishing is not None:
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+        if pipe is not None:
+            pipe.close()
+        if storm is not None:
+            await storm.finish()
+        pool.abort_all()
+
+
+def _stream_details(stats: PublishStats, before: list[int], after: list[int]) -> dict[str, Any]:
+    """One S6 phase's stream: what was published, and what each subscriber missed of it."""
+    short = list(shortfalls(before, after, stats.ok))
+    return {
+        "published": stats.ok,
+        "publish_statuses": stats.statuses,
+        "publishes_per_s": stats.ok / stats.seconds if stats.seconds else None,
+        "missed": sum(s for s in short if s > 0),
+        "subscribers_missing": sum(1 for s in short if s > 0),
+        "duplicates": sum(-s for s in short if s < 0),
+        "missed_per_subscriber": _spread(short),
+    }
+
+
+def _storm_impact_result(
+    p: Params, n: int, visits: StormResult, details: dict[str, Any]
+) -> dict[str, Any]:
+    """S6's rows (quiet and storm p99, their ratio, messages missed in the storm, the
+    storm's rate), and what is off added to ``details`` as ``problems``."""
+    quiet, storm, clients = details["quiet"], details["storm"], details["storm_clients"]
+    quiet_p99 = quiet["latency_sampled_ms"]["p99"]
+    storm_p99 = storm["latency_sampled_ms"]["p99"]
+    ratio = storm_p99 / quiet_p99 if storm_p99 is not None and quiet_p99 else None
+    per_s = visits.completed / visits.seconds if visits.seconds else None
+    target = f"target <= {STORM_IMPACT_TARGET:g}"
+    problems = []
+    if ratio is not None and ratio > STORM_IMPACT_TARGET:
+        problems.append(f"the storm's p99 is {ratio:.2f}x the quiet p99 ({target})")
+    for name, phase in (("quiet phase", quiet), ("storm", storm)):
+        if phase["missed"]:
+            problems.append(
+                f"{phase['subscribers_missing']} of {n} open subscribers missed "
+                f"{phase['missed']:,} messages in the {name}"
+            )
+        if phase["duplicates"]:
+            problems.append(f"{phase['duplicates']:,} messages more than published in the {name}")
+    if quiet["server_cpu_util"] > SATURATED:
+        problems.append(
+            f"the stream alone kept the server's core {quiet['server_cpu_util']:.0%} busy: "
+            "the storm had no room, and the quiet latency is a saturated one"
+        )
+    client_load = storm["client_cpu_util"] + storm["storm_client_cpu_util"]
+    long_enough = storm["seconds"] >= MIN_PHASE_S  # /proc has 10 ms ticks
+    if long_enough and storm["server_cpu_util"] < SATURATED and client_load > SATURATED:
+        problems.append(
+            f"the load client set the storm's pace, not the server: the stream and the "
+            f"storm used {client_load:.2f} cores, the server {storm['server_cpu_util']:.2f}"
+        )
+    if visits.completed < visits.attempted:
+        problems.append(
+            f"only {visits.completed:,} of {visits.attempted:,} storm clients "
+            f"connected, subscribed and closed: {visits.errors}"
+        )
+    if visits.closed_by_server:
+        problems.append(f"the server closed storm clients {visits.closed_by_server}")
+    if clients["log"]:
+        problems.append(f"the storm process wrote: {clients['log'][-1][:160]}")
+    label = f"S6 {n} open subs, {p.s6_rate:g} msg/s one at a time"
+    storm_label = f"{visits.attempted:,} connect+subscribe+close, {p.s6_in_flight} in flight"
+    metrics = {
+        "quiet_p99_ms": metric(f"{label}: quiet latency p99", "ms", "lower", quiet_p99),
+        "storm_p99_ms": metric(
+            f"S6 latency p99 during a storm of {storm_label}", "ms", "lower", storm_p99
+        ),
+        "p99_ratio": metric(f"S6 storm p99 / quiet p99 ({target})", "x", "lower", ratio),
+        "storm_missed": metric(
+            "S6 messages the open subscribers missed during the storm (target 0)",
+            "msg",
+            "lower",
+            storm["missed"],
+        ),
+        "storm_per_s": metric("S6 storm connections/s", "conn/s", "higher", per_s),
+    }
+    details.update(
+        storm_s=visits.seconds,
+        storm_connections_per_s=per_s,
+        p99_ratio=ratio,
+        target=STORM_IMPACT_TARGET,
+    )
+    if problems:
+        details["problems"] = problems
+    return {"metrics": metrics, "details": details}
+
+
 def compare(scenarios: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | None = None) -> None:
     """Rows that need two scenarios of one server: S5t's cost against S5 (both in JSON
     mode), added to S5t's metrics, with a problem noted above TOKEN_COST_TARGET.
@@ -1062,5 +1312,6 @@ SCENARIOS: dict[str, Scenario] = {
     "S4": s4_memory,
     "S5": s5_storm,
     "S5t": s5t_storm,
+    "S6": s6_storm_impact,
     "R": r_recovery,
 }

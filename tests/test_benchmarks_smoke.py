@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import benchmarks
+from benchmarks.scenarios import QUICK
 from benchmarks.servers import SERVERS
 
 
@@ -20,6 +21,11 @@ def test_benchmark_scenarios_run_against_the_daemon() -> None:
     assert s1c["metrics"]["slow_wrong"]["value"] == 0, s1c["details"].get("problems")
     assert s1c["metrics"]["slow_missed"]["value"] > 0, s1c["details"]["slow_readers"]
     assert "time_ratio" in outcome["scenarios"]["S5t"]["metrics"]  # compared with S5
+    # S6's counts are exact too: every storm client came and went, and no open
+    # subscriber lost a message to it.
+    s6 = outcome["scenarios"]["S6"]
+    assert s6["details"]["storm_clients"]["connected"] == QUICK.s6_storm, s6["details"]
+    assert s6["metrics"]["storm_missed"]["value"] == 0, s6["details"].get("problems")
 
 
 @pytest.mark.parametrize(
