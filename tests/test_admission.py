@@ -10,6 +10,8 @@ import json
 import random
 from typing import Any
 
+from broadcastd.client import State, StateChanged, Subscribed, Subscriber, Unavailable
+
 from .conftest import Running, recv_json, subscribed
 from .rawclient import RawClient
 from .test_metrics import scrape, value
@@ -92,3 +94,30 @@ async def test_a_drain_writes_the_held_frames(daemon_factory: Any) -> None:
         assert [m["data"]["n"] for m in got] == list(range(20))
         await client.wait_closed()
         assert client.close_code == 1001
+
+
+async def test_the_python_subscriber_waits_out_a_rate_limit_then_connects(
+    daemon_factory: Any,
+) -> None:
+    """One connection a second: the first client takes it; the second is refused
+    with 503 ``rate_limited``, reports a retry no sooner than ``Retry-After``, and
+    connects on its own once the rate allows."""
+    async with daemon_factory(**{"ws.accept_rate": 1}) as daemon:
+        async with daemon.connect("/?channel=news") as first:
+            await subscribed(first, "news")
+            async with Subscriber(daemon.ws_url) as sub:
+                stream = sub.subscribe("news", events={Subscribed, StateChanged})
+                refusal = None
+                async with asyncio.timeout(30):
+                    async for item in stream:
+                        if isinstance(item, StateChanged) and item.state is State.DISCONNECTED:
+                            refusal = refusal or item
+                        if isinstance(item, Subscribed):
+                            break
+        assert refusal is not None
+        assert isinstance(refusal.error, Unavailable)
+        assert refusal.error.code == "rate_limited"
+        assert refusal.retry_in is not None
+        assert refusal.retry_in >= 1  # Retry-After, not the 0.5 s base backoff
+        m = await scrape(daemon)
+        assert value(m, "broadcastd_connections_rejected_total", reason="rate_limited") >= 1
