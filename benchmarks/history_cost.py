@@ -27,7 +27,7 @@ TIMED = 200_000
 
 def _publish(node: Node, outboxes: list[Outbox], count: int, payload: Payload) -> None:
     for i in range(count):
-        node.publish([(f"c{i % CHANNELS}", payload, None)], "channel")
+        node.publish(f"c{i % CHANNELS}", payload, "channel")
         if i % CHANNELS == 0:
             for outbox in outboxes:
                 outbox.take()

@@ -43,7 +43,7 @@ def _cpu_per_delivery(observer: Observer, subscribers: int) -> float:
     publishes = PUBLISHES * SUBSCRIBERS // subscribers
     started = time.process_time()
     for n in range(publishes):
-        node.publish([("bench", payload, None)], "channel")
+        node.publish("bench", payload, "channel")
         # What one pass of the writers reports (the writes themselves are not metrics).
         frames = 0
         for outbox in outboxes:

@@ -212,18 +212,29 @@ async def flat_out(
     )
 
 
-async def paced(pipe: HttpPipe, channel: str, *, rate: float, count: int) -> PublishStats:
+async def paced(
+    pipe: HttpPipe,
+    channel: str,
+    *,
+    rate: float,
+    count: int,
+    stop: asyncio.Event | None = None,
+) -> PublishStats:
     """Publish ``count`` messages at ``rate`` per second on an absolute schedule
-    (``loop.call_at``), so a late tick does not push every later one back."""
+    (``loop.call_at``, so a late tick does not push every later one back), or
+    fewer if ``stop`` is set first; then wait for the responses. The counts are
+    this call's, not the connection's totals."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
     first = loop.time() + 0.05
     started = time.monotonic()
+    sent_before, ok_before = pipe.sent, pipe.ok
+    statuses_before = dict(pipe.statuses)
 
     def tick(i: int) -> None:
         if done.done():
             return
-        if i >= count:
+        if i >= count or (stop is not None and stop.is_set()):
             done.set_result(None)
             return
         try:
@@ -234,12 +245,25 @@ async def paced(pipe: HttpPipe, channel: str, *, rate: float, count: int) -> Pub
         loop.call_at(first + (i + 1) / rate, tick, i + 1)
 
     loop.call_at(first, tick, 0)
-    async with asyncio.timeout(count / rate + RESPONSE_TIMEOUT):
-        await done
+    watcher = None
+    if stop is not None:
+        watcher = asyncio.ensure_future(stop.wait())
+        watcher.add_done_callback(lambda _: None if done.done() else done.set_result(None))
+    try:
+        async with asyncio.timeout(None if stop is not None else count / rate + RESPONSE_TIMEOUT):
+            await done
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    async with asyncio.timeout(RESPONSE_TIMEOUT):
         await pipe.drain()
-    return PublishStats(
-        pipe.sent, pipe.ok, pipe.ok, time.monotonic() - started, dict(pipe.statuses)
-    )
+    statuses = {
+        status: n - statuses_before.get(status, 0)
+        for status, n in pipe.statuses.items()
+        if n > statuses_before.get(status, 0)
+    }
+    ok = pipe.ok - ok_before
+    return PublishStats(pipe.sent - sent_before, ok, ok, time.monotonic() - started, statuses)
 
 
 async def batch_flat_out(

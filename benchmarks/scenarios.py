@@ -48,7 +48,6 @@ from benchmarks.storm import (
     StormJob,
     StormProcess,
     StormResult,
-    paced_until,
     received,
     shortfalls,
 )
@@ -858,12 +857,8 @@ async def s6_storm_impact(server: Server, p: Params) -> dict[str, Any]:
         before = received(subscribers)
         pipe = await HttpPipe.open(HOST, server.control_port)
         meter = _Meter(server)
-        stats = await paced_until(
-            pipe,
-            S6_CHANNEL,
-            rate=p.s6_rate,
-            stop=asyncio.Event(),
-            max_messages=max(1, int(p.s6_rate * p.s6_quiet)),
+        stats = await paced(
+            pipe, S6_CHANNEL, rate=p.s6_rate, count=max(1, int(p.s6_rate * p.s6_quiet))
         )
         quiet = await _deliveries(pool, stats.ok * n, meter, p)
         pipe.close()
@@ -885,12 +880,12 @@ async def s6_storm_impact(server: Server, p: Params) -> dict[str, Any]:
         stop = asyncio.Event()
         meter = _Meter(server, clients=[storm.pid])
         publishing = asyncio.create_task(
-            paced_until(
+            paced(
                 pipe,
                 S6_CHANNEL,
                 rate=p.s6_rate,
+                count=int(p.s6_rate * p.scenario_timeout),
                 stop=stop,
-                max_messages=int(p.s6_rate * p.scenario_timeout),
             )
         )
         visits = await storm.run()

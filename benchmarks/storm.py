@@ -30,12 +30,11 @@ import asyncio
 import json
 import os
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from benchmarks.procstat import self_cpu_seconds
-from benchmarks.publisher import RESPONSE_TIMEOUT, HttpPipe, PublishStats, publish_request
+from benchmarks.publisher import RESPONSE_TIMEOUT
 from benchmarks.servers.base import REPO
 from benchmarks.wsclient import HandshakeError, Pool, Subscriber, client_frame
 
@@ -81,61 +80,6 @@ def shortfalls(before: list[int], after: list[int], published: int) -> Iterator[
     between the two counts (negative: it got more, which is a duplicate)."""
     for a, b in zip(before, after, strict=True):
         yield published - (b - a)
-
-
-async def paced_until(
-    pipe: HttpPipe, channel: str, *, rate: float, stop: asyncio.Event, max_messages: int
-) -> PublishStats:
-    """Publish to ``channel`` one request at a time, ``rate`` per second on an absolute
-    schedule (``loop.call_at``: a late tick does not push the later ones back),
-    until ``stop`` is set or ``max_messages`` went out; then wait for the responses.
-
-    The counts are this run's, not the connection's totals."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-    first = loop.time()
-    started = time.monotonic()
-    sent_before, ok_before = pipe.sent, pipe.ok
-    statuses_before = dict(pipe.statuses)
-
-    def tick(i: int) -> None:
-        if done.done():
-            return
-        if i >= max_messages or stop.is_set():
-            done.set_result(None)
-            return
-        try:
-            pipe.send(publish_request(channel, time.monotonic_ns()), 1)
-        except ConnectionError as exc:
-            done.set_exception(exc)
-            return
-        loop.call_at(first + (i + 1) / rate, tick, i + 1)
-
-    def stopped(_: object) -> None:
-        if not done.done():
-            done.set_result(None)
-
-    loop.call_at(first, tick, 0)
-    watcher = asyncio.create_task(stop.wait())
-    watcher.add_done_callback(stopped)
-    try:
-        await done
-    finally:
-        watcher.cancel()
-    async with asyncio.timeout(RESPONSE_TIMEOUT):
-        await pipe.drain()
-    statuses = {
-        status: count - statuses_before.get(status, 0)
-        for status, count in pipe.statuses.items()
-        if count > statuses_before.get(status, 0)
-    }
-    return PublishStats(
-        pipe.sent - sent_before,
-        pipe.ok - ok_before,
-        pipe.ok - ok_before,
-        time.monotonic() - started,
-        statuses,
-    )
 
 
 class Passerby(Subscriber):
