@@ -37,6 +37,7 @@ from broadcastd.broker.memory import MemoryBroker
 from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import Payload, reply_frame
 from broadcastd.core.hub import Channel, Delivery, FanOut, Hub
+from broadcastd.core.ids import new_node_id
 from broadcastd.core.namespaces import ChannelOptions, Namespaces
 from broadcastd.core.observer import NullObserver, Observer
 from broadcastd.core.outbox import Outbox
@@ -89,6 +90,8 @@ class Node:
     ) -> None:
         self.settings = settings
         self.clock = clock
+        self.id = new_node_id()
+        """This process's name among the nodes of a deployment (new at each start)."""
         self.namespaces = Namespaces(settings)
         self.hub = Hub(self._delivery_of)
         self.broker: Broker = (

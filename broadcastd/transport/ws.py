@@ -1,11 +1,15 @@
 """The subscriber port: websockets' sans-I/O protocol on a bare asyncio Protocol.
 
-websockets' ``ServerProtocol`` does everything RFC 6455 asks - the opening
-handshake, frame parsing with masking and size limits, automatic pongs, the
-closing handshake, the close codes for protocol errors - without I/O. This
-adapter feeds it the socket's bytes and writes out what it produces; it holds
-no per-connection task, so an idle subscriber costs a few kilobytes, not the
-tens that a task-per-connection design spends on coroutine frames.
+The opening handshake is read by ``core.handshake`` (llhttp, then the checks
+websockets' ``accept`` makes, and a 101 built from constant bytes), which costs
+a connection storm a fraction of websockets' pure-Python request parser; the
+101 leaves in the same write as the first replies. From then on websockets'
+``ServerProtocol``, created OPEN, does everything RFC 6455 asks - frame parsing
+with masking and size limits, automatic pongs, the closing handshake, the close
+codes for protocol errors - without I/O. This adapter feeds it the socket's
+bytes and writes out what it produces; it holds no per-connection task, so an
+idle subscriber costs a few kilobytes, not the tens that a task-per-connection
+design spends on coroutine frames.
 
 Reads: ``data_received`` parses and handles every command at once (nothing
 queues inbound beyond the one frame being parsed, at most
@@ -47,7 +51,6 @@ connection holds no subscription, enforces ``ws.subscribe_timeout``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import http
 import logging
 import math
@@ -56,11 +59,9 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from websockets.exceptions import HeaderLineTooLong, RequestLineTooLong, TooManyHeaders
 from websockets.extensions.base import ServerExtensionFactory
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request
 from websockets.protocol import SEND_EOF, State
 from websockets.server import ServerProtocol
 
@@ -68,11 +69,22 @@ from broadcastd import log
 from broadcastd.auth.tokens import TokenVerifier
 from broadcastd.connlog import ConnectionLog
 from broadcastd.core.envelope import frame_payload, missed_frame
+from broadcastd.core.handshake import (
+    Head,
+    HeadReader,
+    HttpDate,
+    Refusal,
+    check_upgrade,
+    negotiate_extensions,
+    route_of,
+    switching_protocols,
+)
+from broadcastd.core.ids import ClientIds
 from broadcastd.core.outbox import Outbox
 from broadcastd.core.rate import TokenBucket
-from broadcastd.core.route import Route, parse_route
+from broadcastd.core.route import Route
 from broadcastd.core.session import Session
-from broadcastd.errors import ClientError, CloseReason, Draining, error_json
+from broadcastd.errors import CloseReason, Draining
 from broadcastd.node import Node
 from broadcastd.settings import WebSocketSettings
 from broadcastd.transport.wsauth import ConnectionAuth
@@ -81,7 +93,7 @@ _log = log.get("broadcastd.ws")
 _throttle = log.Throttle(per_second=10)
 """Floods of identical warnings (thousands of slow consumers at once) are summarised."""
 _protocol_log = logging.getLogger("websockets.server")
-OPEN, CONNECTING = State.OPEN, State.CONNECTING
+OPEN = State.OPEN
 TEXT, CONT, BINARY, PONG = Opcode.TEXT, Opcode.CONT, Opcode.BINARY, Opcode.PONG
 LISTEN_BACKLOG = 4096
 """Connections the kernel queues for ``accept()`` (listen(2)'s backlog)."""
@@ -97,71 +109,6 @@ _PAUSED_PENDING_INPUT = 2
 """Input beyond ``READ_SLICE`` waits, unparsed, for the next event-loop turn."""
 _PAUSED_TOKEN = 4
 """The token given at connect is being verified: its verdict comes first."""
-
-
-class Refusal(ClientError):
-    """A handshake answered with an HTTP error instead of 101 (JSON body)."""
-
-    def __init__(
-        self,
-        status: http.HTTPStatus,
-        code: str,
-        message: str,
-        reason: str = "bad_request",
-        headers: tuple[tuple[str, str], ...] = (),
-    ) -> None:
-        super().__init__(message, code)
-        self.status = status
-        self.reason = reason
-        """The label of the rejected-connections metric."""
-        self.headers = headers
-
-    def serialize(self) -> bytes:
-        body = error_json(self.code, self.message)
-        head = [
-            f"HTTP/1.1 {self.status.value} {self.status.phrase}",
-            "Server: broadcastd",
-            "Connection: close",
-            "Content-Type: application/json",
-            f"Content-Length: {len(body)}",
-        ]
-        if self.status is http.HTTPStatus.SERVICE_UNAVAILABLE and not any(
-            name == "Retry-After" for name, _ in self.headers
-        ):
-            head.append("Retry-After: 5")
-        head.extend(f"{name}: {value}" for name, value in self.headers)
-        return ("\r\n".join(head) + "\r\n\r\n").encode() + body
-
-
-_STATUS_CODES = {
-    http.HTTPStatus.METHOD_NOT_ALLOWED: ("method_not_allowed", (("Allow", "GET"),)),
-    http.HTTPStatus.UPGRADE_REQUIRED: (
-        "upgrade_required",
-        (("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13")),
-    ),
-    http.HTTPStatus.HTTP_VERSION_NOT_SUPPORTED: ("http_version_not_supported", ()),
-    http.HTTPStatus.INTERNAL_SERVER_ERROR: ("internal", ()),
-}
-
-
-def _accept_refusal(status: int, exc: Exception | None) -> Refusal:
-    """websockets refused the handshake (plain text): the same refusal in JSON."""
-    code = http.HTTPStatus(status)
-    name, headers = _STATUS_CODES.get(code, ("bad_request", ()))
-    if code not in _STATUS_CODES:
-        code = http.HTTPStatus.BAD_REQUEST
-    return Refusal(code, name, str(exc) if exc is not None else code.phrase, headers=headers)
-
-
-def _parse_refusal(exc: Exception) -> Refusal:
-    """The request could not be parsed: too long, too many headers, or not HTTP."""
-    if isinstance(exc, RequestLineTooLong):
-        return Refusal(http.HTTPStatus.REQUEST_URI_TOO_LONG, "uri_too_long", str(exc))
-    if isinstance(exc, HeaderLineTooLong | TooManyHeaders):
-        return Refusal(
-            http.HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, "headers_too_large", str(exc)
-        )
-    return Refusal(http.HTTPStatus.BAD_REQUEST, "bad_request", "malformed HTTP request")
 
 
 class WsServer:
@@ -180,6 +127,8 @@ class WsServer:
         self._held: asyncio.TimerHandle | None = None
         """The pass of the writers due at the end of ``ws.write_delay``, if one is."""
         self._rate = TokenBucket(settings.accept_rate)
+        self.client_ids = ClientIds(node.id)
+        self.date = HttpDate()
         self.connections_log = ConnectionLog(
             node.settings.log.connection_level,
             node.settings.log.connection_summary_rate,
@@ -307,15 +256,18 @@ class WsServer:
             self.pass_frames = self.pass_bytes = self.pass_writes = 0
             self.pass_oldest = _NEVER
 
-    def admit(self, conn: Connection, request: Request) -> Refusal | None:
-        """Admission: a refusal, or None (and the route stored on ``conn``)."""
+    def admit(self, conn: Connection, head: Head) -> None:
+        """Admission: store the route asked for on ``conn``, or raise a Refusal. The
+        daemon's limits come first, then the origin, then what is asked for."""
         s = self.settings
         try:
             self.node.refuse_if_draining()
         except Draining as exc:
-            return Refusal(http.HTTPStatus.SERVICE_UNAVAILABLE, exc.code, exc.message, "draining")
+            raise Refusal(
+                http.HTTPStatus.SERVICE_UNAVAILABLE, exc.code, exc.message, "draining"
+            ) from None
         if len(self._open) >= s.max_clients:
-            return Refusal(
+            raise Refusal(
                 http.HTTPStatus.SERVICE_UNAVAILABLE,
                 "cap",
                 "the server is at its connection limit",
@@ -324,39 +276,24 @@ class WsServer:
         if s.accept_rate:
             wait = self._rate.take(self.node.clock())
             if wait:
-                return Refusal(
+                raise Refusal(
                     http.HTTPStatus.SERVICE_UNAVAILABLE,
                     "rate_limited",
                     f"more than {s.accept_rate:g} new connections per second: try again shortly",
                     "rate_limited",
                     (("Retry-After", str(max(1, math.ceil(wait)))),),
                 )
-        origins = request.headers.get_all("Origin")
+        origins = head.get_all("origin")
         if len(origins) > 1:
-            return Refusal(http.HTTPStatus.BAD_REQUEST, "bad_request", "more than one Origin")
+            raise Refusal(http.HTTPStatus.BAD_REQUEST, "bad_request", "more than one Origin")
         if s.allowed_origins is not None:
             if origins and origins[0] not in s.allowed_origins:
-                return Refusal(http.HTTPStatus.FORBIDDEN, "origin", "origin not allowed", "origin")
+                raise Refusal(http.HTTPStatus.FORBIDDEN, "origin", "origin not allowed", "origin")
             if not origins and s.require_origin:
-                return Refusal(
+                raise Refusal(
                     http.HTTPStatus.FORBIDDEN, "origin", "an Origin is required", "origin"
                 )
-        try:
-            route = parse_route(request.path, s.max_channels_per_client)
-        except ClientError as exc:
-            return Refusal(http.HTTPStatus.BAD_REQUEST, exc.code, exc.message)
-        authorization = request.headers.get_all("Authorization")
-        if authorization and route.token is None:
-            scheme, _, token = authorization[0].partition(" ")
-            if len(authorization) > 1 or scheme.lower() != "bearer" or not token.strip():
-                return Refusal(
-                    http.HTTPStatus.BAD_REQUEST,
-                    "bad_request",
-                    "Authorization must be one header: Bearer TOKEN",
-                )
-            route = dataclasses.replace(route, token=token.strip())
-        conn.route = route
-        return None
+        conn.route = route_of(head, s.max_channels_per_client)
 
     def connected(self, conn: Connection) -> None:
         self._all.add(conn)
@@ -390,7 +327,9 @@ class Connection(asyncio.Protocol):
         "dirty",
         "frames_sent",
         "outbox",
+        "preamble",
         "protocol",
+        "reader",
         "remote",
         "route",
         "server",
@@ -405,11 +344,12 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: WsServer) -> None:
         self.server = server
-        self.protocol = ServerProtocol(
-            extensions=server.extensions,
-            max_size=server.settings.max_message_bytes,
-            logger=_protocol_log,
-        )
+        self.reader: HeadReader | None = HeadReader()
+        """Reads the opening handshake (None once it is read)."""
+        self.protocol: ServerProtocol | None = None
+        """websockets' protocol, from the 101 on (None during the handshake)."""
+        self.preamble = b""
+        """The 101 answer, written with the first frames if they follow at once."""
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.auth: ConnectionAuth | None = None
@@ -449,6 +389,8 @@ class Connection(asyncio.Protocol):
             self.crash(exc, "read")
 
     def eof_received(self) -> bool:
+        if self.protocol is None:
+            return False  # the handshake never completed: close
         try:
             self.protocol.receive_eof()
             self._send_protocol_data()
@@ -459,7 +401,8 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         try:
-            self.protocol.receive_eof()  # idempotent; the state is now CLOSED
+            if self.protocol is not None:
+                self.protocol.receive_eof()  # idempotent; the state is now CLOSED
             self._cancel_timer()
             if self.subscribe_timer is not None:
                 self.subscribe_timer.cancel()
@@ -488,8 +431,10 @@ class Connection(asyncio.Protocol):
         its frames; the outbox calls back into this connection; a connection's
         auth is called back by its session."""
         protocol = self.protocol
-        protocol.parser.close()
-        protocol.parser_exc = protocol.handshake_exc = None
+        if protocol is not None:
+            protocol.parser.close()
+            protocol.parser_exc = protocol.handshake_exc = None
+        self.reader = None
         outbox = self.outbox
         if outbox is not None:
             outbox.detach()
@@ -539,7 +484,7 @@ class Connection(asyncio.Protocol):
             data = data[:READ_SLICE]
             self._pause_reading(_PAUSED_PENDING_INPUT)
             asyncio.get_running_loop().call_soon(self._receive_pending)
-        if self.protocol.state is CONNECTING:
+        if self.protocol is None:
             self._receive_handshake(data)
         else:
             self._receive_frames(data)
@@ -573,6 +518,7 @@ class Connection(asyncio.Protocol):
 
     def _receive_frames(self, data: bytes) -> None:
         protocol = self.protocol
+        assert protocol is not None
         protocol.receive_data(data)
         events = protocol.events_received()
         self._send_protocol_data()
@@ -587,44 +533,40 @@ class Connection(asyncio.Protocol):
     # Opening handshake
 
     def _receive_handshake(self, data: bytes) -> None:
-        protocol = self.protocol
-        if self.closing:
+        reader = self.reader
+        if self.closing or reader is None:
             return  # refused; waiting for the client to close
-        protocol.receive_data(data)
-        events = protocol.events_received()
-        if not events:
-            if protocol.handshake_exc is not None:
-                self._refuse(_parse_refusal(protocol.handshake_exc))
-            return
-        if len(events) > 1 or protocol.data_to_send():
-            # RFC 6455 4.1: a client waits for the 101 before it sends frames.
-            self._refuse(
-                Refusal(
-                    http.HTTPStatus.BAD_REQUEST,
-                    "bad_request",
-                    "data arrived before the handshake completed",
-                )
+        server = self.server
+        try:
+            head = reader.feed(data)
+            if head is None:
+                return
+            self.reader = None
+            server.admit(self, head)
+            accept = check_upgrade(head)
+            protocol = ServerProtocol(
+                extensions=server.extensions,
+                state=OPEN,
+                max_size=server.settings.max_message_bytes,
+                logger=_protocol_log,
             )
+            extensions = None
+            if server.extensions and head.get_all("sec-websocket-extensions"):
+                extensions, protocol.extensions = negotiate_extensions(protocol, head)
+        except Refusal as refused:
+            # Its traceback holds this frame, and so this connection, in a cycle.
+            refused.__traceback__ = refused.__context__ = None
+            self._refuse(refused)
             return
-        request = events[0]
-        assert isinstance(request, Request)
-        refusal = self.server.admit(self, request)
-        if refusal is not None:
-            self._refuse(refusal)
-            return
-        response = protocol.accept(request)
-        if response.status_code != http.HTTPStatus.SWITCHING_PROTOCOLS:
-            self._refuse(_accept_refusal(response.status_code, protocol.handshake_exc))
-            return
-        response.headers["Server"] = "broadcastd"
-        protocol.send_response(response)
-        self._send_protocol_data()
+        self.protocol = protocol
+        self.preamble = switching_protocols(accept, server.date(time.time()), extensions)
         self._open()
+        if self.preamble and not self.dirty:
+            self._write(b"")  # nothing to answer yet (a token or an engine is asked)
 
     def _refuse(self, refusal: Refusal) -> None:
         """Answer the handshake with a JSON error, then half-close and wait (bounded)
-        for the client to close. Whatever websockets wrote itself is discarded."""
-        self.protocol.data_to_send()
+        for the client to close."""
         self.route = None
         observer = self.server.node.observer
         observer.connection_rejected(refusal.reason)
@@ -650,7 +592,7 @@ class Connection(asyncio.Protocol):
 
     def _handshake_timeout(self) -> None:
         self.timer = None
-        if self.protocol.state is CONNECTING and not self.closing:
+        if self.protocol is None and not self.closing:
             self.server.node.observer.connection_rejected(
                 "draining" if self.server.node.draining else "handshake_timeout"
             )
@@ -663,13 +605,13 @@ class Connection(asyncio.Protocol):
         route = self.route
         assert route is not None
         self.route = None
-        self.compressed = bool(self.protocol.extensions)
+        self.compressed = bool(self.protocol is not None and self.protocol.extensions)
         outbox = self.outbox = Outbox(s.outbox_messages, s.outbox_bytes, s.slow_consumer_policy)
         outbox.tell_missed = not route.raw
         outbox.wake = self.wake
         outbox.write_now = self.write_now
         session = self.session = Session(
-            self.protocol.id.hex,
+            server.client_ids(),
             node,
             outbox,
             raw=route.raw,
@@ -747,6 +689,7 @@ class Connection(asyncio.Protocol):
 
     def _fail(self, reason: CloseReason) -> None:
         """Close at once for a protocol violation (queued frames are not sent)."""
+        assert self.protocol is not None
         self.protocol.fail(reason.code, reason.reason)
         self._send_protocol_data()
 
@@ -793,7 +736,8 @@ class Connection(asyncio.Protocol):
 
     def writable(self) -> bool:
         """Frames may go out: the protocol is OPEN and the connection still there."""
-        return self.transport is not None and self.protocol.state is OPEN
+        protocol = self.protocol
+        return self.transport is not None and protocol is not None and protocol.state is OPEN
 
     def flush(self) -> None:
         """Write everything queued in one write; close when the outbox says so."""
@@ -827,8 +771,7 @@ class Connection(asyncio.Protocol):
             data = self._compress(frames)
         else:
             data = frames[0] if len(frames) == 1 else b"".join(frames)
-        assert self.transport is not None
-        self.transport.write(data)
+        self._write(data)
         server = self.server
         self.frames_sent += len(frames)
         server.pass_frames += len(frames)
@@ -837,33 +780,48 @@ class Connection(asyncio.Protocol):
         if since and since < server.pass_oldest:
             server.pass_oldest = since
 
+    def _write(self, data: bytes) -> None:
+        """Write, after the 101 answer if it has not gone yet."""
+        if self.preamble:
+            data, self.preamble = self.preamble + data, b""
+        assert self.transport is not None
+        self.transport.write(data)
+
     def _compress(self, frames: list[bytes]) -> bytes:
+        protocol = self.protocol
+        assert protocol is not None
         for frame in frames:
-            self.protocol.send_text(frame_payload(frame))
-        return b"".join(self.protocol.data_to_send())
+            protocol.send_text(frame_payload(frame))
+        return b"".join(protocol.data_to_send())
 
     def _close_if_flushed(self, outbox: Outbox, reason: CloseReason) -> None:
         if len(outbox) or self.closing:
             return
         if self.write_paused and reason is not CloseReason.SLOW_CONSUMER:
             return  # resume_writing() flushes again, then closes
+        assert self.protocol is not None
         self.protocol.send_close(reason.code, reason.reason)
         self._send_protocol_data()
         self._expect_close()
 
     def _send_protocol_data(self) -> None:
-        """Write what the protocol produced (handshake response, pongs, close frames)."""
-        for data in self.protocol.data_to_send():
+        """Write what the protocol produced (pongs, close frames)."""
+        protocol = self.protocol
+        if protocol is None:
+            return
+        for data in protocol.data_to_send():
             transport = self.transport
             if transport is None or transport.is_closing():
                 return
             if data is SEND_EOF or not data:
+                if self.preamble:
+                    self._write(b"")
                 if transport.can_write_eof():
                     transport.write_eof()
                 else:
                     transport.close()
             else:
-                transport.write(data)
+                self._write(data)
 
     def _report_missed(self, missed: int, frames: list[bytes]) -> None:
         observer = self.server.node.observer
@@ -920,6 +878,7 @@ class Connection(asyncio.Protocol):
             return
         try:
             self._ping_sent = _PING_STAMP.pack(time.monotonic())
+            assert self.protocol is not None
             self.protocol.send_ping(self._ping_sent)
             self._send_protocol_data()
         except Exception as exc:
@@ -972,6 +931,7 @@ class Connection(asyncio.Protocol):
         outbox = self.outbox
         assert session is not None
         assert outbox is not None
+        assert self.protocol is not None
         code, reason, initiator = _how_closed(self.protocol, outbox)
         observer = self.server.node.observer
         observer.connection_closed(code, initiator)
