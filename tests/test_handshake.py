@@ -122,13 +122,18 @@ targets = st.one_of(
     st.text(alphabet=st.sampled_from("/?=&,:%abc019" + ODD), max_size=20).map(lambda t: "/" + t),
 )
 header_names = st.sampled_from(
-    ["Host", "User-Agent", "Origin", "Authorization", "X-A", "Cookie", "Sec-WebSocket-Protocol"]
-    + ["Sec-WebSocket-Extensions", "Content-Length", "Transfer-Encoding", "X A", "X:A", "", "X\x7f"]
+    [
+        *("Host", "User-Agent", "Origin", "Authorization", "X-A", "Cookie"),
+        *("Sec-WebSocket-Protocol", "Sec-WebSocket-Extensions", "Content-Length"),
+        *("Transfer-Encoding", "X A", "X:A", "", "X\x7f"),
+    ]
 )
 header_values = st.one_of(
     st.sampled_from(
-        ["x", "", "Bearer abc", "bearer  tok", "Basic abc", "chat, superchat", "0", "5", "chunked"]
-        + ["permessage-deflate", "a b", "http://o"]
+        [
+            *("x", "", "Bearer abc", "bearer  tok", "Basic abc", "chat, superchat", "0", "5"),
+            *("chunked", "permessage-deflate", "a b", "http://o"),
+        ]
     ),
     st.text(alphabet=st.sampled_from('ab ,;="' + ODD), max_size=12),
 )
@@ -197,7 +202,8 @@ def test_a_good_handshake_gets_the_rfc_accept_key_and_its_route() -> None:
     answer = switching_protocols(ACCEPT, b"Thu, 01 Jan 1970 00:00:00 GMT")
     assert answer.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
     assert b"\r\nSec-WebSocket-Accept: " + ACCEPT.encode() + b"\r\n" in answer
-    assert answer.endswith(b"\r\n\r\n") and answer.count(b"\r\n\r\n") == 1
+    assert answer.endswith(b"\r\n\r\n")
+    assert answer.count(b"\r\n\r\n") == 1
 
 
 def refusal(data: bytes) -> tuple[int, str]:
@@ -264,7 +270,8 @@ def test_a_head_in_pieces_is_read_once_complete() -> None:
     for byte in range(len(GOOD) - 1):
         assert reader.feed(GOOD[byte : byte + 1]) is None
     head = reader.feed(GOOD[-1:])
-    assert head is not None and check_upgrade(head) == ACCEPT
+    assert head is not None
+    assert check_upgrade(head) == ACCEPT
 
 
 def test_a_line_too_long_is_refused_before_it_ends() -> None:
