@@ -39,8 +39,10 @@ RUN python -m pip wheel --no-deps --wheel-dir /wheels . \
 # Runtime: the interpreter of the same base image plus the venv, nothing else.
 FROM ${PYTHON_IMAGE}
 
+# image.version is pyproject.toml's version (tests/test_packaging.py holds it there).
 LABEL org.opencontainers.image.title="broadcastd" \
       org.opencontainers.image.description="Pub/sub broadcast daemon: HTTP publishers, WebSocket subscribers" \
+      org.opencontainers.image.version="0.1.0" \
       org.opencontainers.image.licenses="Apache-2.0"
 
 # A fixed numeric uid, so that Kubernetes' runAsNonRoot can verify it.

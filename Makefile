@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit bench clean venv
+.PHONY: run test lint typecheck unit bench clean venv docs dist
 
 venv: $(STAMP)
 
@@ -27,12 +27,26 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	@sh scripts/bootstrap-system.sh
+	@sh scripts/bootstrap-helm.sh "$(VENV)"
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck unit
+
+# The manual as a site, in build/site. --strict: a broken link or anchor fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# The release's packages in dist/: the sdist and the wheel (built from the
+# sdist, so a file the sdist lacks fails here), checked by twine, and the
+# JavaScript client's npm package.
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
+	$(BIN)/twine check --strict dist/*
+	cd clients/js && npm pack --pack-destination ../../dist
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis build *.egg-info clients/js/node_modules
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis build dist *.egg-info clients/js/node_modules

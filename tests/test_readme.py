@@ -1,14 +1,16 @@
-"""The README's runnable examples run, as printed, against a live daemon.
+"""The manual's runnable examples run, as printed, against a live daemon.
 
-The README is the user's manual: an example that no longer runs misleads
-everyone who copies it. So every fenced block whose info string is its
-language, ``python`` or ``sh``, followed by the word ``runnable``::
+The manual is README.md and the pages under docs/ (the site mkdocs builds): an
+example that no longer runs misleads everyone who copies it. So every fenced
+block of any of them whose info string is its language, ``python`` or ``sh``,
+followed by the word ``runnable``::
 
     ```python runnable
     ```sh runnable
 
 is run here. GitHub highlights a block by the first word of its info string and
-shows none of the rest, so the marker is invisible to readers. A block without
+shows none of the rest, and the site's build takes the marker off
+(scripts/mkdocs_hooks.py), so it is invisible to readers. A block without
 the marker is documentation only: what needs Redis, systemd, Docker, a token
 issuer or a daemon on the default ports, and what never ends by itself.
 
@@ -18,7 +20,7 @@ run it against a daemon on the default ports:
 
 - the default addresses in its text (``127.0.0.1:8765``, ``localhost:8766``, the
   same for the metrics port 8767) are rewritten to the daemon's ports, so the
-  README keeps its natural URLs;
+  manual keeps its natural URLs;
 - its environment names the daemon's ports as the daemon's own configuration
   would (``BROADCASTD_WS__PORT``, ``BROADCASTD_CONTROL__PORT``), so
   ``broadcastd publish`` finds it the way it finds a configured one;
@@ -47,7 +49,8 @@ import pytest
 
 from .conftest import ROOT, DaemonProcess
 
-README = ROOT / "README.md"
+MANUAL = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+"""Every page whose examples are run."""
 MARKER = "runnable"
 LANGUAGES = ("python", "sh")
 EXAMPLE_TIMEOUT = 60.0
@@ -60,14 +63,16 @@ class Example:
     language: str
     code: str
     line: int
-    """Line number of the opening fence in the README, for the test id."""
+    """Line number of the opening fence in its page, for the test id."""
+    page: str = "README.md"
+    """The page, relative to the repository's root."""
 
     @property
     def id(self) -> str:
-        return f"README.md:{self.line}:{self.language}"
+        return f"{self.page}:{self.line}:{self.language}"
 
 
-def fenced_blocks(text: str) -> Iterator[tuple[str, str, int]]:
+def fenced_blocks(text: str, page: str = "README.md") -> Iterator[tuple[str, str, int]]:
     """Every fenced code block of a Markdown text: (info string, code, line of
     the opening fence). Indented fences (in list items) lose their indentation."""
     lines = text.splitlines()
@@ -94,33 +99,39 @@ def fenced_blocks(text: str) -> Iterator[tuple[str, str, int]]:
             body.append(line[min(indent, len(line) - len(line.lstrip(" "))) :])
             index += 1
         else:
-            raise AssertionError(f"README.md:{start + 1}: unclosed code fence")
+            raise AssertionError(f"{page}:{start + 1}: unclosed code fence")
         index += 1
         yield opening["info"].strip(), "\n".join(body) + "\n", start + 1
 
 
-def runnable_examples(text: str) -> list[Example]:
+def runnable_examples(text: str, page: str = "README.md") -> list[Example]:
     """The blocks marked runnable; a marker on any other language is an error,
     so that a misspelt block cannot silently drop out of the test."""
     examples = []
-    for info, code, line in fenced_blocks(text):
+    for info, code, line in fenced_blocks(text, page):
         words = info.split()
         if MARKER not in words[1:]:
             continue
         language = words[0]
         if language not in LANGUAGES or words[1:] != [MARKER]:
             raise AssertionError(
-                f"README.md:{line}: ```{info}: runnable examples are "
+                f"{page}:{line}: ```{info}: runnable examples are "
                 f"```python {MARKER} or ```sh {MARKER}"
             )
-        examples.append(Example(language, code, line))
+        examples.append(Example(language, code, line, page))
     return examples
 
 
-EXAMPLES = runnable_examples(README.read_text(encoding="utf-8"))
+EXAMPLES = [
+    example
+    for path in MANUAL
+    for example in runnable_examples(
+        path.read_text(encoding="utf-8"), path.relative_to(ROOT).as_posix()
+    )
+]
 
 
-def test_the_readme_has_runnable_examples_of_each_language() -> None:
+def test_the_manual_has_runnable_examples_of_each_language() -> None:
     """Losing the marker from every block would make the other tests vacuous."""
     assert {example.language for example in EXAMPLES} == set(LANGUAGES)
 
