@@ -14,6 +14,7 @@ and nowhere else, so each port answers in the shape the clients parse.
 from __future__ import annotations
 
 from enum import Enum
+from typing import cast
 
 import orjson
 
@@ -154,6 +155,20 @@ class UnknownNamespace(ClientError):
     code = "unknown_namespace"
 
 
+class PresenceDisabled(ClientError):
+    """Presence was asked of a channel whose namespace does not track it."""
+
+    code = "presence_disabled"
+    http_status = 404
+
+
+class PresenceNotAllowed(ClientError):
+    """A subscriber asked for presence where ``presence_for_subscribers`` is off."""
+
+    code = "presence_not_allowed"
+    http_status = 403
+
+
 class RecoveryDisabled(ClientError):
     """``since`` was asked for in a namespace that does not allow recovery."""
 
@@ -187,10 +202,49 @@ class CloseReason(Enum):
     AUTH_REQUIRED = (4001, "authentication required")
     TOKEN_INVALID = (4002, "invalid token")
     TOKEN_EXPIRED = (4003, "token expired")
+    DISCONNECTED = (4010, "disconnected by the server")
+    """The server API's disconnect, without a code of its own."""
 
     def __init__(self, code: int, reason: str) -> None:
         self.code = code
         self.reason = reason
+
+    @classmethod
+    def server(cls, code: int, reason: str) -> CloseReason:
+        """The close a backend asked for (``POST /disconnect``): its own code in
+        4000-4999 and reason. A code and reason of a member give the member; any
+        other pair is a close reason of its own, named ``SERVER``, and is
+        everything a member is to the code that closes and counts (its ``code``
+        and ``reason``)."""
+        member = cls._value2member_map_.get((code, reason))
+        if member is not None:
+            return cast(CloseReason, member)
+        made = cls._missing_((code, reason))
+        if made is None:
+            raise ValueError(f"close code {code} is outside {SERVER_CODES}")
+        return made
+
+    @classmethod
+    def _missing_(cls, value: object) -> CloseReason | None:
+        if (
+            isinstance(value, tuple)
+            and len(value) == 2
+            and type(value[0]) is int
+            and SERVER_CODES[0] <= value[0] <= SERVER_CODES[1]
+            and isinstance(value[1], str)
+        ):
+            made = object.__new__(cls)
+            made._name_ = "SERVER"
+            made._value_ = value
+            made.__init__(value[0], value[1])  # type: ignore[misc]
+            return made
+        return None
+
+
+SERVER_CODES = (4000, 4999)
+"""The close codes a backend may choose for its disconnects (RFC 6455's private range)."""
+MAX_CLOSE_REASON_BYTES = 123
+"""The longest close reason a close frame holds (125 bytes less the code's two)."""
 
 
 class RequestTimeout(ClientError):

@@ -13,15 +13,23 @@ that nothing is doubled or skipped. Each engine answer may be there at once or
 later; ``then`` runs the rest either way, so the memory engine's hot paths
 never wait. The node also holds the lifecycle state both adapters consult
 (ready, draining).
+
+Presence and the server API go through the same engine: a subscriber of a
+tracked channel (a namespace with ``presence`` or ``join_leave``) gets an entry
+in the engine as it joins and loses it as it leaves, and the engine announces
+joins and leaves back through ``presence_event``, on every node. A server API
+command (disconnect, unsubscribe, subscribe, the connection listing, info) is
+handed to the engine, which carries it to every node, this one included, each
+running it on its own connections (``execute``): one path on both engines.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
-from broadcastd import log
+from broadcastd import __version__, log
 from broadcastd.auth.claims import Claims, may_subscribe
 from broadcastd.background import Background
 from broadcastd.broker import (
@@ -41,14 +49,33 @@ from broadcastd.core.ids import new_node_id
 from broadcastd.core.namespaces import ChannelOptions, Namespaces
 from broadcastd.core.observer import NullObserver, Observer
 from broadcastd.core.outbox import Outbox
+from broadcastd.core.presence import (
+    JOIN,
+    PresencePage,
+    PresenceStats,
+    entry_json,
+    event_frame,
+)
 from broadcastd.core.publish_forms import Item
-from broadcastd.core.stream import Last, Position, Publication, Recovery, Since, plan_recovery
+from broadcastd.core.session import Session
+from broadcastd.core.stream import (
+    Last,
+    Position,
+    Publication,
+    Recovery,
+    Since,
+    parse_since,
+    plan_recovery,
+)
 from broadcastd.errors import (
     BrokerUnavailable,
     ClientError,
+    CloseReason,
     Draining,
     PayloadTooLarge,
     PermissionDenied,
+    PresenceDisabled,
+    PresenceNotAllowed,
     UnknownNamespace,
 )
 from broadcastd.later import Later, every
@@ -65,12 +92,19 @@ Answers = list[Published | ClientError]
 class Joiner:
     """A subscriber on its way into a channel (perhaps recovering first)."""
 
-    __slots__ = ("cancelled", "failed", "joined", "outbox", "raw", "since")
+    __slots__ = ("cancelled", "failed", "joined", "member", "outbox", "raw", "since")
 
     def __init__(
-        self, outbox: Outbox, raw: bool, since: Since | None, joined: Joined, failed: Failed
+        self,
+        outbox: Outbox,
+        raw: bool,
+        since: Since | None,
+        joined: Joined,
+        failed: Failed,
+        member: Session | None = None,
     ) -> None:
         self.outbox = outbox
+        self.member = member
         self.raw = raw
         self.since = since
         self.joined = joined
@@ -87,9 +121,13 @@ class Node:
         broker: Broker | None = None,
         observer: Observer | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.clock = clock
+        self.wall_clock = wall_clock
+        """Unix time, for what clients and operators read (``connected_at``)."""
+        self.started = clock()
         self.id = new_node_id()
         """This process's name among the nodes of a deployment (new at each start)."""
         self.namespaces = Namespaces(settings)
@@ -109,6 +147,11 @@ class Node:
         self.publishing_since: float | None = None
         """When the fan-out under way began (None between fan-outs): writers woken by
         it measure delivery latency from here, at no cost per delivery."""
+        self.sessions: dict[str, Session] = {}
+        """This node's connections by client id, for the server API (a plain dict:
+        registering is on the path of every connection of a reconnect storm; the
+        transport ends each session, which takes it out)."""
+        self.max_page = settings.presence.max_page
 
     async def start(self) -> None:
         await self.broker.start(self)
@@ -328,13 +371,15 @@ class Node:
         since: Since | None,
         joined: Joined,
         failed: Failed,
+        member: Session | None = None,
     ) -> None:
         """Subscribe ``outbox`` (recovering from ``since`` first, if given), and call
         ``joined`` with the position and the recovery right before the live stream
         continues: at once with the memory engine, after a round trip with Redis
         (or ``failed`` if the engine cannot be reached). A refusal known at once
-        is raised."""
-        joiner = Joiner(outbox, raw, since, joined, failed)
+        is raised. A ``member`` (its session) enters the channel's presence as
+        it joins, where the namespace tracks it."""
+        joiner = Joiner(outbox, raw, since, joined, failed, member)
         channel = self.hub.get(name)
         if channel is not None:
             self._admit(channel, joiner)
@@ -350,7 +395,7 @@ class Node:
             self._waiting.pop(name, None)
             raise
 
-    def unsubscribe(self, outbox: Outbox, name: str) -> None:
+    def unsubscribe(self, outbox: Outbox, name: str, member: Session | None = None) -> None:
         waiting = self._waiting.get(name)
         if waiting is not None:
             for joiner in waiting:
@@ -362,7 +407,10 @@ class Node:
             for joiner in channel.recovering:
                 if joiner.outbox is outbox:
                     joiner.cancelled = True
-        if self.hub.leave(outbox, name):
+        left = self.hub.leave(outbox, name)
+        if member is not None and self._tracked(name):
+            self.broker.remove_presence(name, member.id)
+        if left:
             self.broker.unsubscribe(name)
 
     def _admit(self, channel: Channel, joiner: Joiner) -> None:
@@ -479,6 +527,9 @@ class Node:
 
     def _join_now(self, channel: Channel, joiner: Joiner, recovery: Recovery | None) -> None:
         self.hub.join(channel, joiner.outbox, joiner.raw)
+        member = joiner.member
+        if member is not None and self._tracked(channel.name):
+            self.broker.add_presence(channel.name, member.id, member.user, self._entry(member))
         joiner.joined(channel.position, recovery)
 
     def _when(
@@ -499,6 +550,173 @@ class Node:
             step(value)
 
         self._background.spawn(wait())
+
+    # Presence
+
+    def _tracked(self, name: str) -> bool:
+        try:
+            return self.namespaces.of(name).tracked
+        except UnknownNamespace:
+            return False
+
+    def _entry(self, member: Session) -> bytes:
+        entry = member.entry
+        if entry is None:
+            entry = member.entry = entry_json(
+                member.id, member.user, self.id, member.connected_at, member.info
+            )
+        return entry
+
+    def presence_event(self, channel: str, kind: str, client: str, user: str | None) -> None:
+        """A join or leave from the engine: to every local JSON subscriber of the
+        channel but the client itself (raw subscribers get payloads alone)."""
+        joined = self.hub.get(channel)
+        if joined is None or not joined.json_subscribers:
+            return
+        frame = event_frame(kind, channel, client, user)
+        own = self.sessions.get(client) if kind == JOIN else None
+        skip = None if own is None else own.outbox
+        for outbox in joined.json_subscribers:
+            if outbox is not skip:
+                outbox.push(frame)
+
+    def join_leave(self, name: str) -> bool | None:
+        options = self.namespaces.of(name)
+        if not options.join_leave:
+            return None
+        return self.broker.presence_count(name) <= options.join_leave_max
+
+    def _presence_options(self, name: str) -> None:
+        check_channel(name)
+        if not self.namespaces.of(name).presence:
+            raise PresenceDisabled(f"namespace of {name[:64]!r} does not track presence")
+
+    def presence(self, name: str, after: str | None, limit: int) -> MaybeAwaitable[PresencePage]:
+        """A page of ``name``'s presence (every node's clients), at most
+        ``presence.max_page`` entries."""
+        self._presence_options(name)
+        return self.broker.presence(name, after, min(limit, self.max_page))
+
+    def presence_stats(self, name: str) -> MaybeAwaitable[PresenceStats]:
+        self._presence_options(name)
+        return self.broker.presence_stats(name)
+
+    def _for_subscribers(self, name: str) -> None:
+        self._presence_options(name)
+        if not self.namespaces.of(name).presence_for_subscribers:
+            raise PresenceNotAllowed(
+                f"subscribers may not ask for the presence of {name[:64]!r} "
+                "(the namespace's presence_for_subscribers is off)"
+            )
+
+    def ask_presence(
+        self,
+        name: str,
+        cursor: str | None,
+        answered: Callable[[PresencePage], None],
+        failed: Failed,
+    ) -> None:
+        self._for_subscribers(name)
+        self._answer(self.broker.presence(name, cursor, self.max_page), answered, failed)
+
+    def ask_presence_stats(
+        self, name: str, answered: Callable[[PresenceStats], None], failed: Failed
+    ) -> None:
+        self._for_subscribers(name)
+        self._answer(self.broker.presence_stats(name), answered, failed)
+
+    def _answer(self, answer: MaybeAwaitable[T], step: Callable[[T], None], failed: Failed) -> None:
+        if pending(answer):
+            self._when(answer, step, failed)
+        else:
+            step(cast(T, answer))
+
+    # Connections and the server API
+
+    def connected(self, session: Session) -> None:
+        session.connected_at = self.wall_clock()
+        self.sessions[session.id] = session
+
+    def disconnected(self, session: Session) -> None:
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+
+    def server_command(self, command: dict[str, Any]) -> MaybeAwaitable[list[dict[str, Any]]]:
+        """Run a server API command on every node (through the engine): each node's
+        answer."""
+        return self.broker.command(command)
+
+    def execute(self, command: dict[str, Any]) -> dict[str, Any]:
+        """A server API command, from any node: run on this node's connections."""
+        op = command.get("op")
+        answer: dict[str, Any] = {"node": self.id}
+        if op == "info":
+            answer.update(self.info())
+        elif op == "connections":
+            answer["connections"] = self._connections(command)
+        elif op == "disconnect":
+            reason = CloseReason.server(int(command["code"]), str(command["reason"]))
+            answer["count"] = sum(s.disconnect(reason) for s in self._matching(command))
+        elif op == "unsubscribe":
+            channel = str(command["channel"])
+            answer["count"] = sum(s.unsubscribe_by_server(channel) for s in self._matching(command))
+        elif op == "subscribe":
+            channel = str(command["channel"])
+            given = command.get("since")
+            since = None if given is None else parse_since(given)
+            answer["count"] = sum(
+                s.subscribe_by_server(channel, since) for s in self._matching(command)
+            )
+        else:
+            raise ValueError(f"unknown server command {op!r}")
+        return answer
+
+    def _matching(self, command: dict[str, Any]) -> list[Session]:
+        """The open sessions a command names, by client id or by user."""
+        client, user = command.get("client"), command.get("user")
+        if client is not None:
+            session = self.sessions.get(client)
+            found = [] if session is None else [session]
+        else:
+            found = [s for s in self.sessions.values() if s.user == user]
+        return [s for s in found if s.outbox.closed is None]
+
+    def _connections(self, command: dict[str, Any]) -> list[dict[str, Any]]:
+        """A page of this node's open connections in client-id order."""
+        user, channel = command.get("user"), command.get("channel")
+        after, limit = command.get("after"), int(command["limit"])
+        chosen = [
+            s
+            for s in self.sessions.values()
+            if s.outbox.closed is None
+            and (user is None or s.user == user)
+            and (channel is None or channel in s.channels)
+            and (after is None or s.id > after)
+        ]
+        chosen.sort(key=lambda s: s.id)
+        return [
+            {
+                "client": s.id,
+                "user": s.user,
+                "node": self.id,
+                "remote": s.remote,
+                "connected_at": int(s.connected_at),
+                "channels": list(s.channels),
+                "transport": s.transport,
+            }
+            for s in chosen[:limit]
+        ]
+
+    def info(self) -> dict[str, Any]:
+        """This node, as ``GET /info`` lists it."""
+        return {
+            "node": self.id,
+            "version": __version__,
+            "uptime": round(self.clock() - self.started, 3),
+            "clients": sum(1 for s in self.sessions.values() if s.outbox.closed is None),
+            "subscriptions": self.hub.subscriptions,
+            "channels": len(self.hub),
+        }
 
     # What the control API shows
 

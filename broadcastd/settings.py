@@ -346,6 +346,28 @@ class NamespaceSettings(_Section):
     outbox_bytes: int | None = Field(None, ge=1 * KiB)
     """Most bytes of this namespace's messages waiting for one client (at most
     `ws.outbox_bytes`; at least one message of its largest payload)."""
+    presence: bool = False
+    """Track the channels' subscribers (presence on the control API)."""
+    join_leave: bool = False
+    """Send the channels' subscribers `join` and `leave` events (the subscribers are
+    tracked, as for presence)."""
+    presence_for_subscribers: bool = False
+    """Let subscribers of a channel ask for its presence themselves (`presence` and
+    `presence_stats` commands; needs `presence`)."""
+    join_leave_max_subscribers: int = Field(1000, ge=0)
+    """Subscribers of a channel beyond which its join and leave events are not sent
+    (each is one delivery per subscriber: a reconnect storm would be N² work)."""
+
+
+class PresenceSettings(_Section):
+    """Presence: who subscribes to the channels of namespaces with `presence` or
+    `join_leave`."""
+
+    ttl: float = Field(30.0, gt=0)
+    """Seconds an entry outlives a node that stopped refreshing it (a crashed
+    node's clients then leave; each node refreshes its own every third of this)."""
+    max_page: int = Field(1000, ge=1, le=100_000)
+    """Most entries in one page of presence or of the connection listing."""
 
 
 class ControlToken(_Section):
@@ -422,6 +444,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     namespaces: list[NamespaceSettings] = []
     """Channel namespaces (`[[namespaces]]` tables; env: a JSON list)."""
+    presence: PresenceSettings = PresenceSettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     drain_timeout: float = Field(10.0, gt=0)
@@ -450,6 +473,10 @@ class Settings(BaseSettings):
             )
         for n in self.namespaces:
             self._check_outbox_share(n)
+            if n.presence_for_subscribers and not n.presence:
+                raise ValueError(
+                    f"namespace {n.name!r}: presence_for_subscribers needs presence = true"
+                )
         return self
 
     def _check_outbox_share(self, n: NamespaceSettings) -> None:

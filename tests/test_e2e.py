@@ -63,7 +63,14 @@ async def test_envelope_matches_the_documented_example(daemon: Running) -> None:
     async with daemon.connect("/news") as ws:
         reply = await recv_json(ws)
         epoch = reply["epoch"]
-        assert reply == {"type": "subscribed", "channel": "news", "epoch": epoch, "offset": 0}
+        assert reply == {
+            "type": "subscribed",
+            "channel": "news",
+            "epoch": epoch,
+            "offset": 0,
+            "client": reply["client"],  # the first reply tells who: client id and user
+            "user": None,
+        }
         response = await daemon.http.post(
             "/publish/news",
             content=b'{"price": 42}',

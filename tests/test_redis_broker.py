@@ -701,6 +701,15 @@ class Collector:
     def resync(self, channel: str, position: Position, reason: str) -> None:
         raise AssertionError(f"{channel}: resync ({reason})")
 
+    id = "collector"
+    """The node's id (presence entries and server API answers name it)."""
+
+    def presence_event(self, channel: str, kind: str, client: str, user: str | None) -> None:
+        raise AssertionError(f"{channel}: {kind} of {client}")
+
+    def execute(self, command: dict[str, Any]) -> dict[str, Any]:
+        return {"node": self.id}
+
 
 async def run_broker_through_reconnects(server: RedisServer) -> list[weakref.ref[Any]]:
     """A broker through a Redis restart and a killed pub/sub connection, then

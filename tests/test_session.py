@@ -94,7 +94,15 @@ def test_subscribe_reply_carries_the_position_and_echoes_the_id() -> None:
     epoch = node_publish(node, "news", 1).position.epoch
     assert session.handle('{"op": "subscribe", "channel": "news", "id": "a"}') is None
     assert replies(session.outbox) == [
-        {"type": "subscribed", "channel": "news", "epoch": epoch, "offset": 1, "id": "a"}
+        {
+            "type": "subscribed",
+            "channel": "news",
+            "epoch": epoch,
+            "offset": 1,
+            "id": "a",
+            "client": "c1",  # the first reply only
+            "user": None,
+        }
     ]
 
 
@@ -113,6 +121,8 @@ def test_subscribe_with_since_replays_after_the_reply() -> None:
         "offset": 4,
         "recovered": True,
         "id": 7,
+        "client": "c1",
+        "user": None,
     }
     assert [m["offset"] for m in got[1:]] == [2, 3, 4]
     session.handle('{"op": "subscribe", "channel": "news", "since": {"epoch": "x", "offset": 1}}')

@@ -157,9 +157,7 @@ def test_invalid_configuration_exits_2_naming_the_field(
 def test_the_configuration_page_documents_every_setting_with_its_default() -> None:
     page = (ROOT / "docs" / "configuration.md").read_text()
     rows = {
-        line.split("|")[1].strip(" `"): line
-        for line in page.splitlines()
-        if line.startswith("| `")
+        line.split("|")[1].strip(" `"): line for line in page.splitlines() if line.startswith("| `")
     }
     for name, info in iter_fields():
         assert name in rows, f"docs/configuration.md does not document {name}"

@@ -36,10 +36,11 @@ import asyncio
 import inspect
 import types
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import NamedTuple, Protocol, TypeAlias, TypeGuard, TypeVar, cast
+from typing import Any, NamedTuple, Protocol, TypeAlias, TypeGuard, TypeVar, cast
 
 from broadcastd.core.envelope import Payload
 from broadcastd.core.hub import FanOut
+from broadcastd.core.presence import PresencePage, PresenceStats
 from broadcastd.core.stream import Position, Publication
 from broadcastd.errors import ClientError
 from broadcastd.later import Later
@@ -114,7 +115,9 @@ class History(NamedTuple):
     """Oldest first; None when history no longer reaches back that far (or is off)."""
 
 
-_VALUES = frozenset((list, tuple, type(None), Position, History, Published))
+_VALUES = frozenset(
+    (list, tuple, type(None), int, Position, History, Published, PresencePage, PresenceStats)
+)
 """Answers that are values, told apart at once."""
 
 
@@ -150,6 +153,18 @@ class BrokerHandler(Protocol):
     def resync(self, channel: str, position: Position, reason: str) -> None:
         """What the channel's subscribers missed cannot be had (``gap``), or its
         count restarted (``epoch``): it continues after ``position``."""
+
+    @property
+    def id(self) -> str:
+        """The node's id: presence entries and control answers name it."""
+
+    def presence_event(self, channel: str, kind: str, client: str, user: str | None) -> None:
+        """``client`` joined or left ``channel`` (on any node): tell the local
+        subscribers (not the client itself)."""
+
+    def execute(self, command: dict[str, Any]) -> dict[str, Any]:
+        """A server API command (from any node, this one included): carry it out on
+        this node's connections and answer (JSON-able)."""
 
 
 class Broker(Protocol):
@@ -197,6 +212,36 @@ class Broker(Protocol):
 
     def stats(self) -> HistoryStats:
         """What this engine keeps in this process."""
+
+    # Presence: entries per channel per connection, with a time to live the
+    # engine enforces; whoever removes an entry announces its leave.
+
+    def add_presence(self, channel: str, client: str, user: str | None, entry: bytes) -> None:
+        """``client`` subscribed to ``channel``: keep its entry (and announce its join
+        where the namespace has ``join_leave``) until ``remove_presence``, or, should
+        this node stop refreshing it, for ``presence.ttl``. Fire and forget: an
+        engine that cannot be reached now keeps trying."""
+
+    def remove_presence(self, channel: str, client: str) -> None:
+        """``client`` left ``channel``: remove its entry (announcing the leave), if
+        there is one."""
+
+    def presence(self, channel: str, after: str | None, limit: int) -> MaybeAwaitable[PresencePage]:
+        """Up to ``limit`` entries of ``channel`` after client id ``after`` (every node's)."""
+
+    def presence_stats(self, channel: str) -> MaybeAwaitable[PresenceStats]:
+        """Clients and distinct users of ``channel``, without reading every entry."""
+
+    def presence_count(self, channel: str) -> int:
+        """Entries of ``channel`` as known here without a round trip: exact on
+        memory, as of Redis's last answer on Redis."""
+
+    # Control: server API commands that reach every node.
+
+    def command(self, command: dict[str, Any]) -> MaybeAwaitable[list[dict[str, Any]]]:
+        """Carry ``command`` out on every node (``BrokerHandler.execute``): their
+        answers, this node's included; a node that does not answer within the
+        engine's deadline is left out."""
 
     @property
     def health(self) -> Health: ...

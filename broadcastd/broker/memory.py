@@ -15,12 +15,20 @@ import asyncio
 import os
 import random
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from broadcastd.broker import BrokerHandler, Health, History, HistoryStats, Published
 from broadcastd.core.envelope import Payload
 from broadcastd.core.hub import FanOut
 from broadcastd.core.idempotency import Idempotency
 from broadcastd.core.namespaces import Namespaces
+from broadcastd.core.presence import (
+    JOIN,
+    LEAVE,
+    PresencePage,
+    PresenceStats,
+    PresenceTable,
+)
 from broadcastd.core.stream import Position, Publication, Streams
 from broadcastd.errors import ChannelTableFull, ClientError
 from broadcastd.settings import Settings
@@ -76,6 +84,10 @@ class MemoryBroker:
             settings.publish.idempotency_ttl, settings.publish.idempotency_max_keys, clock
         )
         self.max_channels = settings.channels.max_channels
+        self.namespaces = namespaces
+        self.presences = PresenceTable()
+        """Exact and immediate: the node removes each entry as its client leaves,
+        and nothing outlives this process."""
         self._handler: BrokerHandler | None = None
         self._deliver: Callable[[str, Publication], FanOut] = _not_started
         self._sweeper: asyncio.TimerHandle | None = None
@@ -151,6 +163,35 @@ class MemoryBroker:
             evicted.budget,
             evicted.channels,
         )
+
+    def add_presence(self, channel: str, client: str, user: str | None, entry: bytes) -> None:
+        new, count = self.presences.add(channel, client, user, entry)
+        if new and self._announces(channel, count):
+            assert self._handler is not None, "presence before start"
+            self._handler.presence_event(channel, JOIN, client, user)
+
+    def remove_presence(self, channel: str, client: str) -> None:
+        found, user, count = self.presences.remove(channel, client)
+        if found and self._handler is not None and self._announces(channel, count):
+            self._handler.presence_event(channel, LEAVE, client, user)
+
+    def _announces(self, channel: str, count: int) -> bool:
+        """Whether a join or leave on ``channel`` with ``count`` entries is told."""
+        options = self.namespaces.of(channel)
+        return options.join_leave and count <= options.join_leave_max
+
+    def presence(self, channel: str, after: str | None, limit: int) -> PresencePage:
+        return self.presences.page(channel, after, limit)
+
+    def presence_stats(self, channel: str) -> PresenceStats:
+        return self.presences.stats(channel)
+
+    def presence_count(self, channel: str) -> int:
+        return self.presences.count(channel)
+
+    def command(self, command: dict[str, Any]) -> list[dict[str, Any]]:
+        assert self._handler is not None, "command before start"
+        return [self._handler.execute(command)]
 
     @property
     def health(self) -> Health:

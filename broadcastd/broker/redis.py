@@ -27,6 +27,18 @@ What this module promises the node:
   ``SEEN_CHANNELS`` others it published to or read, and the scripts begin a new
   epoch where Redis went back behind it (``broadcastd.broker.scripts``).
 
+Presence lives in Redis beside each channel's stream (``broadcastd.broker.scripts``):
+each node adds and removes its clients' entries as they join and leave, and
+refreshes them every third of ``presence.ttl``, so that the entries of a node
+that died expire within ``presence.ttl``; whichever script removes an entry
+publishes its leave on the channel's topic, where every node with subscribers
+of the channel hears it. Server API commands go to every node over pub/sub:
+each node listens on ``PREFIX:ctl`` and on its own ``PREFIX:ctl:NODE``; a
+command is published on the first, and the number of listeners Redis answers
+is the number of answers to wait for (on the second), up to
+``broker.redis.timeout``. A node that is down misses nothing that matters: its
+connections are gone with it.
+
 A pub/sub connection that ended is freed by reference counting alone (the
 daemon tunes the cyclic collector down): shards hold no reference back to the
 broker, a connection lets go of its callback when it ends, and the reason it
@@ -38,7 +50,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
+import itertools
 import os
 import random
 import time
@@ -54,10 +68,21 @@ from broadcastd.broker.commands import CommandConnection
 from broadcastd.broker.feeds import Feeds
 from broadcastd.broker.memory import Epochs
 from broadcastd.broker.pubsub import PubSubConnection
-from broadcastd.broker.scripts import HISTORY, POSITION, PUBLISH, RESTART
+from broadcastd.broker.scripts import (
+    HISTORY,
+    POSITION,
+    PRESENCE_ADD,
+    PRESENCE_PAGE,
+    PRESENCE_REFRESH,
+    PRESENCE_REMOVE,
+    PRESENCE_STATS,
+    PUBLISH,
+    RESTART,
+)
 from broadcastd.core.envelope import Payload, channel_prefix
 from broadcastd.core.namespaces import Namespaces
 from broadcastd.core.observer import Observer
+from broadcastd.core.presence import PresencePage, PresenceStats
 from broadcastd.core.stream import Position, Publication
 from broadcastd.errors import BrokerUnavailable, ClientError
 from broadcastd.later import Later
@@ -72,6 +97,16 @@ PUBLISH_SHA, POSITION_SHA, HISTORY_SHA, RESTART_SHA = (
     hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
     for script in (PUBLISH, POSITION, HISTORY, RESTART)
 )
+ADD_SHA, REMOVE_SHA, REFRESH_SHA, PAGE_SHA, STATS_SHA = (
+    hashlib.sha1(script.encode()).hexdigest()  # noqa: S324
+    for script in (PRESENCE_ADD, PRESENCE_REMOVE, PRESENCE_REFRESH, PRESENCE_PAGE, PRESENCE_STATS)
+)
+HEARTBEATS_PER_TTL = 3
+"""Refreshes of a node's presence entries per ``presence.ttl``: an entry survives
+two missed heartbeats, and a dead node's entries go within ``ttl`` plus one."""
+KEY_TTL_FACTOR = 4
+"""A channel's presence keys live this many ``presence.ttl`` past the last
+refresh or change by any node: long after its last entry expired."""
 SEEN_CHANNELS = 10_000
 """Channels without a subscriber here whose highest position a node remembers
 (those it published to or read most recently), besides every channel it has
@@ -176,6 +211,21 @@ class RedisBroker:
         """Probes and publish flushes under way (cancelled at close)."""
         self._up = False
         self._changed = asyncio.Event()
+        presence = settings.presence
+        self.presence_ttl_ms = int(presence.ttl * 1000)
+        self.presence_key_ttl_ms = self.presence_ttl_ms * KEY_TTL_FACTOR
+        self.heartbeat_interval = presence.ttl / HEARTBEATS_PER_TTL
+        self._entries: dict[str, dict[str, tuple[str | None, bytes]]] = {}
+        """This node's presence entries: channel -> client -> (user, entry)."""
+        self._counts: dict[str, int] = {}
+        """Each channel's entry count, as Redis last answered (channels with entries here)."""
+        self._heartbeat_timer: asyncio.TimerHandle | None = None
+        self._handler: BrokerHandler | None = None
+        self.control_topic = f"{prefix}:ctl".encode()
+        self.reply_topic = b""
+        """This node's answers topic (``PREFIX:ctl:NODE``), known at start."""
+        self._requests: dict[str, _Gathering] = {}
+        self._request_ids = itertools.count(1)
 
     # Lifecycle
 
@@ -183,6 +233,9 @@ class RedisBroker:
         """Begin connecting (in the background: a Redis that is down at start makes
         the node unready, never stops it from starting)."""
         self._feeds = Feeds(self, handler, self.observer)
+        self._handler = handler
+        self.reply_topic = f"{self.settings.prefix}:ctl:{handler.id}".encode()
+        self.shards[0].topics.update((self.control_topic, self.reply_topic))
         self.observer.broker_up(False)
         _log.info(
             "broker.start",
@@ -193,11 +246,21 @@ class RedisBroker:
         for shard in self.shards:
             shard.task = asyncio.create_task(self._run(shard), name=f"redis-shard-{shard.index}")
         self._probe()
+        self._heartbeat_timer = asyncio.get_running_loop().call_later(
+            self.heartbeat_interval, self._heartbeat
+        )
 
     async def close(self) -> None:
         if self._probe_timer is not None:
             self._probe_timer.cancel()
             self._probe_timer = None
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+            self._heartbeat_timer = None
+        for request in self._requests.values():
+            request.finish()
+        self._requests.clear()
+        self._handler = None
         for task in self._tasks:
             task.cancel()
         for shard in self.shards:
@@ -569,10 +632,16 @@ class RedisBroker:
             if topic == self.probe_topic:
                 self._probe_back(data)
                 continue
+            if topic == self.control_topic or topic == self.reply_topic:
+                self._on_control(topic, data)
+                continue
             name = topic[skip:].decode()
             prefix = prefixes.get(name)
             if prefix is None:
                 continue  # unsubscribed since: Redis may still send a few
+            if data[:1] == b"!":
+                self._on_event(name, data)
+                continue
             try:
                 epoch_b, offset_b, text = data.split(b" ", 2)
                 epoch, offset = epoch_b.decode(), int(offset_b)
@@ -588,6 +657,183 @@ class RedisBroker:
                         error=f"{type(exc).__name__}: {exc}"[:200],
                         exc_info=exc,
                     )
+
+    # Presence
+
+    def _presence_keys(self, channel: str) -> list[str]:
+        tag = self._key_prefix + channel + "}"
+        return [tag + ":ph", tag + ":pz", tag + ":pl", tag + ":pu"]
+
+    def _presence_args(self, channel: str) -> list[str | int]:
+        """The common arguments of the presence scripts (``scripts``)."""
+        try:
+            options = self.namespaces.of(channel)
+            tell_max = options.join_leave_max if options.join_leave else -1
+        except ClientError:
+            tell_max = -1
+        return [
+            (self._topic_prefix + channel.encode()).decode(),
+            tell_max,
+            self.presence_ttl_ms,
+            self.presence_key_ttl_ms,
+        ]
+
+    def add_presence(self, channel: str, client: str, user: str | None, entry: bytes) -> None:
+        entries = self._entries.setdefault(channel, {})
+        if client not in entries:  # counted now; Redis's answer corrects it
+            self._counts[channel] = self._counts.get(channel, 0) + 1
+        entries[client] = (user, entry)
+        self._send_add(channel, client, user, entry)
+
+    def _send_add(self, channel: str, client: str, user: str | None, entry: bytes) -> None:
+        commands = self._shard(channel).commands
+        if commands is None or commands.closed:
+            return  # the next heartbeat adds it
+        args = [*self._presence_args(channel), client, orjson.dumps(user), entry]
+        call = commands.script(ADD_SHA, PRESENCE_ADD, self._presence_keys(channel), args)
+        call.add_done_callback(lambda done: self._counted(channel, done))
+
+    def remove_presence(self, channel: str, client: str) -> None:
+        entries = self._entries.get(channel)
+        if entries is not None:
+            entries.pop(client, None)
+            if not entries:
+                del self._entries[channel]
+                self._counts.pop(channel, None)
+        commands = self._shard(channel).commands
+        if commands is None or commands.closed:
+            return  # its entry expires within presence.ttl, and its leave is told then
+        args = [*self._presence_args(channel), client]
+        call = commands.script(REMOVE_SHA, PRESENCE_REMOVE, self._presence_keys(channel), args)
+        call.add_done_callback(lambda done: self._counted(channel, done))
+
+    def _counted(self, channel: str, done: asyncio.Future[Any]) -> None:
+        """A presence script's answer: the channel's count, kept while this node has
+        entries there. A failure is let go: the next heartbeat puts it right."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        if channel in self._entries:
+            self._counts[channel] = int(done.result())
+
+    def _heartbeat(self) -> None:
+        """Refresh every entry of this node, channel by channel (one script each, all
+        in one write per shard); those Redis lost meanwhile are added again."""
+        self._heartbeat_timer = asyncio.get_running_loop().call_later(
+            self.heartbeat_interval, self._heartbeat
+        )
+        for channel, entries in self._entries.items():
+            commands = self._shard(channel).commands
+            if commands is None or commands.closed:
+                continue
+            args = [*self._presence_args(channel), *entries]
+            call = commands.script(
+                REFRESH_SHA, PRESENCE_REFRESH, self._presence_keys(channel), args
+            )
+            call.add_done_callback(functools.partial(self._refreshed, channel))
+
+    def _refreshed(self, channel: str, done: asyncio.Future[Any]) -> None:
+        if done.cancelled() or done.exception() is not None:
+            return
+        answer = done.result()
+        entries = self._entries.get(channel)
+        if entries is None:
+            return
+        self._counts[channel] = int(answer[0])
+        for raw in answer[1:]:
+            client = raw.decode()
+            found = entries.get(client)
+            if found is not None:
+                self._send_add(channel, client, *found)
+
+    async def presence(self, channel: str, after: str | None, limit: int) -> PresencePage:
+        commands = self._commands(self._shard(channel))
+        start = "-" if after is None else "(" + after
+        args = [*self._presence_args(channel), start, limit]
+        call = commands.script(PAGE_SHA, PRESENCE_PAGE, self._presence_keys(channel), args)
+        rows = await self._answer(call, "nothing was read")
+        clients: list[bytes] = []
+        last = None
+        for i in range(0, min(len(rows), 2 * limit), 2):
+            value = rows[i + 1]
+            last = rows[i].decode()
+            if value:
+                clients.append(value.partition(b"\n")[2])
+        return PresencePage(clients, last if len(rows) > 2 * limit else None)
+
+    async def presence_stats(self, channel: str) -> PresenceStats:
+        commands = self._commands(self._shard(channel))
+        call = commands.script(
+            STATS_SHA, PRESENCE_STATS, self._presence_keys(channel), self._presence_args(channel)
+        )
+        clients, users = await self._answer(call, "nothing was read")
+        if channel in self._entries:
+            self._counts[channel] = int(clients)
+        return PresenceStats(int(clients), int(users))
+
+    def presence_count(self, channel: str) -> int:
+        return self._counts.get(channel, 0)
+
+    def _on_event(self, channel: str, data: bytes) -> None:
+        """``! join|leave CLIENT USER_JSON`` from a presence script."""
+        handler = self._handler
+        if handler is None:
+            return
+        try:
+            kind, client, user = data[2:].split(b" ", 2)
+            handler.presence_event(channel, kind.decode(), client.decode(), orjson.loads(user))
+        except Exception as exc:  # one bad event ends nobody's delivery
+            if _throttle.allow("broker.event"):
+                _log.error("broker.event_failed", channel=channel, exc_info=exc)
+
+    # Control: server API commands to every node
+
+    async def command(self, command: dict[str, Any]) -> list[dict[str, Any]]:
+        """Publish ``command`` to every node; their answers, as many as Redis says
+        listen, or those that came within ``broker.redis.timeout``."""
+        commands = self._commands(self.shards[0])
+        request_id = f"{self.reply_topic.decode()}:{next(self._request_ids)}"
+        gathering = self._requests[request_id] = _Gathering()
+        message = orjson.dumps(
+            {"id": request_id, "reply": self.reply_topic.decode(), "command": command}
+        )
+        try:
+            listeners = await self._answer(
+                commands.call("PUBLISH", self.control_topic, message),
+                "the command may have reached some nodes",
+            )
+            gathering.expect(int(listeners))
+            try:
+                async with asyncio.timeout(self.settings.timeout):
+                    await gathering.done
+            except TimeoutError:
+                _log.warning(
+                    "control.partial",
+                    op=command.get("op"),
+                    nodes=int(listeners),
+                    answered=len(gathering.answers),
+                )
+        finally:
+            self._requests.pop(request_id, None)
+        return gathering.answers
+
+    def _on_control(self, topic: bytes, data: bytes) -> None:
+        try:
+            message = orjson.loads(data)
+            if topic == self.reply_topic:
+                gathering = self._requests.get(message["id"])
+                if gathering is not None:
+                    gathering.add(message["answer"])
+                return
+            handler = self._handler
+            if handler is None:
+                return
+            answer = handler.execute(message["command"])
+            commands = self._commands(self.shards[0])
+            reply = orjson.dumps({"id": message["id"], "answer": answer})
+            commands.call("PUBLISH", message["reply"], reply).add_done_callback(_let_go)
+        except Exception as exc:  # a command that fails here fails for no one else
+            if _throttle.allow("broker.control"):
+                _log.error("broker.control_failed", exc_info=exc)
 
     # Reading
 
@@ -753,6 +999,40 @@ class RedisBroker:
 
     def stats(self) -> HistoryStats:
         return HistoryStats()  # history lives in Redis, not in this process
+
+
+class _Gathering:
+    """The answers to one server API command, and when they are all in."""
+
+    __slots__ = ("answers", "done", "expected")
+
+    def __init__(self) -> None:
+        self.answers: list[dict[str, Any]] = []
+        self.expected: int | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def expect(self, count: int) -> None:
+        self.expected = count
+        self._check()
+
+    def add(self, answer: dict[str, Any]) -> None:
+        self.answers.append(answer)
+        self._check()
+
+    def _check(self) -> None:
+        if self.expected is not None and len(self.answers) >= self.expected:
+            self.finish()
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def _let_go(done: asyncio.Future[Any]) -> None:
+    """A reply nobody waits for: its failure is retrieved (the answer is lost with
+    the connection, and the asking node's deadline covers it)."""
+    if not done.cancelled():
+        done.exception()
 
 
 def _not_published(error: BaseException) -> Published:

@@ -129,3 +129,126 @@ return {epoch, redis.call('HGET', meta, 'o')}
 """
 """Begin a new epoch if the channel is still in ``old_epoch``: Redis went back in
 time (it lost acknowledged writes), so offsets of that epoch would be reused."""
+
+
+# Presence. A channel's entries live beside its stream, under its hash tag:
+#
+# - ``{PREFIX:CHANNEL}:ph``  hash: client id -> ``USER_JSON`` LF ``ENTRY_JSON``;
+# - ``{PREFIX:CHANNEL}:pz``  sorted set: client id by the time its entry expires
+#   (Redis time, ms): the expired are found without a scan, as Centrifugo does;
+# - ``{PREFIX:CHANNEL}:pl``  sorted set: client ids, all of score 0, in id order
+#   (pages by cursor);
+# - ``{PREFIX:CHANNEL}:pu``  hash: user (its JSON text) -> entries of that user
+#   (stats without reading every entry).
+#
+# Every script first removes what expired (at most SWEEP_LIMIT entries a call),
+# and whichever script removes an entry publishes its leave, so each entry's
+# leave is told exactly once, by whoever removed it, even if the node that held
+# the connection is gone. Events travel on the channel's pub/sub topic as
+# ``! join|leave CLIENT USER_JSON``; no publication starts with ``!``.
+#
+# Common arguments: KEYS ph, pz, pl, pu; ARGV[1] the topic, ARGV[2] the most
+# entries for which joins and leaves are told (-1: never), ARGV[3] the time to
+# live of an entry (ms), ARGV[4] that of the keys (ms).
+
+_PRESENCE_COMMON = """
+local ph, pz, pl, pu = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local topic, tell_max, ttl, key_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function drop(client)
+  redis.call('ZREM', pz, client)
+  redis.call('ZREM', pl, client)
+  local value = redis.call('HGET', ph, client)
+  if not value then return 0 end
+  local count = redis.call('HLEN', ph)
+  redis.call('HDEL', ph, client)
+  local user = string.sub(value, 1, string.find(value, '\\n', 1, true) - 1)
+  if user ~= 'null' and redis.call('HINCRBY', pu, user, -1) <= 0 then
+    redis.call('HDEL', pu, user)
+  end
+  if tell_max >= 0 and count <= tell_max then
+    redis.call('PUBLISH', topic, '! leave ' .. client .. ' ' .. user)
+  end
+  return 1
+end
+local expired = redis.call('ZRANGEBYSCORE', pz, '-inf', now, 'LIMIT', 0, 1000)
+for _, client in ipairs(expired) do drop(client) end
+local function keep()
+  redis.call('PEXPIRE', ph, key_ttl)
+  redis.call('PEXPIRE', pz, key_ttl)
+  redis.call('PEXPIRE', pl, key_ttl)
+  redis.call('PEXPIRE', pu, key_ttl)
+end
+"""
+
+PRESENCE_ADD = (
+    _PRESENCE_COMMON
+    + """
+local client, user, entry = ARGV[5], ARGV[6], ARGV[7]
+local new = redis.call('HSET', ph, client, user .. '\\n' .. entry) == 1
+redis.call('ZADD', pz, now + ttl, client)
+redis.call('ZADD', pl, 0, client)
+if new and user ~= 'null' then redis.call('HINCRBY', pu, user, 1) end
+keep()
+local count = redis.call('HLEN', ph)
+if new and tell_max >= 0 and count <= tell_max then
+  redis.call('PUBLISH', topic, '! join ' .. client .. ' ' .. user)
+end
+return count
+"""
+)
+"""Add (or replace) a client's entry; its join is told if it is new. Answers the
+channel's entry count."""
+
+PRESENCE_REMOVE = (
+    _PRESENCE_COMMON
+    + """
+drop(ARGV[5])
+return redis.call('HLEN', ph)
+"""
+)
+"""Remove a client's entry, telling its leave if it was there. Answers the count."""
+
+PRESENCE_REFRESH = (
+    _PRESENCE_COMMON
+    + """
+local missing = {redis.call('HLEN', ph)}
+for i = 5, #ARGV do
+  if redis.call('ZSCORE', pz, ARGV[i]) then
+    redis.call('ZADD', pz, now + ttl, ARGV[i])
+  else
+    missing[#missing + 1] = ARGV[i]
+  end
+end
+keep()
+return missing
+"""
+)
+"""A node's heartbeat for one channel: its clients' entries live ``ttl`` more.
+Answers the count, then the clients whose entries were gone (removed as expired
+while the node could not refresh them): the node adds them again."""
+
+PRESENCE_PAGE = (
+    _PRESENCE_COMMON
+    + """
+local start, limit = ARGV[5], tonumber(ARGV[6])
+local clients = redis.call('ZRANGEBYLEX', pl, start, '+', 'LIMIT', 0, limit + 1)
+local out = {}
+for i = 1, #clients do
+  out[#out + 1] = clients[i]
+  out[#out + 1] = redis.call('HGET', ph, clients[i]) or ''
+end
+return out
+"""
+)
+"""Up to ``limit + 1`` entries from ``start`` (``-`` or ``(CLIENT``) in client-id
+order, as client, value pairs."""
+
+PRESENCE_STATS = (
+    _PRESENCE_COMMON
+    + """
+return {redis.call('HLEN', ph), redis.call('HLEN', pu)}
+"""
+)
+"""Clients and distinct users: two counts, not a read of every entry."""

@@ -126,6 +126,24 @@ class Unsubscribed(Event):
 
 
 @dataclass(frozen=True, slots=True)
+class Join(Event):
+    """Another client subscribed to ``channel`` (a namespace with ``join_leave``)."""
+
+    channel: str
+    client: str
+    user: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Leave(Event):
+    """Another client left ``channel``: once per join, even if its node died."""
+
+    channel: str
+    client: str
+    user: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Authenticated(Event):
     """A token was accepted: at connect (``op`` "connect") or by a refresh."""
 
@@ -207,6 +225,8 @@ loss or a refusal."""
 
 ALL_EVENTS: frozenset[type[Event]] = frozenset(
     (
+        Join,
+        Leave,
         Subscribed,
         Recovered,
         Resync,

@@ -60,6 +60,8 @@ from broadcastd.client.events import (
     CommandFailed,
     Event,
     Expiring,
+    Join,
+    Leave,
     Message,
     Missed,
     Other,
@@ -119,6 +121,11 @@ class Tracker:
         # Position made for each one.
         self._epochs: dict[str, str] = {}
         self._offsets: dict[str, int] = {}
+        self.client: str | None = None
+        """This connection's client id, as the daemon told it in its first reply
+        (what the server API names it by); None until then."""
+        self.user: str | None = None
+        """The token's user, as the daemon told it."""
 
     @property
     def positions(self) -> dict[str, Position]:
@@ -181,6 +188,14 @@ class Tracker:
                 return Message(channel, offset, epoch, doc["data"], frame=text)
             return Other(None, doc, frame=text)
         channel = doc.get("channel")
+        client = doc.get("client")
+        if kind in ("join", "leave") and type(channel) is str and type(client) is str:
+            user = doc.get("user")
+            event = Join if kind == "join" else Leave
+            return event(channel, client, user if type(user) is str else None, frame=text)
+        if type(client) is str and kind in ("subscribed", "authenticated"):
+            user = doc.get("user")
+            self.client, self.user = client, user if type(user) is str else None
         if kind == "subscribed" and type(channel) is str:
             return self._subscribed(channel, doc, text)
         if kind == "resync" and type(channel) is str:

@@ -37,6 +37,19 @@ class ChannelOptions:
     history_size: int
     history_ttl: float
     max_payload_bytes: int
+    presence: bool = False
+    """Presence can be asked of its channels."""
+    join_leave: bool = False
+    """Its channels' subscribers get join and leave events."""
+    presence_for_subscribers: bool = False
+    join_leave_max: int = 0
+    """Subscribers beyond which join and leave are not sent."""
+
+    @property
+    def tracked(self) -> bool:
+        """Its channels' subscribers have presence entries (for presence, or for the
+        leave of a client whose node crashed)."""
+        return self.presence or self.join_leave
 
 
 class Namespaces:
@@ -106,6 +119,10 @@ def _merge(top: ChannelOptions, n: NamespaceSettings, settings: Settings) -> Cha
             settings.control.max_payload_bytes,
             n.max_payload_bytes or settings.control.max_payload_bytes,
         ),
+        presence=n.presence,
+        join_leave=n.join_leave,
+        presence_for_subscribers=n.presence_for_subscribers,
+        join_leave_max=n.join_leave_max_subscribers,
     )
 
 

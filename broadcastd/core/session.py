@@ -9,6 +9,8 @@ A client sends small JSON text frames::
     {"op": "ping"}
     {"op": "auth",        "token": "eyJ..."}     (a JWT, when [auth] is configured)
     {"op": "refresh",     "token": "eyJ..."}     (a new one before the first expires)
+    {"op": "presence",    "channel": "room", "cursor": "..."}  (where the namespace allows)
+    {"op": "presence_stats", "channel": "room"}
 
 and gets one reply per command through its own outbox, so replies and messages
 reach it in the order they happened (a ``subscribed`` reply always precedes the
@@ -16,12 +18,17 @@ first message of that channel, and a recovery's replay precedes the live
 messages, with nothing in between: subscribing, reading history and queuing the
 replay happen in one call, so no publish can come between them)::
 
-    {"type": "subscribed",   "channel": "news", "epoch": "k3j9x2ab", "offset": 6, "id": 1}
+    {"type": "subscribed",   "channel": "news", "epoch": "k3j9x2ab", "offset": 6, "id": 1,
+     "client": "4f1c9a0e22b7-1a", "user": null}           (the first reply tells who)
     {"type": "subscribed",   "channel": "news", "epoch": "k3j9x2ab", "offset": 48,
      "recovered": true}
     {"type": "subscribed",   "channel": "news", "epoch": "p2m4q7zz", "offset": 3,
      "recovered": false, "reason": "epoch"}
     {"type": "unsubscribed", "channel": "news"}
+    {"type": "unsubscribed", "channel": "news", "reason": "server"}   (the server API)
+    {"type": "presence", "channel": "room", "clients": [...], "next": null}
+    {"type": "presence_stats", "channel": "room", "clients": 2, "users": 2}
+    {"type": "join", "channel": "room", "client": "...", "user": "alice"}
     {"type": "pong"}
     {"type": "error", "code": "bad_channel", "message": "...", "op": "subscribe"}
 
@@ -29,6 +36,11 @@ replay happen in one call, so no publish can come between them)::
 in the reply. Unknown fields are ignored, so newer clients can talk to older
 servers. Each invalid command gets an error reply; after ``max_errors`` of them the
 session asks for the connection to be closed with 1008 (policy violation).
+
+The server API acts on a session too (``disconnect``, ``unsubscribe``,
+``subscribe``): the session leaves or joins as if its client had asked, and says
+so through its outbox; a disconnect closes the outbox with the backend's code,
+which the transport's close path sends as it sends any other.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ from broadcastd.auth.claims import Claims
 from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import reply_frame
 from broadcastd.core.outbox import Outbox
+from broadcastd.core.presence import PresencePage, PresenceStats, check_cursor
 from broadcastd.core.route import MAX_TOKEN_LENGTH
 from broadcastd.core.stream import Position, Recovery, Since, parse_since
 from broadcastd.errors import (
@@ -55,8 +68,9 @@ from broadcastd.errors import (
     UnknownOp,
 )
 
-OPS = ("subscribe", "unsubscribe", "ping", "auth", "refresh")
+OPS = ("subscribe", "unsubscribe", "ping", "auth", "refresh", "presence", "presence_stats")
 TOKEN_OPS = ("auth", "refresh")
+PRESENCE_OPS = ("presence", "presence_stats")
 MAX_ID_LENGTH = 64
 
 CommandId = str | int | None
@@ -69,6 +83,7 @@ class Command:
     id: CommandId = None
     since: Since | None = None
     token: str | None = None
+    cursor: str | None = None
 
 
 class Membership(Protocol):
@@ -83,17 +98,47 @@ class Membership(Protocol):
         since: Since | None,
         joined: Callable[[Position, Recovery | None], None],
         failed: Callable[[ClientError], None],
+        member: Session | None = None,
     ) -> None:
         """Add ``outbox`` to channel ``name``, recovering from ``since`` first; then
         call ``joined`` (at once, or after a round trip to a remote broker) right
-        before the live stream continues, or ``failed``."""
+        before the live stream continues, or ``failed``. A ``member`` is in the
+        channel's presence from then on."""
 
-    def unsubscribe(self, outbox: Outbox, name: str) -> None:
+    def unsubscribe(self, outbox: Outbox, name: str, member: Session | None = None) -> None:
         """Leave the channel (or stop waiting to join it)."""
 
     def check_subscribe(self, name: str, claims: Claims | None) -> object:
         """Raise the ClientError that refuses ``claims`` the channel ``name``
         (an unknown namespace, a token that does not allow it), if any."""
+
+    def connected(self, session: Session) -> None:
+        """A connection opened: the server API can find it from now on."""
+
+    def disconnected(self, session: Session) -> None:
+        """The connection ended."""
+
+    def join_leave(self, name: str) -> bool | None:
+        """Whether the channel's subscribers get join and leave events now (None:
+        its namespace has none)."""
+
+    def ask_presence(
+        self,
+        name: str,
+        cursor: str | None,
+        answered: Callable[[PresencePage], None],
+        failed: Callable[[ClientError], None],
+    ) -> None:
+        """A page of the channel's presence for one of its subscribers (refused
+        where the namespace does not allow it)."""
+
+    def ask_presence_stats(
+        self,
+        name: str,
+        answered: Callable[[PresenceStats], None],
+        failed: Callable[[ClientError], None],
+    ) -> None:
+        """The channel's presence counts for one of its subscribers."""
 
 
 TokenHandler = Callable[[str, str, "CommandId"], None]
@@ -133,6 +178,8 @@ def parse_command(text: str | bytes) -> Command:
     if "channel" not in doc:
         raise BadCommand(f'{op} needs a "channel"')
     channel = check_channel(doc["channel"])
+    if op == "presence":
+        return Command(op, channel, command_id, cursor=check_cursor(doc.get("cursor")))
     since = doc.get("since")
     if since is not None and op == "subscribe":
         return Command(op, channel, command_id, parse_since(since))
@@ -166,8 +213,11 @@ class Session:
 
     __slots__ = (
         "_node",
+        "_told",
         "channels",
         "claims",
+        "connected_at",
+        "entry",
         "errors",
         "id",
         "max_channels",
@@ -175,6 +225,8 @@ class Session:
         "on_token",
         "outbox",
         "raw",
+        "remote",
+        "transport",
     )
 
     def __init__(
@@ -186,6 +238,8 @@ class Session:
         raw: bool = False,
         max_channels: int = 100,
         max_errors: int = 20,
+        remote: str = "",
+        transport: str = "websocket",
     ) -> None:
         self.id = client_id
         self._node = node
@@ -199,6 +253,27 @@ class Session:
         """What the client's token says (None: no token given, or none accepted yet)."""
         self.on_token: TokenHandler | None = None
         """Set by the transport when subscriber authentication is configured."""
+        self.remote = remote
+        """The client's address, as the connection listing shows it."""
+        self.transport = transport
+        self.connected_at = 0.0
+        """Unix time of the connection (set by the node when it registers it)."""
+        self.entry: bytes | None = None
+        """Its presence entry, encoded once (by the node; again if the user changes)."""
+        self._told = False
+        """Its client id and user were told (in the first reply that can carry them)."""
+        node.connected(self)
+
+    @property
+    def user(self) -> str | None:
+        """The token's ``sub``; None without a token (or one without ``sub``)."""
+        claims = self.claims
+        return claims.user or None if claims is not None else None
+
+    @property
+    def info(self) -> Any:
+        """The token's ``info`` claim (connection metadata for presence), if any."""
+        return getattr(self.claims, "info", None)
 
     def open(self, channels: Iterable[str], since: Sequence[tuple[str, Since]] = ()) -> None:
         """Subscribe to the channels named in the URL (already validated).
@@ -234,8 +309,49 @@ class Session:
     def close(self) -> None:
         """Leave every channel. Idempotent."""
         for name in self.channels:
-            self._node.unsubscribe(self.outbox, name)
+            self._node.unsubscribe(self.outbox, name, self)
         self.channels.clear()
+
+    def end(self) -> None:
+        """The connection ended: leave every channel, and the node's registry."""
+        self.close()
+        self._node.disconnected(self)
+
+    # What the server API does to a session
+
+    def disconnect(self, reason: CloseReason) -> bool:
+        """Leave every channel at once and close with ``reason`` once what is queued
+        went out (as a token's expiry does); False if it was closing already."""
+        if self.outbox.closed is not None:
+            return False
+        self.close()
+        self.outbox.close(reason)
+        return True
+
+    def unsubscribe_by_server(self, name: str) -> bool:
+        """Leave ``name`` as the server API asked; the client is told, with
+        ``"reason": "server"``. False if it was not subscribed."""
+        if name not in self.channels or self.outbox.closed is not None:
+            return False
+        del self.channels[name]
+        self._node.unsubscribe(self.outbox, name, self)
+        self.outbox.forget(name)
+        self._reply({"type": "unsubscribed", "channel": name, "reason": "server"})
+        return True
+
+    def subscribe_by_server(self, name: str, since: Since | None) -> bool:
+        """Subscribe to ``name`` as the server API asked (the backend decides: the
+        namespace's subscribe rule is not asked), recovering from ``since``; the
+        client gets the usual ``subscribed`` reply. False if it was subscribed
+        already, or could not be (closing, too many channels, an unknown
+        namespace)."""
+        if name in self.channels or self.outbox.closed is not None:
+            return False
+        try:
+            self._subscribe(name, since, tell=not self.raw or since is not None, checked=True)
+        except ClientError:
+            return False
+        return True
 
     def _execute(self, command: Command) -> dict[str, Any] | None:
         """Run a command; its reply, or None when it was queued already."""
@@ -248,6 +364,9 @@ class Session:
             return None
         name = command.channel
         assert name is not None
+        if command.op in PRESENCE_OPS:
+            self._presence(command, name)
+            return None
         if command.op == "subscribe":
             self._subscribe(name, command.since, command_id=command.id)
             return None
@@ -258,14 +377,65 @@ class Session:
         self.outbox.forget(name)
         return {"type": "unsubscribed", "channel": name}
 
+    def _presence(self, command: Command, name: str) -> None:
+        """Answer ``presence`` or ``presence_stats`` once the engine has (a round trip
+        on Redis): only a subscriber of the channel may ask."""
+        if name not in self.channels:
+            raise NotSubscribed(f"not subscribed to {name!r}")
+        op, command_id = command.op, command.id
+
+        def failed(exc: ClientError) -> None:
+            self._error(exc, op, command_id)
+
+        def answered(reply: dict[str, Any]) -> None:
+            if command_id is not None:
+                reply["id"] = command_id
+            self._reply(reply)
+
+        if op == "presence":
+            self._node.ask_presence(
+                name,
+                command.cursor,
+                lambda page: answered(
+                    {
+                        "type": "presence",
+                        "channel": name,
+                        "clients": [orjson.Fragment(entry) for entry in page.clients],
+                        "next": page.next,
+                    }
+                ),
+                failed,
+            )
+        else:
+            self._node.ask_presence_stats(
+                name,
+                lambda stats: answered(
+                    {
+                        "type": "presence_stats",
+                        "channel": name,
+                        "clients": stats.clients,
+                        "users": stats.users,
+                    }
+                ),
+                failed,
+            )
+
     def _subscribe(
-        self, name: str, since: Since | None, *, tell: bool = True, command_id: CommandId = None
+        self,
+        name: str,
+        since: Since | None,
+        *,
+        tell: bool = True,
+        command_id: CommandId = None,
+        checked: bool = False,
     ) -> None:
         """Subscribe; the reply and any replay are queued once the node has joined
-        the channel (``_joined``), or an error reply if it could not."""
+        the channel (``_joined``), or an error reply if it could not. ``checked``:
+        the server API decided, the namespace's subscribe rule is not asked."""
         if name not in self.channels and len(self.channels) >= self.max_channels:
             raise TooManyChannels(f"at most {self.max_channels} channels per connection")
-        self._node.check_subscribe(name, self.claims)
+        if not checked:
+            self._node.check_subscribe(name, self.claims)
         self.channels[name] = None
 
         def joined(position: Position, recovery: Recovery | None) -> None:
@@ -276,7 +446,7 @@ class Session:
             self._error(exc, "subscribe", command_id)
 
         try:
-            self._node.join(self.outbox, name, self.raw, since, joined, failed)
+            self._node.join(self.outbox, name, self.raw, since, joined, failed, self)
         except ClientError:
             self.channels.pop(name, None)
             raise
@@ -303,8 +473,15 @@ class Session:
                 reply["recovered"] = recovery.recovered
                 if recovery.reason is not None:
                     reply["reason"] = recovery.reason
+            join_leave = self._node.join_leave(name)
+            if join_leave is not None:
+                reply["join_leave"] = join_leave
             if command_id is not None:
                 reply["id"] = command_id
+            if not self._told:
+                self._told = True
+                reply["client"] = self.id
+                reply["user"] = self.user
             self._reply(reply)
         if recovery is not None and recovery.replay:
             push = self.outbox.push
@@ -317,8 +494,11 @@ class Session:
 
     def authenticated(self, claims: Claims, op: str, command_id: CommandId) -> None:
         """A token (``op`` auth or refresh, or given at connect) was accepted."""
+        if self.claims is None or self.claims.user != claims.user:
+            self.entry = None  # its presence entry names the user
         self.claims = claims
-        reply: dict[str, Any] = {"type": "authenticated", "user": claims.user}
+        self._told = True
+        reply: dict[str, Any] = {"type": "authenticated", "user": claims.user, "client": self.id}
         if claims.expires is not None:
             reply["expires"] = int(claims.expires)
         if op != "connect":

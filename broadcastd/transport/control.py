@@ -1,4 +1,5 @@
-"""The control port: publishing, statistics, health and readiness over HTTP.
+"""The control port: publishing, statistics, health and readiness, presence and
+the server API over HTTP.
 
 Routes map HTTP onto Node calls; the request forms are parsed in
 broadcastd.core.publish_forms. Every error is ``{"error": {"code", "message"}}``
@@ -20,6 +21,10 @@ route and its channel say enough: ``Expect: 100-continue``).
 Idempotency keys are text: the ``Idempotency-Key`` header is read as UTF-8
 (a header that is not UTF-8 is a 400), so a key is the same key whether it
 comes in the header or in a batch item's ``idempotency_key``.
+
+The server API (``/connections``, ``/info`` with ``read``; ``/disconnect``,
+``/unsubscribe``, ``/subscribe`` with ``admin``) reaches every node through the
+engine (``Node.server_command``): the answer counts what every node did.
 
 The API is described by ``broadcastd/openapi.json`` (OpenAPI 3.1), written by
 hand as the one source of truth and served at ``GET /openapi.json``; a test
@@ -45,6 +50,7 @@ from broadcastd.broker import Published, then
 from broadcastd.core.channels import is_valid_channel
 from broadcastd.core.hub import page
 from broadcastd.core.idempotency import check_key
+from broadcastd.core.presence import MAX_CURSOR_LENGTH, PresencePage, PresenceStats
 from broadcastd.core.publish_forms import (
     Item,
     body_payload,
@@ -52,10 +58,14 @@ from broadcastd.core.publish_forms import (
     parse_batch,
     parse_publish,
 )
-from broadcastd.core.stream import MAX_OFFSET, Position, Publication, decimal
+from broadcastd.core.stream import MAX_OFFSET, Position, Publication, decimal, parse_since
 from broadcastd.errors import (
+    MAX_CLOSE_REASON_BYTES,
+    SERVER_CODES,
     BadCommand,
+    BadJson,
     ClientError,
+    CloseReason,
     EpochMismatch,
     Forbidden,
     InternalError,
@@ -90,10 +100,13 @@ _SCOPES: dict[str, Scope] = {
     "stats": Scope.READ,
     "metrics": Scope.READ,
     "openapi.json": Scope.READ,
+    "connections": Scope.READ,
+    "info": Scope.READ,
 }
 """The scope each endpoint needs. An endpoint missing here needs ``admin``, so a
 route added later is closed to scoped tokens until it is given a scope (there
-are no admin-only routes yet: ``admin`` is every scope at once)."""
+admin-only routes are /disconnect, /unsubscribe and /subscribe: ``admin`` is
+every scope at once)."""
 
 Handler = Callable[[Request, str, Grant], Response | Awaitable[Response]]
 """A route's handler, given the request, the rest of the path after a prefixed
@@ -144,6 +157,11 @@ class ControlApi:
             "/channels": {"GET": self._channels},
             "/stats": {"GET": self._stats},
             "/openapi.json": {"GET": self._openapi},
+            "/connections": {"GET": self._connections},
+            "/info": {"GET": self._info},
+            "/disconnect": {"POST": self._disconnect},
+            "/unsubscribe": {"POST": self._unsubscribe},
+            "/subscribe": {"POST": self._subscribe},
         }
         if metrics is not None:
             self._exact["/metrics"] = {"GET": self._metrics}
@@ -158,7 +176,8 @@ class ControlApi:
         table = {path: _methods(methods) for path, methods in self._exact.items()}
         for prefix, (parameter, methods) in self._prefixed.items():
             table[prefix + parameter] = _methods(methods)
-        table["/channels/{name}/history"] = table["/channels/{name}"]
+        for rest in ("history", "presence", "presence/stats"):
+            table["/channels/{name}/" + rest] = table["/channels/{name}"]
         return table
 
     def handle(self, request: Request) -> Response | Awaitable[Response]:
@@ -435,6 +454,15 @@ class ControlApi:
     def _channel(self, request: Request, name: str, grant: Grant) -> Response | Awaitable[Response]:
         name, slash, rest = name.partition("/")
         if slash:
+            if rest == "presence":
+                after, limit = _presence_query(request.query, self.node.max_page)
+                return then(
+                    self.node.presence(name, after, limit),
+                    lambda found: _presence_doc(name, found),
+                )
+            if rest == "presence/stats":
+                _no_query(request.query, "presence/stats")
+                return then(self.node.presence_stats(name), lambda stats: _stats_doc(name, stats))
             if rest != "history":
                 raise NotFound(f"no route for /channels/{name[:64]}/{rest[:32]}")
             since, epoch, limit, newest_first = _history_query(request.query)
@@ -491,6 +519,113 @@ class ControlApi:
             },
         )
 
+    # The server API: every node, through the engine
+
+    def _connections(
+        self, request: Request, _: str, grant: Grant
+    ) -> Response | Awaitable[Response]:
+        """A page of the connections of every node, in client-id order. A token
+        limited to some channels sees only those among each connection's channels,
+        and may filter only by a channel it covers."""
+        user, channel, after, limit = _connections_query(request.query, self.node.max_page)
+        if channel is not None:
+            self._require_channels(grant, (channel,), "connections")
+        command = {
+            "op": "connections",
+            "user": user,
+            "channel": channel,
+            "after": after,
+            "limit": limit + 1,
+        }
+
+        def answer(answers: list[dict[str, Any]]) -> Response:
+            merged = sorted(
+                (c for a in answers for c in a.get("connections", ())),
+                key=lambda c: str(c["client"]),
+            )
+            chosen = merged[:limit]
+            if not grant.everywhere:
+                for connection in chosen:
+                    connection["channels"] = [c for c in connection["channels"] if grant.covers(c)]
+            more = len(merged) > limit and chosen
+            return json_response(
+                200,
+                {
+                    "count": len(chosen),
+                    "connections": chosen,
+                    "next": chosen[-1]["client"] if more else None,
+                },
+            )
+
+        return then(self.node.server_command(command), answer)
+
+    def _info(self, request: Request, _: str, grant: Grant) -> Response | Awaitable[Response]:
+        _no_query(request.query, "info")
+
+        def answer(answers: list[dict[str, Any]]) -> Response:
+            nodes = sorted(answers, key=lambda a: str(a.get("node")))
+            return json_response(200, {"nodes": nodes})
+
+        return then(self.node.server_command({"op": "info"}), answer)
+
+    def _disconnect(self, request: Request, _: str, grant: Grant) -> Response | Awaitable[Response]:
+        """End connections by user or client id, on every node, with the backend's
+        close code. A token limited to some channels may not: the connections it
+        would end hold others."""
+        self._require_json(request)
+        if not grant.everywhere:
+            raise self._forbidden(
+                grant,
+                "disconnect",
+                "channel",
+                f"token {grant.name!r} is limited to some channels: disconnect needs "
+                "a token for every channel",
+            )
+        body = _server_body(request.body, ("code", "reason"))
+        code = body.get("code", CloseReason.DISCONNECTED.code)
+        if type(code) is float and code.is_integer():
+            code = int(code)  # JSON has one number type: 4321.0 is 4321
+        if type(code) is not int or not SERVER_CODES[0] <= code <= SERVER_CODES[1]:
+            raise BadCommand(f"code must be an integer from {SERVER_CODES[0]} to {SERVER_CODES[1]}")
+        reason = body.get("reason", CloseReason.DISCONNECTED.reason)
+        if not isinstance(reason, str) or len(reason) > MAX_CLOSE_REASON_BYTES:
+            raise BadCommand(
+                f"reason must be a string of at most {MAX_CLOSE_REASON_BYTES} characters"
+            )
+        # A close frame holds 123 bytes of reason: a longer UTF-8 text is cut there.
+        reason = reason.encode()[:MAX_CLOSE_REASON_BYTES].decode(errors="ignore")
+        command = {"op": "disconnect", **_target(body), "code": code, "reason": reason}
+        return self._count(command, "disconnected")
+
+    def _unsubscribe(
+        self, request: Request, _: str, grant: Grant
+    ) -> Response | Awaitable[Response]:
+        self._require_json(request)
+        body = _server_body(request.body, ("channel",))
+        channel = _body_channel(body)
+        self._require_channels(grant, (channel,), "unsubscribe")
+        command = {"op": "unsubscribe", **_target(body), "channel": channel}
+        return self._count(command, "unsubscribed")
+
+    def _subscribe(self, request: Request, _: str, grant: Grant) -> Response | Awaitable[Response]:
+        self._require_json(request)
+        body = _server_body(request.body, ("channel", "since"))
+        channel = _body_channel(body)
+        self._require_channels(grant, (channel,), "subscribe")
+        self.node.namespaces.of(channel)  # an unknown namespace: 400 here, not per node
+        command: dict[str, Any] = {"op": "subscribe", **_target(body), "channel": channel}
+        if "since" in body:
+            since = _integral(body["since"])
+            parse_since(since)  # 400 here if malformed
+            command["since"] = since
+        return self._count(command, "subscribed")
+
+    def _count(self, command: dict[str, Any], field: str) -> Response | Awaitable[Response]:
+        def answer(answers: list[dict[str, Any]]) -> Response:
+            return json_response(200, {field: sum(int(a.get("count", 0)) for a in answers)})
+
+        return then(self.node.server_command(command), answer)
+
     def _metrics(self, request: Request, _: str, grant: Grant) -> Response:
         assert self.metrics is not None
         return Response(200, self.metrics(), content_type=METRICS_CONTENT_TYPE)
@@ -521,6 +656,129 @@ def _key(request: Request) -> str | None:
     except UnicodeDecodeError:
         raise BadCommand("the Idempotency-Key header must be UTF-8 text") from None
     return check_key(key)
+
+
+def _presence_doc(name: str, found: PresencePage) -> Response:
+    return json_response(
+        200,
+        {
+            "channel": name,
+            "clients": [orjson.Fragment(entry) for entry in found.clients],
+            "next": found.next,
+        },
+    )
+
+
+def _stats_doc(name: str, stats: PresenceStats) -> Response:
+    return json_response(200, {"channel": name, "clients": stats.clients, "users": stats.users})
+
+
+MAX_ID_LENGTH = 256
+"""Longest user or client id a server API request may name."""
+
+
+def _server_body(body: bytes, fields: tuple[str, ...]) -> dict[str, Any]:
+    """A server API request body: a JSON object of ``user`` or ``client`` and
+    ``fields``, nothing else (a misspelt field is a 400, not ignored)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadJson("the body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise BadCommand("the body must be a JSON object")
+    allowed = ("user", "client", *fields)
+    for name in doc:
+        if name not in allowed:
+            raise BadCommand(f"unknown field {name[:32]!r}; expected {', '.join(allowed)}")
+    return doc
+
+
+def _integral(since: Any) -> Any:
+    """``since`` with its whole numbers as integers (JSON has one number type:
+    ``41.0`` is 41)."""
+    if not isinstance(since, dict):
+        return since
+    return {
+        key: int(value) if type(value) is float and value.is_integer() else value
+        for key, value in since.items()
+    }
+
+
+def _target(body: dict[str, Any]) -> dict[str, str]:
+    """Exactly one of ``user`` and ``client``, a non-empty string."""
+    given = [name for name in ("user", "client") if name in body]
+    if len(given) != 1:
+        raise BadCommand('give exactly one of "user" and "client"')
+    value = body[given[0]]
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
+        raise BadCommand(f"{given[0]} must be a string of 1 to {MAX_ID_LENGTH} characters")
+    return {given[0]: value}
+
+
+def _body_channel(body: dict[str, Any]) -> str:
+    channel = body.get("channel")
+    if not isinstance(channel, str) or not is_valid_channel(channel):
+        raise BadCommand('"channel" must be a valid channel name')
+    return channel
+
+
+def _query_pairs(query: str, route: str, names: tuple[str, ...]) -> dict[str, str]:
+    """The query's parameters, each at most once, only ``names``."""
+    if not query:
+        return {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True, max_num_fields=8)
+    except ValueError:
+        raise ClientError(f"malformed query string; {route} takes {', '.join(names)}") from None
+    found: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in names:
+            raise ClientError(
+                f"unknown query parameter {name[:32]!r}; {route} takes {', '.join(names)}"
+            )
+        if name in found:
+            raise ClientError(f"query parameter {name[:32]!r} is given more than once")
+        found[name] = value
+    return found
+
+
+def _no_query(query: str, route: str) -> None:
+    if query:
+        raise ClientError(f"{route} takes no query parameters")
+
+
+def _limit(value: str | None, maximum: int) -> int:
+    if value is None:
+        return maximum
+    number = decimal(value, maximum)
+    if number is None or number < 1:
+        raise ClientError(f"limit must be an integer from 1 to {maximum}")
+    return number
+
+
+def _cursor(value: str | None) -> str | None:
+    if value is not None and not 0 < len(value) <= MAX_CURSOR_LENGTH:
+        raise ClientError(
+            f"cursor must be 1 to {MAX_CURSOR_LENGTH} characters (the next of an earlier page)"
+        )
+    return value
+
+
+def _presence_query(query: str, maximum: int) -> tuple[str | None, int]:
+    found = _query_pairs(query, "presence", ("limit", "cursor"))
+    return _cursor(found.get("cursor")), _limit(found.get("limit"), maximum)
+
+
+def _connections_query(query: str, maximum: int) -> tuple[str | None, str | None, str | None, int]:
+    """user, channel, cursor and limit of ``GET /connections``."""
+    found = _query_pairs(query, "connections", ("user", "channel", "limit", "cursor"))
+    user = found.get("user")
+    if user is not None and not 0 < len(user) <= MAX_ID_LENGTH:
+        raise ClientError(f"user must be 1 to {MAX_ID_LENGTH} characters")
+    channel = found.get("channel")
+    if channel is not None and not is_valid_channel(channel):
+        raise ClientError("channel must be a valid channel name")
+    return user, channel, _cursor(found.get("cursor")), _limit(found.get("limit"), maximum)
 
 
 def _channel_doc(name: str, position: Position, subscribers: int) -> dict[str, Any]:

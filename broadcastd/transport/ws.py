@@ -414,6 +414,7 @@ class Connection(asyncio.Protocol):
             self._leave()
             self.server.closed(self)
             if self.session is not None:
+                self.session.end()  # out of the node's registry (the server API's)
                 self._report_close()
         except Exception as error:
             self.crash(error, "close")
@@ -610,6 +611,7 @@ class Connection(asyncio.Protocol):
         outbox.tell_missed = not route.raw
         outbox.wake = self.wake
         outbox.write_now = self.write_now
+        self.remote = _address(self._peer())
         session = self.session = Session(
             server.client_ids(),
             node,
@@ -617,10 +619,10 @@ class Connection(asyncio.Protocol):
             raw=route.raw,
             max_channels=s.max_channels_per_client,
             max_errors=s.max_command_errors,
+            remote=self.remote,
         )
         server.opened(self, session)
         self.started = time.monotonic()
-        self.remote = _address(self._peer())
         if node.draining:
             outbox.close(CloseReason.SHUTDOWN)
         if server.verifier is None:
