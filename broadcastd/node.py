@@ -694,18 +694,7 @@ class Node:
             and (after is None or s.id > after)
         ]
         chosen.sort(key=lambda s: s.id)
-        return [
-            {
-                "client": s.id,
-                "user": s.user,
-                "node": self.id,
-                "remote": s.remote,
-                "connected_at": int(s.connected_at),
-                "channels": list(s.channels),
-                "transport": s.transport,
-            }
-            for s in chosen[:limit]
-        ]
+        return [_listed(s, self.id) for s in chosen[:limit]]
 
     def info(self) -> dict[str, Any]:
         """This node, as ``GET /info`` lists it."""
@@ -795,3 +784,20 @@ class Node:
 def _nothing_read(after: int, limit: int) -> list[Publication] | None:
     """History not read: recovery was decided without it (see ``_admit``)."""
     return []
+
+
+def _listed(session: Session, node: str) -> dict[str, Any]:
+    """A connection as ``GET /connections`` lists it (with the token's ``info``, if any)."""
+    entry = {
+        "client": session.id,
+        "user": session.user,
+        "node": node,
+        "remote": session.remote,
+        "connected_at": int(session.connected_at),
+        "channels": list(session.channels),
+        "transport": session.transport,
+    }
+    info = session.info
+    if info is not None:
+        entry["info"] = info
+    return entry

@@ -508,3 +508,51 @@ async def test_scopes_of_the_presence_and_server_api_routes(daemon_factory: Any)
             await d.http.post("/disconnect", json={"user": "alice"}, headers=rooms)
         ).status_code == 403
         await ws.close()
+
+
+async def test_a_token_s_info_claim_is_shown_in_presence_and_the_listing(engine: Engine) -> None:
+    info = {"name": "Alice", "avatar": "/a.png", "tags": [1, 2]}
+    async with engine() as d:
+        ws = await d.connect(f"/?channel=room:i&token={token('alice', info=info)}")
+        assert (await recv_json(ws))["type"] == "authenticated"
+        assert (await recv_json(ws))["type"] == "subscribed"
+        plain, _ = await join(d, "bob", "room:i")
+        entries = {e["user"]: e for e in (await presence(d, "room:i"))["clients"]}
+        assert entries["alice"]["info"] == info
+        assert "info" not in entries["bob"]
+        listed = (await d.http.get("/connections", params={"channel": "room:i"})).json()
+        by_user = {c["user"]: c for c in listed["connections"]}
+        assert by_user["alice"]["info"] == info
+        assert "info" not in by_user["bob"]
+        for socket in (ws, plain):
+            await socket.close()
+
+
+async def test_the_deadline_for_holding_no_channel_follows_the_server_api(engine: Engine) -> None:
+    """Unsubscribed of its last channel by the server, a connection must subscribe
+    within ``ws.subscribe_timeout`` like any other; subscribed by the server, it
+    holds a channel again and stays. A connection opened later with no channel,
+    closed at its own deadline, shows that the first one's has passed."""
+    async with engine(ws__subscribe_timeout=0.3) as d:
+        dropped, first = await join(d, "alice", "plain:a")
+        kept, second = await join(d, "bob", "plain:b")
+        await kept.send(json.dumps({"op": "unsubscribe", "channel": "plain:b"}))
+        assert (await recv_json(kept))["type"] == "unsubscribed"
+        response = await d.http.post(
+            "/subscribe", json={"client": second["client"], "channel": "plain:c"}
+        )
+        assert response.json() == {"subscribed": 1}
+        assert (await recv_json(kept))["type"] == "subscribed"
+        response = await d.http.post(
+            "/unsubscribe", json={"client": first["client"], "channel": "plain:a"}
+        )
+        assert response.json() == {"unsubscribed": 1}
+        assert (await recv_json(dropped))["reason"] == "server"
+        async with asyncio.timeout(30):
+            await dropped.wait_closed()
+        assert dropped.close_code == 4000
+        async with d.connect("/") as later, asyncio.timeout(30):
+            await later.wait_closed()
+        await d.publish("plain:c", "still here")
+        assert (await recv_json(kept))["data"] == "still here"
+        await kept.close()

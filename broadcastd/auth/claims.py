@@ -16,8 +16,9 @@ user's private channel.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class Refusal(StrEnum):
@@ -47,6 +48,9 @@ class Claims:
     is clamped to it); None for a token that never expires."""
     channels: tuple[str, ...] = ()
     """The ``channels`` claim: names and trailing-``*`` patterns."""
+    info: Any = field(default=None, compare=False)
+    """The ``info`` claim, any JSON value: connection metadata that presence entries
+    and the connection listing show as given (None without one)."""
 
 
 def matches(pattern: str, channel: str) -> bool:

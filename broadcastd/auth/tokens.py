@@ -247,7 +247,9 @@ class TokenVerifier:
             raise _refusal(TokenCode.INVALID, "token jti must be a string")
         if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
             raise _refusal(TokenCode.INVALID, "token channels must be a list of strings")
-        return Claims(user=user, expires=expires, channels=tuple(channels))
+        return Claims(
+            user=user, expires=expires, channels=tuple(channels), info=payload.get("info")
+        )
 
 
 @dataclass(slots=True)

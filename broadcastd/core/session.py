@@ -222,6 +222,7 @@ class Session:
         "id",
         "max_channels",
         "max_errors",
+        "on_channels",
         "on_token",
         "outbox",
         "raw",
@@ -252,6 +253,9 @@ class Session:
         self.claims: Claims | None = None
         """What the client's token says (None: no token given, or none accepted yet)."""
         self.on_token: TokenHandler | None = None
+        self.on_channels: Callable[[], None] | None = None
+        """Called when the server API changed the channels held (the transport's
+        deadline for holding none watches them)."""
         """Set by the transport when subscriber authentication is configured."""
         self.remote = remote
         """The client's address, as the connection listing shows it."""
@@ -273,7 +277,7 @@ class Session:
     @property
     def info(self) -> Any:
         """The token's ``info`` claim (connection metadata for presence), if any."""
-        return getattr(self.claims, "info", None)
+        return None if self.claims is None else self.claims.info
 
     def open(self, channels: Iterable[str], since: Sequence[tuple[str, Since]] = ()) -> None:
         """Subscribe to the channels named in the URL (already validated).
@@ -337,6 +341,8 @@ class Session:
         self._node.unsubscribe(self.outbox, name, self)
         self.outbox.forget(name)
         self._reply({"type": "unsubscribed", "channel": name, "reason": "server"})
+        if self.on_channels is not None:
+            self.on_channels()
         return True
 
     def subscribe_by_server(self, name: str, since: Since | None) -> bool:
@@ -351,6 +357,8 @@ class Session:
             self._subscribe(name, since, tell=not self.raw or since is not None, checked=True)
         except ClientError:
             return False
+        if self.on_channels is not None:
+            self.on_channels()
         return True
 
     def _execute(self, command: Command) -> dict[str, Any] | None:

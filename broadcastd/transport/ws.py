@@ -440,7 +440,7 @@ class Connection(asyncio.Protocol):
         if outbox is not None:
             outbox.detach()
         if self.session is not None:
-            self.session.on_token = None
+            self.session.on_token = self.session.on_channels = None
         self.auth = None
         self.timer = self.subscribe_timer = None
 
@@ -639,6 +639,7 @@ class Connection(asyncio.Protocol):
                     self._watch_subscriptions()
 
             auth.start(route.token, open_channels, lambda: self._pause_reading(_PAUSED_TOKEN))
+        session.on_channels = self._watch_subscriptions
         node.observer.connection_opened()
         server.connections_log.opened(
             client=session.id,
