@@ -15,8 +15,9 @@ injects) and drains:
 
 A second signal during the drain exits at once with status 128 + signal
 number (143 for SIGTERM, 130 for SIGINT), as a shell would report it. SIGHUP
-is logged and ignored: the settings are fixed at start, so there is nothing to
-reload, and a hang-up must not kill the daemon without a drain.
+reads the TLS certificates and keys again (``broadcastd.tls``; a bad file is
+logged and the old one kept); the other settings are fixed at start, and a
+hang-up must not kill the daemon without a drain.
 
 A start-up that fails halfway (a port taken) closes what it had opened and
 re-raises after one ``daemon.start_failed`` line. While serving, the event
@@ -44,6 +45,7 @@ from broadcastd.core.observer import NullObserver, Observer
 from broadcastd.node import Node
 from broadcastd.sdnotify import SystemdNotifier
 from broadcastd.settings import BrokerType, Settings
+from broadcastd.tls import ServerTls
 from broadcastd.transport.control import (
     ControlApi,
     HttpListener,
@@ -81,7 +83,14 @@ class Daemon:
         if broker is None and settings.broker.type == BrokerType.REDIS:
             broker = RedisBroker(settings, reporter)
         self.node = Node(settings, broker=broker, observer=reporter)  # memory if None
-        self.ws = WsServer(settings.ws, self.node)
+        self.tls = [
+            ServerTls(name, section.tls_cert_file, section.tls_key_file)
+            for name, section in (("ws", settings.ws), ("control", settings.control))
+            if section.tls_cert_file is not None and section.tls_key_file is not None
+        ]
+        """Each TLS port's context, in the order ws, control (read again on SIGHUP)."""
+        contexts = {tls.port_name: tls.context for tls in self.tls}
+        self.ws = WsServer(settings.ws, self.node, contexts.get("ws"))
         scrape = None
         self.metrics_listener: HttpListener | None = None
         self.lag_probe: LoopLagProbe | None = None
@@ -94,7 +103,9 @@ class Daemon:
                     settings.metrics.host, settings.metrics.port, scrape
                 )
         api = ControlApi(settings.control, self.node, lambda: self.ws.client_count, scrape)
-        self.control = control_listener(settings.control, api, settings.ws.reuse_port)
+        self.control = control_listener(
+            settings.control, api, settings.ws.reuse_port, contexts.get("control")
+        )
         self.notifier = notifier if notifier is not None else SystemdNotifier.from_environ()
         self.started = asyncio.Event()
         """Set once every listener accepts connections (tests wait on it)."""
@@ -245,7 +256,10 @@ class Daemon:
         return 0
 
     def _on_hangup(self) -> None:
-        _log.info("signal.received", signal="SIGHUP", action="ignored")
+        action = "reload_tls" if self.tls else "ignored"
+        _log.info("signal.received", signal="SIGHUP", action=action)
+        for tls in self.tls:
+            tls.reload()
 
     def _on_signal(self, signum: int) -> None:
         self._signals += 1

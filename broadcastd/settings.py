@@ -90,6 +90,11 @@ class _Section(BaseModel):
         return value
 
 
+def _check_tls_pair(cert_file: Path | None, key_file: Path | None) -> None:
+    if (cert_file is None) != (key_file is None):
+        raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+
+
 class WebSocketSettings(_Section):
     """The subscriber port."""
 
@@ -154,6 +159,16 @@ class WebSocketSettings(_Section):
     processes on one machine share them (the kernel spreads connections); each
     process then needs its own metrics port and, without the Redis broker, would
     hold its own channels."""
+    tls_cert_file: Path | None = None
+    """PEM certificate chain served on the subscriber port, which then speaks
+    `wss://` (TLS 1.2 or newer); set with `tls_key_file`. Read again on SIGHUP."""
+    tls_key_file: Path | None = None
+    """PEM private key of `ws.tls_cert_file`."""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> WebSocketSettings:
+        _check_tls_pair(self.tls_cert_file, self.tls_key_file)
+        return self
 
 
 class ControlSettings(_Section):
@@ -196,6 +211,17 @@ class ControlSettings(_Section):
     write_limit: int = Field(256 * KiB, ge=1 * KiB)
     """Unread response bytes per control connection above which the server stops
     reading (and answering) its pipelined requests."""
+    tls_cert_file: Path | None = None
+    """PEM certificate chain served on the control port's TCP listener, which then
+    speaks `https://` (TLS 1.2 or newer; the Unix socket stays plain); set with
+    `tls_key_file`. Read again on SIGHUP."""
+    tls_key_file: Path | None = None
+    """PEM private key of `control.tls_cert_file`."""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ControlSettings:
+        _check_tls_pair(self.tls_cert_file, self.tls_key_file)
+        return self
 
 
 class ChannelSettings(_Section):

@@ -689,14 +689,20 @@ def test_toml_example_comments_are_the_field_docstrings() -> None:
 
 def test_toml_examples_of_unset_settings_are_valid(tmp_path: Path) -> None:
     """Uncommenting an example must give a working file."""
-    text = TOML_EXAMPLE.read_text()
     unset = [dotted for dotted in FIELDS if DEFAULTS[dotted] is None]
-    for dotted in unset:
-        key = dotted.rpartition(".")[2]
-        text, count = re.subn(rf"(?m)^#\s?({key} = )", r"\1", text)
-        assert count == 1, dotted
+    lines, section, done = [], "", []
+    for line in TOML_EXAMPLE.read_text().splitlines():
+        if header := re.match(r"^\[([a-z_.]+)\]", line):
+            section = header.group(1)
+        elif (match := TOML_KEY.match(line)) and match["commented"]:
+            dotted = f"{section}.{match['key']}" if section else match["key"]
+            if dotted in unset:
+                line = line.removeprefix(match["commented"])
+                done.append(dotted)
+        lines.append(line)
+    assert sorted(done) == sorted(unset)
     uncommented = tmp_path / "broadcastd.toml"
-    uncommented.write_text(text)
+    uncommented.write_text("\n".join(lines))
     loaded = load_settings(config_file=uncommented)
     for dotted in unset:
         assert setting(loaded, dotted) is not None, dotted

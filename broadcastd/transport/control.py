@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib import resources
 from typing import Any, cast
@@ -893,8 +894,11 @@ class HttpListener:
         unix_path: str | None = None,
         unix_mode: int = 0o660,
         reuse_port: bool = False,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.api = api
+        self.tls = tls
+        """The TCP listener's TLS context (None: plain HTTP)."""
         self.host = host
         self.requested_port = port
         self.unix_path = unix_path
@@ -921,6 +925,7 @@ class HttpListener:
                 self.requested_port,
                 backlog=LISTEN_BACKLOG,
                 reuse_port=self.reuse_port or None,
+                ssl=self.tls,
             )
         )
         if self.unix_path is not None:
@@ -945,7 +950,10 @@ class HttpListener:
 
 
 def control_listener(
-    settings: ControlSettings, api: ControlApi, reuse_port: bool = False
+    settings: ControlSettings,
+    api: ControlApi,
+    reuse_port: bool = False,
+    tls: ssl.SSLContext | None = None,
 ) -> HttpListener:
     limits = Limits(
         max_header=settings.max_header_bytes,
@@ -958,7 +966,7 @@ def control_listener(
     )
     unix_path = None if settings.unix_path is None else str(settings.unix_path)
     return HttpListener(
-        api, settings.host, settings.port, limits, unix_path, settings.unix_mode, reuse_port
+        api, settings.host, settings.port, limits, unix_path, settings.unix_mode, reuse_port, tls
     )
 
 

@@ -54,6 +54,7 @@ import asyncio
 import http
 import logging
 import math
+import ssl
 import struct
 import time
 from collections.abc import Callable
@@ -114,9 +115,13 @@ _PAUSED_TOKEN = 4
 class WsServer:
     """Accepts subscribers; keeps the flush list; drains."""
 
-    def __init__(self, settings: WebSocketSettings, node: Node) -> None:
+    def __init__(
+        self, settings: WebSocketSettings, node: Node, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.settings = settings
         self.node = node
+        self.tls = tls
+        """The listener's TLS context (None: plain ws://)."""
         self.extensions: list[ServerExtensionFactory] | None = (
             list(enable_server_permessage_deflate(None)) if settings.compression else None
         )
@@ -167,6 +172,7 @@ class WsServer:
             s.port,
             backlog=LISTEN_BACKLOG,
             reuse_port=s.reuse_port,
+            ssl=self.tls,
         )
 
     def stop_accepting(self) -> None:
