@@ -1,10 +1,15 @@
-"""``broadcastd serve | check-config | publish | subscribe``.
+"""``broadcastd serve | check-config | publish | subscribe | presence | ...``.
+
+The other commands: ``connections``, ``disconnect`` and ``info``.
 
 Every setting is also a flag of ``serve`` and ``check-config``: ``ws.port``
 becomes ``--ws-port``, ``drain_timeout`` becomes ``--drain-timeout``. Flags
-override the environment, which overrides the TOML file. ``publish`` and
-``subscribe`` read the same configuration to find the daemon, so on a host
-where the daemon runs they need no flags at all.
+override the environment, which overrides the TOML file. The client commands
+(``publish``, ``subscribe`` and the server API's ``presence``,
+``connections``, ``disconnect``, ``info``) read the same configuration to find
+the daemon and its control token, so on a host where the daemon runs they need
+no flags at all. The server API's commands print JSON lines, one per entry, for
+``jq`` and the like.
 
 Exit status: 0 success, 1 a runtime failure (the daemon refused or could not
 be reached, or could not start), 2 a usage or configuration error; 128 + the
@@ -25,7 +30,7 @@ import select
 import signal
 import stat
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, get_args
 
@@ -47,7 +52,10 @@ from broadcastd.settings import (
 )
 
 if TYPE_CHECKING:
-    from broadcastd.client import StateChanged, Subscriber
+    from broadcastd.client import Publisher, StateChanged, Subscriber
+
+    Lines = Iterator[dict[str, Any]]
+    """What a control command prints: JSON objects, one line each."""
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -131,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument(
         "--content-type", help="default: application/json when DATA is valid JSON, else text/plain"
     )
-    _add_client_flags(publish)
+    _add_client_flags(publish, control=True)
 
     subscribe = commands.add_parser(
         "subscribe", help="print the messages of channels, one per line"
@@ -162,7 +170,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the subscriber token from PATH at each connection, so that a token "
         "renewed there is picked up when the old one expires (close 4003)",
     )
-    _add_client_flags(subscribe)
+    _add_client_flags(subscribe, control=False)
+
+    presence = commands.add_parser(
+        "presence", help="print who subscribes to a channel, one JSON line per connection"
+    )
+    presence.add_argument("channel")
+    presence.add_argument(
+        "--stats", action="store_true", help="print the counts of clients and users instead"
+    )
+    presence.add_argument(
+        "--limit", type=_count, metavar="N", help="print at most N entries (default: all)"
+    )
+    _add_client_flags(presence, control=True)
+
+    connections = commands.add_parser(
+        "connections", help="print the open connections of every node, one JSON line each"
+    )
+    connections.add_argument("--user", help="only this user's connections (the token's sub)")
+    connections.add_argument("--channel", help="only the connections subscribed to CHANNEL")
+    _add_client_flags(connections, control=True)
+
+    disconnect = commands.add_parser(
+        "disconnect", help="close a user's connections, or one connection, on every node"
+    )
+    whom = disconnect.add_mutually_exclusive_group(required=True)
+    whom.add_argument("--user", help="every connection of this user (the token's sub)")
+    whom.add_argument("--client", help="the connection with this client id")
+    disconnect.add_argument(
+        "--code", type=int, help="WebSocket close code, 4000 to 4999 (default: 4010)"
+    )
+    disconnect.add_argument("--reason", help="close reason, at most 123 bytes")
+    _add_client_flags(disconnect, control=True)
+
+    info = commands.add_parser("info", help="print each node's version, uptime and counts")
+    _add_client_flags(info, control=True)
     return parser
 
 
@@ -176,12 +218,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_client_flags(parser: argparse.ArgumentParser) -> None:
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number, at least 1: {text!r}")
+    return value
+
+
+def _add_client_flags(parser: argparse.ArgumentParser, *, control: bool) -> None:
+    """The flags that find the daemon; ``control``: its control API (a token, a
+    Unix socket), else its WebSocket port."""
     parser.add_argument("--config", metavar="PATH", help="TOML file to find the daemon in")
     parser.add_argument("--url", help="daemon URL (default: from the configuration)")
-    if parser.prog.endswith("publish"):
+    if control:
         parser.add_argument("--token", help="bearer token (default: control.token)")
-        parser.add_argument("--unix", metavar="PATH", help="publish over this Unix socket")
+        parser.add_argument(
+            "--unix", metavar="PATH", help="reach the control API over this Unix socket"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,9 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(effective(_settings(args)), indent=2))
             return 0
         settings = load_settings(args.config)
-        if args.command == "publish":
-            return publish(settings, args)
-        return subscribe(settings, args)
+        if args.command == "subscribe":
+            return subscribe(settings, args)
+        return _control(settings, args, _CONTROL_COMMANDS[args.command])
     except ConfigError as exc:
         print(f"broadcastd: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -282,16 +338,16 @@ def _local(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
 
 
-# publish
+# publish, and the server API's commands
 
 
-def publish(settings: Settings, args: argparse.Namespace) -> int:
-    """``broadcastd publish``: one message through :class:`broadcastd.client.Publisher`
-    (not retried: no idempotency key), the daemon's answer printed as one line."""
+def _control(settings: Settings, args: argparse.Namespace, lines: Callable[..., Lines]) -> int:
+    """Run a command of the control API: ``lines(publisher, args)`` gives what to
+    print, one JSON line each, as it comes (a long listing is printed page by
+    page). A refusal is the daemon's status and JSON error on stderr, status 1;
+    so is a daemon that cannot be reached."""
     from broadcastd.client import BroadcastdError, NetworkError, Publisher
 
-    data = _stdin_message() if args.data == "-" else args.data.encode()
-    content_type = args.content_type or ("application/json" if _is_json(data) else "text/plain")
     token = args.token or (
         settings.control.token.get_secret_value() if settings.control.token else None
     )
@@ -301,21 +357,86 @@ def publish(settings: Settings, args: argparse.Namespace) -> int:
     url = args.url or f"http://{_netloc(settings.control.host, settings.control.port)}"
     try:
         with Publisher(url, token=token, unix=unix, timeout=10) as publisher:
-            published = publisher.publish(args.channel, data, content_type=content_type)
+            for line in lines(publisher, args):
+                print(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
     except NetworkError as exc:
         print(f"broadcastd: cannot reach the daemon: {exc.message}", file=sys.stderr)
         return EXIT_FAILURE
     except BroadcastdError as exc:
         print(f"broadcastd: HTTP {exc.status}: {exc.body}", file=sys.stderr)
         return EXIT_FAILURE
+    return 0
+
+
+def publish(publisher: Publisher, args: argparse.Namespace) -> Lines:
+    """``broadcastd publish``: one message (not retried: no idempotency key), the
+    daemon's answer printed as one line."""
+    data = _stdin_message() if args.data == "-" else args.data.encode()
+    content_type = args.content_type or ("application/json" if _is_json(data) else "text/plain")
+    published = publisher.publish(args.channel, data, content_type=content_type)
     answer: dict[str, Any] = {"channel": published.channel}
     if published.epoch is not None:
         answer["epoch"] = published.epoch
     answer |= {"offset": published.offset, "subscribers": published.subscribers}
     if published.duplicate:
         answer["duplicate"] = True
-    print(json.dumps(answer, ensure_ascii=False, separators=(",", ":")))
-    return 0
+    yield answer
+
+
+def presence(publisher: Publisher, args: argparse.Namespace) -> Lines:
+    """``broadcastd presence CHANNEL``: every entry (or the first ``--limit``),
+    page after page; ``--stats``: the counts."""
+    if args.stats:
+        stats = publisher.presence_stats(args.channel)
+        yield {"channel": stats.channel, "clients": stats.clients, "users": stats.users}
+        return
+    left: int | None = args.limit
+    cursor: str | None = None
+    while left is None or left > 0:
+        page_size = None if left is None else min(left, PAGE)
+        page = publisher.presence(args.channel, cursor=cursor, limit=page_size)
+        yield from page.clients
+        if left is not None:
+            left -= len(page.clients)
+        cursor = page.next
+        if cursor is None:
+            return
+
+
+def connections(publisher: Publisher, args: argparse.Namespace) -> Lines:
+    """``broadcastd connections``: every open connection, page after page."""
+    cursor: str | None = None
+    while True:
+        page = publisher.connections(user=args.user, channel=args.channel, cursor=cursor)
+        yield from page.connections
+        cursor = page.next
+        if cursor is None:
+            return
+
+
+def disconnect(publisher: Publisher, args: argparse.Namespace) -> Lines:
+    """``broadcastd disconnect``: the count of connections closed."""
+    closed = publisher.disconnect(
+        user=args.user, client=args.client, code=args.code, reason=args.reason
+    )
+    yield {"disconnected": closed}
+
+
+def info(publisher: Publisher, args: argparse.Namespace) -> Lines:
+    """``broadcastd info``: one line per node."""
+    yield from publisher.info()
+
+
+PAGE = 1000
+"""Most entries asked per page with ``--limit`` (the daemon's bound on a page)."""
+
+_CONTROL_COMMANDS: dict[str, Callable[..., Lines]] = {
+    "publish": publish,
+    "presence": presence,
+    "connections": connections,
+    "disconnect": disconnect,
+    "info": info,
+}
 
 
 def _netloc(host: str, port: int) -> str:

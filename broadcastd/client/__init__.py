@@ -57,6 +57,7 @@ from broadcastd.client.events import (
     Subscribed,
     Unsubscribed,
 )
+from broadcastd.client.presence import ConnectionPage, PresencePage, PresenceStats
 from broadcastd.client.subscriber import Stream, Subscriber, TokenSource
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ __all__ = [
     "ClosedByServer",
     "CommandFailed",
     "CommandRefused",
+    "ConnectionPage",
     "Event",
     "Expiring",
     "History",
@@ -124,6 +126,8 @@ __all__ = [
     "NetworkError",
     "Other",
     "Position",
+    "PresencePage",
+    "PresenceStats",
     "Publication",
     "Published",
     "Publisher",

@@ -36,6 +36,14 @@ from broadcastd.client.errors import (
     Unavailable,
     refusal,
 )
+from broadcastd.client.presence import (
+    ConnectionPage,
+    PresencePage,
+    PresenceStats,
+    connection_page,
+    presence_page,
+    presence_stats,
+)
 
 T = TypeVar("T")
 
@@ -268,6 +276,58 @@ def _channels_call(after: str | None) -> _Call[tuple[list[ChannelInfo], str | No
     return _Call("GET", "/channels", read, params=params, retry=True)
 
 
+def _page_params(cursor: str | None, limit: int | None) -> dict[str, str | int]:
+    params: dict[str, str | int] = {}
+    if cursor is not None:
+        params["cursor"] = cursor
+    if limit is not None:
+        params["limit"] = limit
+    return params
+
+
+def _presence_call(channel: str, cursor: str | None, limit: int | None) -> _Call[PresencePage]:
+    path = f"/channels/{_channel_path(channel)}/presence"
+    return _Call("GET", path, presence_page, params=_page_params(cursor, limit), retry=True)
+
+
+def _presence_stats_call(channel: str) -> _Call[PresenceStats]:
+    path = f"/channels/{_channel_path(channel)}/presence/stats"
+    return _Call("GET", path, presence_stats, retry=True)
+
+
+def _connections_call(
+    user: str | None, channel: str | None, cursor: str | None, limit: int | None
+) -> _Call[ConnectionPage]:
+    params = _page_params(cursor, limit)
+    if user is not None:
+        params["user"] = user
+    if channel is not None:
+        params["channel"] = channel
+    return _Call("GET", "/connections", connection_page, params=params, retry=True)
+
+
+def _disconnect_call(
+    user: str | None, client: str | None, code: int | None, reason: str | None
+) -> _Call[int]:
+    # Whatever is given goes as given: the daemon judges it (one of user and
+    # client, a code from 4000 to 4999) and its refusal says what is wrong.
+    request = {"user": user, "client": client, "code": code, "reason": reason}
+    body = _encode({k: v for k, v in request.items() if v is not None})
+
+    def read(doc: Any) -> int:
+        return int(doc["disconnected"])
+
+    # Not retried: a repeat would close nothing more, but would answer 0.
+    return _Call("POST", "/disconnect", read, body, {"Content-Type": "application/json"})
+
+
+def _info_call() -> _Call[list[dict[str, Any]]]:
+    def read(doc: Any) -> list[dict[str, Any]]:
+        return list(doc["nodes"])
+
+    return _Call("GET", "/info", read, retry=True)
+
+
 def _published(doc: Any) -> Published:
     return Published(
         doc["channel"],
@@ -352,7 +412,8 @@ class _Base:
 
 
 class Publisher(_Base):
-    """The control API, blocking: publish, read history, list channels.
+    """The control API, blocking: publish, read history, list channels, and the
+    server API (presence, connections, disconnect, node info).
 
     ``url`` is the control port (``http://127.0.0.1:8766`` by default), or with
     ``unix`` the daemon's control socket (``control.unix_path``) is used
@@ -446,6 +507,50 @@ class Publisher(_Base):
             found.extend(page)
             if after is None:
                 return found
+
+    def presence(
+        self, channel: str, *, cursor: str | None = None, limit: int | None = None
+    ) -> PresencePage:
+        """A page of who subscribes to ``channel``, on every node (a namespace with
+        ``presence``; else ``RequestRefused`` ``presence_disabled``): at most
+        ``limit`` entries (default and most: the daemon's ``presence.max_page``),
+        after ``cursor`` (the ``next`` of the page before)."""
+        return self._run(_presence_call(channel, cursor, limit))
+
+    def presence_stats(self, channel: str) -> PresenceStats:
+        """How many clients and distinct users subscribe to ``channel``."""
+        return self._run(_presence_stats_call(channel))
+
+    def connections(
+        self,
+        *,
+        user: str | None = None,
+        channel: str | None = None,
+        cursor: str | None = None,
+        limit: int | None = None,
+    ) -> ConnectionPage:
+        """A page of the open connections of every node, of one ``user`` or on one
+        ``channel`` if given, paged as :meth:`presence` is."""
+        return self._run(_connections_call(user, channel, cursor, limit))
+
+    def disconnect(
+        self,
+        *,
+        user: str | None = None,
+        client: str | None = None,
+        code: int | None = None,
+        reason: str | None = None,
+    ) -> int:
+        """Close every connection of ``user``, or the one of ``client``, on every
+        node, with close ``code`` (4000 to 4999; the daemon's default 4010) and
+        ``reason``; return how many were closed. Needs the ``admin`` scope.
+        Not retried."""
+        return self._run(_disconnect_call(user, client, code, reason))
+
+    def info(self) -> list[dict[str, Any]]:
+        """Each node's ``node`` id, ``version``, ``uptime``, ``clients``,
+        ``subscriptions`` and ``channels``."""
+        return self._run(_info_call())
 
     def close(self) -> None:
         self._client.close()
@@ -554,6 +659,42 @@ class AsyncPublisher(_Base):
             found.extend(page)
             if after is None:
                 return found
+
+    async def presence(
+        self, channel: str, *, cursor: str | None = None, limit: int | None = None
+    ) -> PresencePage:
+        """See :meth:`Publisher.presence`."""
+        return await self._run(_presence_call(channel, cursor, limit))
+
+    async def presence_stats(self, channel: str) -> PresenceStats:
+        """See :meth:`Publisher.presence_stats`."""
+        return await self._run(_presence_stats_call(channel))
+
+    async def connections(
+        self,
+        *,
+        user: str | None = None,
+        channel: str | None = None,
+        cursor: str | None = None,
+        limit: int | None = None,
+    ) -> ConnectionPage:
+        """See :meth:`Publisher.connections`."""
+        return await self._run(_connections_call(user, channel, cursor, limit))
+
+    async def disconnect(
+        self,
+        *,
+        user: str | None = None,
+        client: str | None = None,
+        code: int | None = None,
+        reason: str | None = None,
+    ) -> int:
+        """See :meth:`Publisher.disconnect`."""
+        return await self._run(_disconnect_call(user, client, code, reason))
+
+    async def info(self) -> list[dict[str, Any]]:
+        """See :meth:`Publisher.info`."""
+        return await self._run(_info_call())
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -50,6 +50,7 @@ from broadcastd.client.errors import (
     CommandRefused,
     MessagesLost,
     MessageTooBig,
+    NetworkError,
     RequestRefused,
     Unavailable,
     refusal,
@@ -73,6 +74,7 @@ from broadcastd.client.events import (
     Subscribed,
     Unsubscribed,
 )
+from broadcastd.client.presence import PresencePage, PresenceStats, presence_page, presence_stats
 
 TokenSource = Callable[[], Awaitable[str | None]]
 """An async callable giving the token of the moment (None: connect without one)."""
@@ -424,6 +426,12 @@ class Subscriber:
         self._token_used: str | None = None
         self._refreshed_for: int | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._requests: dict[int, asyncio.Future[tuple[Event, Any]]] = {}
+        """This connection's requests awaiting their answer (presence): id -> future."""
+        self._waiting = False
+        """Whether a task waits on the connection for a frame."""
+        self._turn: asyncio.Future[None] | None = None
+        """Set when that wait ends, for another task that came to wait meanwhile."""
 
     # the public side
 
@@ -473,6 +481,18 @@ class Subscriber:
         """Each channel's position: save it to resume later with ``since``."""
         return self._tracker.positions
 
+    @property
+    def client(self) -> str | None:
+        """This connection's client id, as the daemon told it in its first reply
+        (what the server API and presence entries name it by; None until then,
+        and a new one at each reconnection)."""
+        return self._tracker.client
+
+    @property
+    def user(self) -> str | None:
+        """The token's user (its ``sub``), as the daemon told it; None without a token."""
+        return self._tracker.user
+
     async def add(self, channel: str) -> None:
         """Subscribe to ``channel`` too, now if connected, else at the next connection.
 
@@ -505,6 +525,30 @@ class Subscriber:
         conn = self._conn
         if conn is not None:
             self._command(conn, {"op": "unsubscribe", "channel": channel}, channel)
+
+    async def presence(self, channel: str, cursor: str | None = None) -> PresencePage:
+        """A page of who subscribes to ``channel``, asked of the daemon over this
+        connection (a channel this connection subscribes to, in a namespace with
+        ``presence_for_subscribers``): at most ``presence.max_page`` entries after
+        ``cursor``, the ``next`` of the page before.
+
+        A refusal raises :class:`~broadcastd.client.CommandRefused`
+        (``not_subscribed``, ``presence_not_allowed``, ``presence_disabled``...);
+        no connection, or one that closes before the answer,
+        :class:`~broadcastd.client.NetworkError` (bound the wait with
+        ``asyncio.timeout``). The answer may be awaited from the task that
+        iterates the stream: while waiting, the frames received before it are kept
+        for the stream, in order.
+        """
+        command: dict[str, Any] = {"op": "presence", "channel": channel}
+        if cursor is not None:
+            command["cursor"] = cursor
+        return presence_page(await self._request(command))
+
+    async def presence_stats(self, channel: str) -> PresenceStats:
+        """How many clients and distinct users subscribe to ``channel``; asked and
+        refused as :meth:`presence` is."""
+        return presence_stats(await self._request({"op": "presence_stats", "channel": channel}))
 
     async def close(self) -> None:
         """Close the connection normally (1000) and end the stream. Idempotent."""
@@ -577,12 +621,89 @@ class Subscriber:
                     await self._prepare()
                 continue
             try:
-                await conn.wait()
+                await self._wait_frame(conn)
             except Closed as exc:
                 self._lost(conn, exc)
 
+    async def _wait_frame(self, conn: Connection) -> None:
+        """Wait until ``conn`` holds a frame; raise :class:`Closed` when none will
+        come. One task waits on the connection itself; another that comes to wait
+        meanwhile (one awaiting :meth:`presence` beside the stream's) waits for
+        that wait to end, then looks again."""
+        if self._waiting:
+            turn = self._turn
+            if turn is None:
+                turn = self._turn = asyncio.get_running_loop().create_future()
+            await asyncio.shield(turn)  # a follower cancelled must not cancel the turn
+            return
+        self._waiting = True
+        try:
+            await conn.wait()
+        finally:
+            self._waiting = False
+            turn, self._turn = self._turn, None
+            if turn is not None:
+                turn.set_result(None)
+
+    async def _request(self, command: dict[str, Any]) -> Any:
+        """Send ``command`` and return its answer (decoded), reading the
+        connection until it comes if no other task does."""
+        conn = self._conn
+        if conn is None:
+            raise NetworkError(f"not connected: {command['op']} needs an open connection")
+        request_id = next(self._ids)
+        answer: asyncio.Future[tuple[Event, Any]] = asyncio.get_running_loop().create_future()
+        self._requests[request_id] = answer
+        conn.send(_encode({**command, "id": request_id}).decode())
+        try:
+            while not answer.done():
+                if self._conn is not conn:
+                    raise NetworkError(f"the connection closed before the {command['op']}")
+                self._read_ahead(conn, answer)
+                if not answer.done():
+                    await self._wait_frame(conn)
+        except Closed as exc:
+            raise NetworkError(
+                f"the connection closed ({exc.code}) before the {command['op']}"
+            ) from None
+        finally:
+            self._requests.pop(request_id, None)
+        item, doc = answer.result()
+        if isinstance(item, CommandFailed):
+            raise CommandRefused(replace(item, channel=command.get("channel")))
+        return doc
+
+    def _read_ahead(self, conn: Connection, answer: asyncio.Future[Any]) -> None:
+        """Take the frames received so far until ``answer`` is given, keeping
+        each message and event for the stream, in order."""
+        pending = self._pending
+        tracker = self._tracker
+        while not answer.done():
+            text = conn.pop()
+            if text is None:
+                return
+            try:
+                doc = _decode(text)
+            except msgspec.DecodeError:
+                pending.append(Other(None, {}, frame=text))
+                continue
+            item = tracker.note(doc, text)
+            if type(item) is Message:
+                if item.channel in tracker.channels:
+                    pending.append(item)
+                continue
+            assert isinstance(item, Event)
+            event = self._event(conn, item, doc)
+            if event is not None:
+                pending.append(event)
+
     def _event(self, conn: Connection, item: Event, doc: Any) -> Event | None:
         """Act on an event from the daemon; what to yield of it (None: nothing)."""
+        if type(doc) is dict and "id" in doc:
+            request = self._requests.pop(doc["id"], None)
+            if request is not None:
+                request.set_result((item, doc))
+                return None
         command = self._commands.pop(doc["id"], None) if type(doc) is dict and "id" in doc else None
         wanted = self._tracker.channels
         if isinstance(item, Subscribed | Recovered):
@@ -695,6 +816,7 @@ class Subscriber:
         missing = [c for c in tracker.channels if c not in channels]
         dropped = [c for c in channels if c not in tracker.channels]
         self._commands.clear()
+        self._requests.clear()
         self._unconfirmed = {c for c in channels if c in tracker.channels}
         self._connect_error = None
         self._token_used = token

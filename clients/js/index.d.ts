@@ -18,6 +18,12 @@ export interface SubscribedFrame {
   offset: number;
   /** Present when the subscribe resumed from a position. */
   recovered?: boolean;
+  /** This connection's client id and user: in the first reply that can carry them. */
+  client?: string;
+  user?: string | null;
+  /** In a namespace with join_leave: whether join and leave are sent on this channel
+   * (false beyond its join_leave_max_subscribers). */
+  join_leave?: boolean;
   /** Why it could not be recovered: "epoch", "too_old", "too_many", "disabled" or "position". */
   reason?: string;
   id?: number | string;
@@ -58,8 +64,60 @@ export interface ErrorFrame {
 export interface AuthenticatedFrame {
   type: "authenticated";
   user: string;
+  /** This connection's client id. */
+  client?: string;
   expires?: number;
   op?: string;
+}
+
+/** Another client subscribed to (`join`) or left (`leave`) the channel: a namespace
+ * with join_leave. A client is not told its own join. */
+export interface JoinLeaveFrame {
+  type: "join" | "leave";
+  channel: string;
+  client: string;
+  /** The token's `sub`; null for a connection without a token. */
+  user: string | null;
+}
+
+/** One connection subscribed to a channel. */
+export interface PresenceEntry {
+  client: string;
+  user: string | null;
+  /** The id of the daemon node that holds the connection. */
+  node: string;
+  /** Unix seconds. */
+  connected_at: number;
+  /** The token's `info` claim, when it has one. */
+  info?: unknown;
+}
+
+export interface PresenceFrame {
+  type: "presence";
+  channel: string;
+  /** In client-id order, at most the daemon's presence.max_page. */
+  clients: PresenceEntry[];
+  /** The cursor of the next page; null on the last one. */
+  next: string | null;
+  id?: number | string;
+}
+
+export interface PresenceStatsFrame {
+  type: "presence_stats";
+  channel: string;
+  clients: number;
+  /** Distinct users among the clients (a connection without a token is no user). */
+  users: number;
+  id?: number | string;
+}
+
+/** What presence() and presenceStats() reject with: the daemon's refusal (`code`
+ * not_subscribed, presence_not_allowed, presence_disabled, bad_command, ...), or
+ * "network" when no answer came (not connected, or the connection ended first). */
+export declare class BroadcastError extends Error {
+  readonly code: string;
+  /** The daemon's error reply; null for "network". */
+  readonly frame: ErrorFrame | null;
 }
 
 export interface ExpiringFrame {
@@ -141,9 +199,15 @@ export declare class Subscription<T = unknown> extends Emitter {
   on(event: "missed", listener: (event: MissedFrame) => void): this;
   on(event: "resync", listener: (event: ResyncFrame) => void): this;
   on(event: "error", listener: (error: ErrorFrame) => void): this;
+  /** Another client came or went (a namespace with join_leave; only with a listener). */
+  on(event: "join" | "leave", listener: (event: JoinLeaveFrame) => void): this;
 
   /** Leave the channel. */
   unsubscribe(): void;
+  /** client.presence(this channel, cursor). */
+  presence(cursor?: string | null): Promise<PresenceFrame>;
+  /** client.presenceStats(this channel). */
+  presenceStats(): Promise<PresenceStatsFrame>;
 }
 
 export declare class BroadcastClient extends Emitter {
@@ -153,6 +217,11 @@ export declare class BroadcastClient extends Emitter {
   readonly state: State;
   /** Every current subscription. */
   readonly subscriptions: Subscription[];
+  /** This connection's client id, from the daemon's first reply (what presence entries
+   * and the server API name it by); null until then, new at each reconnection. */
+  readonly clientId: string | null;
+  /** The token's user (`sub`), as the daemon told it; null without a token. */
+  readonly user: string | null;
 
   /** Start connecting (the socket opens once a channel is subscribed; with a token,
    * the state is "connected" once the daemon has accepted it). */
@@ -164,6 +233,11 @@ export declare class BroadcastClient extends Emitter {
   getSubscription(channel: string): Subscription | undefined;
   /** Use this token from now on (a refresh on the open connection, the first frame of the next). */
   setToken(token: string): this;
+  /** A page of who subscribes to `channel` (subscribed on this connection, in a namespace
+   * with presence_for_subscribers); give `next` as `cursor` for the next page. */
+  presence(channel: string, cursor?: string | null): Promise<PresenceFrame>;
+  /** How many clients and distinct users subscribe to `channel`. */
+  presenceStats(channel: string): Promise<PresenceStatsFrame>;
 
   on(event: "state", listener: (state: State, detail?: StateDetail) => void): this;
   /** Every channel's recovery outcome (also told to its subscription). */
@@ -174,6 +248,8 @@ export declare class BroadcastClient extends Emitter {
   on(event: "error", listener: (error: ErrorFrame | Error) => void): this;
   on(event: "authenticated", listener: (reply: AuthenticatedFrame) => void): this;
   on(event: "expiring", listener: (event: ExpiringFrame) => void): this;
+  /** Every channel's join and leave events (also told to its subscription). */
+  on(event: "join" | "leave", listener: (event: JoinLeaveFrame) => void): this;
 }
 
 export default BroadcastClient;

@@ -44,6 +44,18 @@ function rethrow(error) {
   else setTimeout(() => { throw error; }, 0);
 }
 
+/** A request refused by the daemon (`code` its error code: not_subscribed,
+ * presence_not_allowed, ...), or left without an answer (`code` "network": not
+ * connected, or the connection ended first). `frame` is the daemon's error reply. */
+export class BroadcastError extends Error {
+  constructor(code, message, frame = null) {
+    super(`${code}: ${message}`);
+    this.name = "BroadcastError";
+    this.code = code;
+    this.frame = frame;
+  }
+}
+
 class Emitter {
   constructor() {
     this._listeners = new Map();
@@ -122,6 +134,16 @@ export class Subscription extends Emitter {
   unsubscribe() {
     this.client._remove(this);
   }
+
+  /** A page of who subscribes to this channel: see BroadcastClient.presence(). */
+  presence(cursor) {
+    return this.client.presence(this.channel, cursor);
+  }
+
+  /** How many clients and users subscribe to this channel: see BroadcastClient.presenceStats(). */
+  presenceStats() {
+    return this.client.presenceStats(this.channel);
+  }
 }
 
 /**
@@ -152,6 +174,11 @@ export class BroadcastClient extends Emitter {
     this.url = parsed.href;
     /** connecting, connected, disconnected or closed. */
     this.state = DISCONNECTED;
+    /** This connection's client id, as the daemon told it in its first reply (what
+     * presence and the server API name it by); null until then, new at each reconnection. */
+    this.clientId = null;
+    /** The token's user (its `sub`), as the daemon told it; null without a token. */
+    this.user = null;
     this._WebSocket = WebSocketImpl;
     this._token = options.token ?? null;
     this._getToken = options.getToken ?? null;
@@ -175,6 +202,7 @@ export class BroadcastClient extends Emitter {
     this._connToken = null; // the token the current connection was given (URL or command)
     this._ready = false; // open, and authenticated where the token goes first
     this._requests = 0;
+    this._asked = new Map(); // id -> {resolve, reject} of presence requests awaiting their answer
     this._received = false;
     this._pinged = false;
     this._retryTimer = null;
@@ -242,6 +270,35 @@ export class BroadcastClient extends Emitter {
     this._needToken = false;
     if (this._ws !== null && this._ws.readyState === OPEN) this._sendToken("refresh");
     return this;
+  }
+
+  /**
+   * A page of who subscribes to `channel` (one this connection subscribes to, in a
+   * namespace with presence_for_subscribers): resolves to the daemon's
+   * {type: "presence", channel, clients, next}; give `next` as `cursor` for the
+   * next page. Rejects with a BroadcastError: the daemon's refusal, or "network".
+   */
+  presence(channel, cursor) {
+    const command = { op: "presence", channel };
+    if (cursor != null) command.cursor = cursor;
+    return this._ask(command);
+  }
+
+  /** Resolves to {type: "presence_stats", channel, clients, users}; rejects as presence() does. */
+  presenceStats(channel) {
+    return this._ask({ op: "presence_stats", channel });
+  }
+
+  _ask(command) {
+    if (!this._ready) {
+      const why = `not connected: ${command.op} needs an open connection`;
+      return Promise.reject(new BroadcastError("network", why));
+    }
+    command.id = ++this._requests;
+    return new Promise((resolve, reject) => {
+      this._asked.set(command.id, { resolve, reject });
+      this._send(JSON.stringify(command));
+    });
   }
 
   /** The subscription of `channel`, if any. */
@@ -421,6 +478,12 @@ export class BroadcastClient extends Emitter {
     this._ready = false;
     this._authId = 0;
     for (const sub of this._subs.values()) sub._joined = false;
+    if (this._asked.size > 0) {
+      const asked = Array.from(this._asked.values());
+      this._asked.clear();
+      const why = `the connection closed (${reason})`;
+      for (const { reject } of asked) reject(new BroadcastError("network", why));
+    }
     const ws = this._ws;
     if (ws === null) return;
     this._ws = null;
@@ -523,6 +586,19 @@ export class BroadcastClient extends Emitter {
   }
 
   _onEvent(frame) {
+    if (typeof frame.client === "string" && (frame.type === "subscribed" || frame.type === "authenticated")) {
+      this.clientId = frame.client;
+      this.user = typeof frame.user === "string" ? frame.user : null;
+    }
+    if (frame.id !== undefined && this._asked.size > 0) {
+      const asked = this._asked.get(frame.id);
+      if (asked !== undefined) {
+        this._asked.delete(frame.id);
+        if (frame.type === "error") asked.reject(new BroadcastError(frame.code, frame.message, frame));
+        else asked.resolve(frame);
+        return;
+      }
+    }
     switch (frame.type) {
       case "subscribed":
         this._onSubscribed(frame);
@@ -558,6 +634,11 @@ export class BroadcastClient extends Emitter {
       case "expiring":
         this._emit("expiring", frame);
         if (this._getToken !== null) this._refresh();
+        break;
+      case "join":
+      case "leave":
+        // Another client came or went (a namespace with join_leave); to listeners only.
+        this._tell(this._subs.get(frame.channel), frame.type, frame);
         break;
       default:
         break; // pong, unsubscribed, and types this version does not know
