@@ -13,13 +13,16 @@ from typing import Any
 __all__ = ["run_quick"]
 
 
-def run_quick(server: str = "naive", scenarios: Sequence[str] | None = None) -> dict[str, Any]:
+def run_quick(
+    server: str = "naive", scenarios: Sequence[str] | None = None, *, tls: bool = False
+) -> dict[str, Any]:
     """Run every scenario (or ``scenarios``) at smoke-test size against ``server``;
     return the results.
 
     Synchronous: it runs its own event loop, so call it from plain (not async) tests.
     The returned dict has ``servers[server]["scenarios"][name]`` with ``metrics``
-    and ``details``, or ``error`` for a scenario that failed.
+    and ``details``, or ``error`` for a scenario that failed; with ``tls``, also
+    ``servers[server + "+tls"]``, the same scenarios over TLS.
     """
     from benchmarks.runner import run
     from benchmarks.scenarios import QUICK, SCENARIOS
@@ -33,4 +36,4 @@ def run_quick(server: str = "naive", scenarios: Sequence[str] | None = None) -> 
     import uvloop
 
     names = list(SCENARIOS if scenarios is None else scenarios)
-    return uvloop.run(run([server], names, QUICK, pin=False, progress=lambda _: None))
+    return uvloop.run(run([server], names, QUICK, pin=False, progress=lambda _: None, tls=tls))

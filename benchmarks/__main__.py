@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--scenario S1,S3] [--server broadcastd,nchan]``.
+"""``python -m benchmarks [--quick] [--scenario S1,S3] [--server broadcastd,nchan] [--tls]``.
 
 Pins itself (load client and publisher) to core 1 and each server to core 0,
 runs the scenarios, prints the table and the command line, and writes the
@@ -69,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="SECONDS",
         help="before each scenario, wait up to SECONDS for other processes to go idle",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run each broadcastd server over TLS (self-signed; wss:// and https://)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     return parser.parse_args(argv)
@@ -97,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             pin=pin,
             wait_idle=args.wait_idle,
             progress=lambda m: print(m, flush=True),
+            tls=args.tls,
         )
     )
     results["command"] = command

@@ -23,6 +23,8 @@ from typing import cast
 
 import httptools
 
+from benchmarks.tls import CLIENT_TLS, server_hostname
+
 PAYLOAD_BYTES = 64
 RESPONSE_TIMEOUT = 30.0
 """Longest wait for the responses to one burst of requests."""
@@ -83,7 +85,13 @@ class HttpPipe(asyncio.Protocol):
     @classmethod
     async def open(cls, host: str, port: int, keep_bodies: bool = False) -> HttpPipe:
         loop = asyncio.get_running_loop()
-        _, pipe = await loop.create_connection(lambda: cls(keep_bodies), host, port)
+        _, pipe = await loop.create_connection(
+            lambda: cls(keep_bodies),
+            host,
+            port,
+            ssl=CLIENT_TLS.get(),
+            server_hostname=server_hostname(host),
+        )
         return pipe
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

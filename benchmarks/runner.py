@@ -21,7 +21,46 @@ from typing import Any
 from benchmarks.procstat import busy_elsewhere, raise_nofile
 from benchmarks.report import format_cores
 from benchmarks.scenarios import SCENARIOS, Params, compare, server_env, unsupported
-from benchmarks.servers import SERVERS, ServerError
+from benchmarks.servers import SERVERS, Server, ServerError
+from benchmarks.tls import self_signed, trust
+
+TLS_SUFFIX = "+tls"
+TLS_COMPARED = ("S1", "S5")
+"""Scenarios whose rows get a TLS / plain ratio: what TLS costs per delivery (S1)
+and per connection (S5)."""
+
+
+def tls_env(cert_file: Path, key_file: Path) -> dict[str, str]:
+    """The daemon's settings for serving both ports over TLS."""
+    return {
+        "BROADCASTD_WS__TLS_CERT_FILE": str(cert_file),
+        "BROADCASTD_WS__TLS_KEY_FILE": str(key_file),
+        "BROADCASTD_CONTROL__TLS_CERT_FILE": str(cert_file),
+        "BROADCASTD_CONTROL__TLS_KEY_FILE": str(key_file),
+    }
+
+
+def compare_tls(plain: dict[str, Any], over_tls: dict[str, Any]) -> None:
+    """A ``tls_ratio:KEY`` row (TLS / plain) after each of S1's and S5's rows, in the
+    TLS column; the plain figures are in the plain column of the same run."""
+    for scenario in TLS_COMPARED:
+        before, after = plain.get(scenario, {}), over_tls.get(scenario, {})
+        if "metrics" not in before or "metrics" not in after:
+            continue
+        rows: dict[str, Any] = {}
+        for key, m in after["metrics"].items():
+            rows[key] = m
+            if key.startswith("redis-server"):
+                continue  # Redis does not see TLS: its per-publish CPU is S1's
+            a, b = m["value"], before["metrics"].get(key, {}).get("value")
+            rows[f"tls_ratio:{key}"] = {
+                "label": f"{m['label']}: TLS / plain",
+                "unit": "x",
+                "better": m["better"],
+                "value": a / b if a is not None and b else None,
+            }
+        after["metrics"] = rows
+
 
 SERVER_LOG_LINES = 20
 IDLE_CORES = 0.1
@@ -54,8 +93,14 @@ async def run(
     pin: bool,
     wait_idle: float = 0.0,
     progress: Callable[[str], None] = print,
+    tls: bool = False,
 ) -> dict[str, Any]:
-    """Every scenario against every server; never raises for one failed scenario."""
+    """Every scenario against every server; never raises for one failed scenario.
+
+    With ``tls``, each server that serves TLS runs every scenario a second time
+    with a self-signed certificate (its column is ``NAME+tls``: wss:// and
+    https://, the load client trusting that certificate), and S1's and S5's rows
+    get TLS / plain ratios."""
     needed = (
         max(*params.s4_counts, params.s3_subscribers, params.s5_clients, params.r_clients) + 200
     )
@@ -65,9 +110,11 @@ async def run(
         "nofile_soft": raise_nofile(needed),
         "params": asdict(params),
         "scenarios": list(scenario_names),
+        "tls": tls,
         "servers": {},
     }
     with tempfile.TemporaryDirectory(prefix="broadcastd-bench-") as tmp:
+        certificate = self_signed(Path(tmp)) if tls else None
         for name in server_names:
             cls = SERVERS[name]
             reason = cls.unavailable()
@@ -75,32 +122,82 @@ async def run(
                 progress(f"[{name}] skipped: {reason}")
                 results["servers"][name] = {"skipped": reason}
                 continue
-            outcome: dict[str, Any] = {"scenarios": {}}
-            runs: dict[str, list[dict[str, Any]]] = {}
-            results["servers"][name] = outcome
-            for scenario in scenario_names:
-                why = unsupported(scenario, cls)
-                if why is not None:
-                    progress(f"[{name}] {scenario} skipped: {why}")
-                    outcome["scenarios"][scenario] = {"skipped": why}
-                    continue
-                if wait_idle > 0:
-                    await _wait_idle(wait_idle, progress)
-                progress(f"[{name}] {scenario} ...")
-                server = cls(Path(tmp), 0 if pin else None)
-                server.extra_env.update(server_env(scenario, params))
-                res = await _one(server, scenario, params)
-                outcome["scenarios"][scenario] = res  # the last run of a repeated one
-                runs.setdefault(scenario, []).append(res)
-                if "pinning" in res and "pinning" not in outcome:
-                    outcome["pinning"] = res["pinning"]
-                    client = format_cores({"load client": results["host"]["affinity"]})
-                    progress(f"[{name}] cores: {format_cores(res['pinning'])}; {client}")
-                progress(f"[{name}] {scenario} {_summary(res)}")
-            compare(outcome["scenarios"], runs)  # S5t against S5
-            if "time_ratio" in outcome["scenarios"].get("S5t", {}).get("metrics", {}):
-                progress(f"[{name}] S5t vs S5 {_summary(outcome['scenarios']['S5t'], 'ratio')}")
+            plain = await _scenarios(
+                name, cls, scenario_names, params, tmp, pin, wait_idle, {}, progress
+            )
+            results["servers"][name] = plain
+            if certificate is None:
+                continue
+            over_tls = f"{name}{TLS_SUFFIX}"
+            if not cls.tls:
+                progress(f"[{over_tls}] skipped: {name} does not serve TLS")
+                continue
+            cert_file, key_file = certificate
+            trust(cert_file)
+            try:
+                outcome = await _scenarios(
+                    over_tls,
+                    cls,
+                    scenario_names,
+                    params,
+                    tmp,
+                    pin,
+                    wait_idle,
+                    tls_env(cert_file, key_file),
+                    progress,
+                )
+            finally:
+                trust(None)
+            outcome["tls"] = {"certificate": "self-signed ECDSA P-256", "min_version": "TLSv1.2"}
+            compare_tls(plain["scenarios"], outcome["scenarios"])
+            results["servers"][over_tls] = outcome
+            for scenario in TLS_COMPARED:
+                if "metrics" in outcome["scenarios"].get(scenario, {}):
+                    summary = _summary(outcome["scenarios"][scenario], "tls_ratio")
+                    progress(f"[{over_tls}] {scenario} over TLS / plain: {summary}")
     return results
+
+
+async def _scenarios(
+    name: str,
+    cls: type[Server],
+    scenario_names: Sequence[str],
+    params: Params,
+    tmp: str,
+    pin: bool,
+    wait_idle: float,
+    env: dict[str, str],
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Every scenario against a fresh server of ``cls`` each (with ``env`` on top of
+    what the scenario sets), the results under ``name``."""
+    outcome: dict[str, Any] = {"scenarios": {}}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for scenario in scenario_names:
+        why = unsupported(scenario, cls)
+        if why is not None:
+            progress(f"[{name}] {scenario} skipped: {why}")
+            outcome["scenarios"][scenario] = {"skipped": why}
+            continue
+        if wait_idle > 0:
+            await _wait_idle(wait_idle, progress)
+        progress(f"[{name}] {scenario} ...")
+        server = cls(Path(tmp), 0 if pin else None)
+        server.extra_env.update(server_env(scenario, params))
+        server.extra_env.update(env)
+        res = await _one(server, scenario, params)
+        outcome["scenarios"][scenario] = res  # the last run of a repeated one
+        runs.setdefault(scenario, []).append(res)
+        if "pinning" in res and "pinning" not in outcome:
+            outcome["pinning"] = res["pinning"]
+            client = format_cores({"load client": sorted(os.sched_getaffinity(0))})
+            progress(f"[{name}] cores: {format_cores(res['pinning'])}; {client}")
+        progress(f"[{name}] {scenario} {_summary(res)}")
+    compare(outcome["scenarios"], runs)  # S5t and S5p against S5
+    for other in ("S5t", "S5p"):
+        if "time_ratio" in outcome["scenarios"].get(other, {}).get("metrics", {}):
+            progress(f"[{name}] {other} vs S5 {_summary(outcome['scenarios'][other], 'ratio')}")
+    return outcome
 
 
 async def _wait_idle(limit: float, progress: Callable[[str], None]) -> None:

@@ -1,4 +1,5 @@
-"""The benchmark scenarios, S1 to S6, S5t, S1c and R, each against one freshly started server.
+"""The benchmark scenarios, S1 to S6, S5t, S1c, R, S5p, PS and JL, each against one
+freshly started server.
 
 Every scenario returns ``{"metrics": {...}, "details": {...}}``: metrics are
 the headline figures the report tabulates (each with its label, unit and which
@@ -18,12 +19,14 @@ import secrets
 import socket
 import statistics
 import time
+from array import array
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.conflation import SlowGroup, SlowReader
+from benchmarks.joinleave import RoomJob, RoomProcess
 from benchmarks.procstat import (
     descendants,
     load_elsewhere,
@@ -38,6 +41,7 @@ from benchmarks.publisher import (
     batch_flat_out,
     flat_out,
     paced,
+    request,
     steady,
 )
 from benchmarks.recovery import Fleet, Resumer, Track
@@ -51,6 +55,7 @@ from benchmarks.storm import (
     received,
     shortfalls,
 )
+from benchmarks.tls import client_cafile
 from benchmarks.wsclient import ConnectResult, MakeSubscriber, Pool
 
 
@@ -109,6 +114,25 @@ class Params:
     With loopback's 64 KiB MSS the daemon's kernel grows the send buffer of each
     connection to ~4 MiB, which holds ~20,000 of S1's messages for a reader that does
     not read, and S1c would conflate nothing; with 1460 it stays near 120 KiB."""
+    ps_members: int = 10_000
+    """PS: subscribers of the presence channel whose stats are asked for."""
+    ps_requests: int = 1000
+    """PS: ``GET /channels/{name}/presence/stats`` requests, one at a time."""
+    jl_room: int = 1000
+    """JL: members of the ``join_leave`` room, who all close and reconnect at once."""
+    jl_steady: int = 1000
+    """JL: subscribers of the other channels, spread round-robin over ``jl_channels``."""
+    jl_channels: int = 10
+    jl_rate: float = 100.0
+    """JL: publishes per second round-robin over the other channels (10,000
+    deliveries/s at the default sizes: a tenth of broadcastd's core, room to spare
+    for the room's storm)."""
+    jl_quiet: float = 5.0
+    """JL: seconds of the quiet phase (the stream alone)."""
+    jl_event_quiet: float = 1.0
+    """JL: the room's events are over once none arrived for this long."""
+    jl_sample_every: int = 7
+    """JL: latency of every Nth delivery of the stream."""
     r_clients: int = 1000
     r_channels: int = 10
     r_rate: float = 200.0
@@ -161,6 +185,14 @@ QUICK = Params(
     s6_storm=200,
     s6_in_flight=50,
     s6_sample_every=7,
+    ps_members=100,
+    ps_requests=50,
+    jl_room=30,
+    jl_steady=20,
+    jl_channels=2,
+    jl_quiet=0.5,
+    jl_event_quiet=0.3,
+    jl_sample_every=1,
     r_clients=20,
     r_channels=2,
     r_rate=40.0,
@@ -185,6 +217,21 @@ TOKEN_COST_TARGET = 1.2
 CONFLATE_NAMESPACE = "px"
 CONFLATE_CHANNEL = f"{CONFLATE_NAMESPACE}:feed"
 """S1c's channel, in a namespace whose slow-consumer policy is ``conflate``."""
+
+PRESENCE_NAMESPACE = "pr"
+"""S5p's and PS's channels: a namespace with ``presence = true``."""
+PRESENCE_COST_TARGET = 1.15
+"""S5p may take at most 15 % more than S5."""
+ROOM_NAMESPACE = "jl"
+"""JL's room: a namespace with ``join_leave = true`` (and the default
+``join_leave_max_subscribers``, 1000)."""
+PRESENCE_NAMESPACES = [
+    {"name": PRESENCE_NAMESPACE, "presence": True},
+    {"name": ROOM_NAMESPACE, "join_leave": True},
+]
+
+PRESENCE_STATS_TARGET_MS = 5.0
+"""PS: the p99 of presence stats of a 10,000-member channel, on Redis."""
 
 S6_CHANNEL = "s6"
 STORM_IMPACT_TARGET = 3.0
@@ -740,6 +787,13 @@ async def s5_storm(server: Server, p: Params) -> dict[str, Any]:
     return await _storm(server, p, with_tokens=False)
 
 
+async def s5p_storm(server: Server, p: Params) -> dict[str, Any]:
+    """S5p: S5 with presence on: every channel is in a namespace with ``presence =
+    true`` (``pr:s5-N``), so each subscribe also writes a presence entry (on Redis,
+    a hash field and a sorted-set member, refreshed by the node's heartbeat)."""
+    return await _storm(server, p, with_tokens=False, prefix=f"{PRESENCE_NAMESPACE}:")
+
+
 async def s5t_storm(server: Server, p: Params) -> dict[str, Any]:
     """S5t: S5 against a daemon with subscriber auth on (``auth.hmac_secret``): each
     client passes its own HS256 token (``sub`` its own, ``channels`` its one channel)
@@ -766,13 +820,16 @@ def subscriber_tokens(channels: list[str]) -> list[str]:
     ]
 
 
-async def _storm(server: Server, p: Params, *, with_tokens: bool) -> dict[str, Any]:
-    """S5 and S5t: the connect+subscribe storm, timed, and the server's CPU over it."""
-    name = "S5t" if with_tokens else "S5"
+async def _storm(
+    server: Server, p: Params, *, with_tokens: bool, prefix: str = ""
+) -> dict[str, Any]:
+    """S5, S5t and S5p: the connect+subscribe storm, timed, and the server's CPU over
+    it; ``prefix`` puts the channels in a namespace."""
+    name = "S5t" if with_tokens else "S5p" if prefix else "S5"
     _, json_mode = _mode(server, p)
     pool = Pool(json_mode=json_mode)
     try:
-        channels = [f"s5-{i}" for i in range(p.s5_clients)]
+        channels = [f"{prefix}s5-{i}" for i in range(p.s5_clients)]
         tokens = subscriber_tokens(channels) if with_tokens else None
         meter = _Meter(server)
         conn = await _connect(server, pool, channels, p, concurrency=p.s5_in_flight, tokens=tokens)
@@ -783,7 +840,7 @@ async def _storm(server: Server, p: Params, *, with_tokens: bool) -> dict[str, A
             if conn.subscribed and usage["server_cpu_s"] >= MIN_CPU_S
             else None
         )
-        how = ", an HS256 token each" if with_tokens else ""
+        how = ", an HS256 token each" if with_tokens else ", presence on" if prefix else ""
         return {
             "metrics": {
                 "seconds": metric(
@@ -803,6 +860,7 @@ async def _storm(server: Server, p: Params, *, with_tokens: bool) -> dict[str, A
                 **_pool_details(pool, conn),
                 "json_mode": json_mode,
                 "tokens": with_tokens,
+                "presence": bool(prefix),
                 "cpu_ms_per_connect": cpu_ms,
                 "usage": usage,
             },
@@ -872,6 +930,7 @@ async def s6_storm_impact(server: Server, p: Params) -> dict[str, Any]:
                 replies_expected=replies,
                 in_flight=p.s6_in_flight,
                 timeout=p.connect_timeout,
+                cafile=client_cafile(),
             )
         )
         pool.reset_counts()
@@ -1012,23 +1071,323 @@ def _storm_impact_result(
     return {"metrics": metrics, "details": details}
 
 
-def compare(scenarios: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | None = None) -> None:
-    """Rows that need two scenarios of one server: S5t's cost against S5 (both in JSON
-    mode), added to S5t's metrics, with a problem noted above TOKEN_COST_TARGET.
+async def ps_presence_stats(server: Server, p: Params) -> dict[str, Any]:
+    """PS: what presence stats of a big channel cost. ``ps_members`` real subscribers
+    join one channel of the presence namespace, then ``ps_requests`` requests
+    ``GET /channels/{name}/presence/stats``, one at a time on one keep-alive
+    connection, each timed from its write to its response. The daemon answers
+    from counters, not by reading every entry (on Redis: the channel's hash and
+    sorted set are counted, not scanned), so the latency should not grow with
+    the channel; the first answer's counts are checked against the subscribers."""
+    p = dataclasses.replace(p, raw=False)
+    channel = f"{PRESENCE_NAMESPACE}:ps"
+    pool = Pool(json_mode=True)
+    pipe: HttpPipe | None = None
+    try:
+        conn = await _connect(server, pool, [channel] * p.ps_members, p)
+        seen = await server.wait_subscribers(channel, conn.subscribed, acknowledged=True)
+        pipe = await HttpPipe.open(HOST, server.control_port, keep_bodies=True)
+        ask = request("GET", f"/channels/{channel}/presence/stats")
+        await pipe.exchange(ask, 1)
+        first = pipe.responses.pop()
+        answer = json.loads(first.body) if first.status == 200 else None
+        problems = []
+        if answer is None:
+            problems.append(f"presence stats answered {first.status}: {first.body[:120]!r}")
+        elif answer.get("clients") != conn.subscribed:
+            problems.append(
+                f"presence stats counted {answer.get('clients')} clients, "
+                f"{conn.subscribed} are subscribed"
+            )
+        samples: array[int] = array("q")
+        meter = _Meter(server)
+        for _ in range(p.ps_requests):
+            sent = time.monotonic_ns()
+            await pipe.exchange(ask, 1)
+            samples.append(time.monotonic_ns() - sent)
+        usage = meter.done(time.monotonic())
+        statuses = Counter(r.status for r in pipe.responses)
+        pipe.responses.clear()
+        if set(statuses) != {200}:
+            problems.append(f"presence stats statuses {dict(statuses)}")
+        lat = percentiles_ms(samples)
+        cpu_us = (
+            usage["server_cpu_s"] / p.ps_requests * 1e6
+            if usage["server_cpu_s"] >= MIN_CPU_S
+            else None
+        )
+        n = conn.subscribed
+        label = f"PS presence stats of a {n:,}-member channel"
+        details: dict[str, Any] = {
+            **_pool_details(pool, conn),
+            "server_subscribers": seen,
+            "answer": answer,
+            "requests": p.ps_requests,
+            "statuses": {str(k): v for k, v in statuses.items()},
+            "latency_ms": lat,
+            "server_cpu_us_per_request": cpu_us,
+            "usage": usage,
+            "target_p99_ms": PRESENCE_STATS_TARGET_MS,
+        }
+        if lat["p99"] is not None and lat["p99"] > PRESENCE_STATS_TARGET_MS:
+            problems.append(
+                f"presence stats p99 {lat['p99']:.2f} ms (target <= {PRESENCE_STATS_TARGET_MS} ms)"
+            )
+        if problems:
+            details["problems"] = problems
+        return {
+            "metrics": {
+                "p50_ms": metric(f"{label}: latency p50", "ms", "lower", lat["p50"]),
+                "p99_ms": metric(
+                    f"PS latency p99 (target <= {PRESENCE_STATS_TARGET_MS:g} ms)",
+                    "ms",
+                    "lower",
+                    lat["p99"],
+                ),
+                "max_ms": metric("PS latency max", "ms", "lower", lat["max"]),
+                "cpu_us": metric("PS server CPU-us per request", "us", "lower", cpu_us),
+            },
+            "details": details,
+        }
+    finally:
+        if pipe is not None:
+            pipe.close()
+        pool.abort_all()
 
-    With S5 and S5t repeated (``--scenario S5,S5t,S5,S5t,...``; ``runs`` holds
-    every run of each), the i-th S5t is compared with the i-th S5 and the rows
-    are the median of those pairs: on a shared VM one pair ranges over tenths."""
-    plain, tokens = scenarios.get("S5", {}), scenarios.get("S5t", {})
-    if "metrics" not in plain or "metrics" not in tokens:
+
+async def jl_join_leave_storm(server: Server, p: Params) -> dict[str, Any]:
+    """JL: a reconnect storm in a ``join_leave`` room beside a steady stream elsewhere.
+
+    ``jl_steady`` subscribers spread over ``jl_channels`` other channels get
+    ``jl_rate`` publishes/s round-robin (``steady``: an absolute schedule). The
+    room's ``jl_room`` members live in a process of their own
+    (benchmarks/joinleave.py). Quiet phase: the stream alone for ``jl_quiet``
+    seconds. Storm phase: the stream again while every member closes and at once
+    reconnects (``connect_concurrency`` handshakes in flight); it ends when the
+    members are back and no join or leave came for ``jl_event_quiet`` seconds.
+    Each phase then waits until its messages reached every steady subscriber, so
+    what each missed is exact. The rows: the stream's p99 quiet and during the
+    storm, their ratio, what the steady subscribers missed, and how many join
+    and leave events the members got (each is one delivery)."""
+    p = dataclasses.replace(p, raw=False)
+    room = f"{ROOM_NAMESPACE}:room"
+    channels = [f"jls-{i}" for i in range(max(1, p.jl_channels))]
+    pool = Pool(json_mode=True, sample_every=p.jl_sample_every)
+    made: list[tuple[int, Steady]] = []
+    pipe: HttpPipe | None = None
+    publishing: asyncio.Task[PublishStats] | None = None
+    members: RoomProcess | None = None
+
+    def steady_subscriber(
+        i: int, request: bytes, accept: bytes, ready: asyncio.Future[None]
+    ) -> Steady:
+        subscriber = Steady(pool, request, accept, 1, ready)
+        made.append((i % len(channels), subscriber))
+        return subscriber
+
+    async def phase(stop_when: Callable[[], Awaitable[Any]], clients: Sequence[int] = ()) -> Any:
+        """The stream until ``stop_when`` returns; its deliveries, and what it returned."""
+        nonlocal pipe, publishing
+        pool.reset_counts()
+        before = received([s for _, s in subscribers])
+        pipe = await HttpPipe.open(HOST, server.control_port)
+        stop = asyncio.Event()
+        meter = _Meter(server, clients=clients)
+        publishing = asyncio.create_task(
+            steady(
+                pipe,
+                channels,
+                rate=p.jl_rate,
+                stop=stop,
+                max_messages=int(p.jl_rate * p.scenario_timeout),
+            )
+        )
+        outcome = await stop_when()
+        stop.set()
+        stats = await publishing
+        publishing = None
+        due = _due_per_channel(stats.ok, len(channels))
+        expected = [due[k] for k, _ in subscribers]
+        result = await _deliveries(pool, sum(expected), meter, p)
+        pipe.close()
+        after = received([s for _, s in subscribers])
+        short = [e - (b - a) for e, a, b in zip(expected, before, after, strict=True)]
+        result.update(
+            published=stats.ok,
+            publish_statuses=stats.statuses,
+            missed=sum(x for x in short if x > 0),
+            subscribers_missing=sum(1 for x in short if x > 0),
+            duplicates=sum(-x for x in short if x < 0),
+        )
+        return result, outcome
+
+    try:
+        paths = [server.ws_path([channels[i % len(channels)]], False) for i in range(p.jl_steady)]
+        conn = await pool.connect(
+            HOST,
+            server.ws_ports,
+            paths,
+            replies_expected=1,
+            concurrency=p.connect_concurrency,
+            deadline=asyncio.get_running_loop().time() + p.connect_timeout,
+            make=steady_subscriber,
+        )
+        subscribers = [
+            (k, s)
+            for k, s in made
+            if s.ready.done() and not s.ready.cancelled() and not s.ready.exception()
+        ]
+        members = await RoomProcess.start(
+            RoomJob(
+                host=HOST,
+                ports=server.ws_ports,
+                path=server.ws_path([room], False),
+                members=p.jl_room,
+                in_flight=p.connect_concurrency,
+                timeout=p.connect_timeout,
+                quiet=p.jl_event_quiet,
+                cafile=client_cafile(),
+            )
+        )
+        in_room = int(members.ready_info or 0)
+        room_seen = await server.wait_subscribers(room, in_room, acknowledged=True)
+        quiet, _ = await phase(lambda: asyncio.sleep(p.jl_quiet))
+        room_process = members
+        storm, visit = await phase(room_process.go, clients=[room_process.pid])
+        storm["room_client_cpu_util"] = visit["cpu_s"] / max(visit["events_s"], 1e-9)
+        log = await members.finish()
+        details = {
+            **_pool_details(pool, conn),
+            "room_members": in_room,
+            "room_server_subscribers": room_seen,
+            "quiet": quiet,
+            "storm": storm,
+            "room": {**visit, "log": log.splitlines()[-STORM_LOG_LINES:]},
+        }
+        return _join_leave_result(p, len(subscribers), in_room, details)
+    finally:
+        if publishing is not None:
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+        if pipe is not None:
+            pipe.close()
+        if members is not None:
+            await members.finish()
+        pool.abort_all()
+
+
+def _due_per_channel(published: int, channels: int) -> list[int]:
+    """Messages each channel got of ``published`` round-robin publishes from the first."""
+    return [published // channels + (1 if k < published % channels else 0) for k in range(channels)]
+
+
+def _join_leave_result(p: Params, n: int, in_room: int, details: dict[str, Any]) -> dict[str, Any]:
+    """JL's rows, and what is off added to ``details`` as ``problems``."""
+    quiet, storm, visit = details["quiet"], details["storm"], details["room"]
+    quiet_p99 = quiet["latency_sampled_ms"]["p99"]
+    storm_p99 = storm["latency_sampled_ms"]["p99"]
+    ratio = storm_p99 / quiet_p99 if storm_p99 is not None and quiet_p99 else None
+    most = in_room * max(0, in_room - 1)
+    problems = []
+    for name, part in (("quiet phase", quiet), ("storm", storm)):
+        if part["missed"] or part["duplicates"]:
+            problems.append(
+                f"{part['subscribers_missing']} of {n} steady subscribers missed "
+                f"{part['missed']:,} messages ({part['duplicates']:,} extra) in the {name}"
+            )
+    if visit["reconnected"] < visit["attempted"]:
+        problems.append(
+            f"only {visit['reconnected']} of {visit['attempted']} room members came back: "
+            f"{visit['errors']}"
+        )
+    if visit["closed_by_server"]:
+        problems.append(f"the server closed room members {visit['closed_by_server']}")
+    if visit.get("told", {}).get("false"):
+        problems.append(
+            f"{visit['told']['false']} members were told join_leave false (beyond the "
+            "namespace's join_leave_max_subscribers while old and new connections overlapped)"
+        )
+    if visit["log"]:
+        problems.append(f"the room process wrote: {visit['log'][-1][:160]}")
+    if problems:
+        details["problems"] = problems
+    details.update(p99_ratio=ratio, events_most_each=most)
+    label = f"JL {n} subs on {p.jl_channels} other channels, {p.jl_rate:g} msg/s"
+    return {
+        "metrics": {
+            "quiet_p99_ms": metric(f"{label}: quiet latency p99", "ms", "lower", quiet_p99),
+            "storm_p99_ms": metric(
+                f"JL latency p99 while a join_leave room of {in_room} reconnects",
+                "ms",
+                "lower",
+                storm_p99,
+            ),
+            "p99_ratio": metric("JL storm p99 / quiet p99", "x", "lower", ratio),
+            "storm_missed": metric(
+                "JL messages the other channels' subscribers missed in the storm",
+                "msg",
+                "lower",
+                storm["missed"],
+            ),
+            "reconnect_s": metric(
+                f"JL s until all {in_room} members reconnected", "s", "lower", visit["reconnect_s"]
+            ),
+            "events_s": metric(
+                "JL s until the last join/leave event arrived", "s", "lower", visit["events_s"]
+            ),
+            "joins": metric(
+                f"JL join events the members received (at most {most:,})",
+                "events",
+                "higher",
+                visit["joins"],
+            ),
+            "leaves": metric(
+                f"JL leave events the members received (at most {most:,})",
+                "events",
+                "higher",
+                visit["leaves"],
+            ),
+        },
+        "details": details,
+    }
+
+
+COMPARED = (
+    ("S5t", TOKEN_COST_TARGET, "what tokens cost", "tokens"),
+    ("S5p", PRESENCE_COST_TARGET, "what presence costs", "presence"),
+)
+"""Scenarios compared with S5 of the same server and run: (name, target, what the
+ratio is, what the problem line blames)."""
+
+
+def compare(scenarios: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | None = None) -> None:
+    """Rows that need two scenarios of one server: S5t's and S5p's cost against S5 (all
+    in JSON mode), added to their metrics, with a problem noted above their target.
+
+    With S5 and S5t (or S5p) repeated (``--scenario S5,S5t,S5,S5t,...``; ``runs``
+    holds every run of each), the i-th S5t is compared with the i-th S5 and the
+    rows are the median of those pairs: on a shared VM one pair ranges over tenths."""
+    for name, target, what, blamed in COMPARED:
+        _versus_s5(scenarios, runs or {}, name, target, what, blamed)
+
+
+def _versus_s5(
+    scenarios: dict[str, Any],
+    runs: dict[str, list[dict[str, Any]]],
+    name: str,
+    target_ratio: float,
+    what: str,
+    blamed: str,
+) -> None:
+    plain, other = scenarios.get("S5", {}), scenarios.get(name, {})
+    if "metrics" not in plain or "metrics" not in other:
         return
     if not plain["details"].get("json_mode"):
-        tokens["details"]["vs_S5"] = "not compared: S5 ran in raw mode (--raw)"
+        other["details"]["vs_S5"] = "not compared: S5 ran in raw mode (--raw)"
         return
-    runs = runs or {}
     pairs = [
         (a, b)
-        for a, b in zip(runs.get("S5", [plain]), runs.get("S5t", [tokens]), strict=False)
+        for a, b in zip(runs.get("S5", [plain]), runs.get(name, [other]), strict=False)
         if "metrics" in a and "metrics" in b
     ]
 
@@ -1041,31 +1400,31 @@ def compare(scenarios: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | N
         return (statistics.median(each) if each else None), each
 
     (time_ratio, times), (cpu_ratio, cpus) = ratio("seconds"), ratio("cpu_ms")
-    target = f"target <= {TOKEN_COST_TARGET:.2f}"
+    target = f"target <= {target_ratio:.2f}"
     how = f"median of {len(pairs)} pairs, " if len(pairs) > 1 else ""
-    tokens["metrics"]["time_ratio"] = metric(
-        f"S5t / S5 time: what tokens cost ({how}{target})", "x", "lower", time_ratio
+    other["metrics"]["time_ratio"] = metric(
+        f"{name} / S5 time: {what} ({how}{target})", "x", "lower", time_ratio
     )
-    tokens["metrics"]["cpu_ratio"] = metric(
-        f"S5t / S5 server CPU per connect+subscribe{f' ({how[:-2]})' if how else ''}",
+    other["metrics"]["cpu_ratio"] = metric(
+        f"{name} / S5 server CPU per connect+subscribe{f' ({how[:-2]})' if how else ''}",
         "x",
         "lower",
         cpu_ratio,
     )
-    tokens["details"]["vs_S5"] = {
+    other["details"]["vs_S5"] = {
         "time_ratio": time_ratio,
         "cpu_ratio": cpu_ratio,
         "pairs": len(pairs),
         "time_ratios": times,
         "cpu_ratios": cpus,
         "per_s_without": plain["metrics"]["per_s"]["value"],
-        "per_s_with": tokens["metrics"]["per_s"]["value"],
-        "target": TOKEN_COST_TARGET,
+        "per_s_with": other["metrics"]["per_s"]["value"],
+        "target": target_ratio,
     }
-    for what, value in (("time", time_ratio), ("server CPU", cpu_ratio)):
-        if value is not None and value > TOKEN_COST_TARGET:
-            tokens["details"].setdefault("problems", []).append(
-                f"tokens cost {value:.2f}x the {what} of S5 ({target})"
+    for kind, value in (("time", time_ratio), ("server CPU", cpu_ratio)):
+        if value is not None and value > target_ratio:
+            other["details"].setdefault("problems", []).append(
+                f"{blamed} cost {value:.2f}x the {kind} of S5 ({target})"
             )
 
 
@@ -1281,6 +1640,8 @@ def unsupported(scenario: str, server: type[Server]) -> str | None:
         return "no subscriber tokens (?token=JWT): S5t is for broadcastd"
     if scenario == "S1c" and not server.conflation:
         return "no conflating namespaces: S1c is for broadcastd"
+    if scenario in ("S5p", "PS", "JL") and not server.presence:
+        return f"no presence or join/leave events: {scenario} is for broadcastd"
     return None
 
 
@@ -1295,6 +1656,8 @@ def server_env(scenario: str, p: Params) -> dict[str, str]:
     if scenario == "S1c":
         namespaces = [{"name": CONFLATE_NAMESPACE, "slow_consumer_policy": "conflate"}]
         return {"BROADCASTD_NAMESPACES": json.dumps(namespaces)}
+    if scenario in ("S5p", "PS", "JL"):
+        return {"BROADCASTD_NAMESPACES": json.dumps(PRESENCE_NAMESPACES)}
     return {}
 
 
@@ -1309,4 +1672,7 @@ SCENARIOS: dict[str, Scenario] = {
     "S5t": s5t_storm,
     "S6": s6_storm_impact,
     "R": r_recovery,
+    "S5p": s5p_storm,
+    "PS": ps_presence_stats,
+    "JL": jl_join_leave_storm,
 }

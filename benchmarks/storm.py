@@ -32,10 +32,12 @@ import os
 import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Self
 
 from benchmarks.procstat import self_cpu_seconds
 from benchmarks.publisher import RESPONSE_TIMEOUT
 from benchmarks.servers.base import REPO
+from benchmarks.tls import trust
 from benchmarks.wsclient import HandshakeError, Pool, Subscriber, client_frame
 
 CLOSE_OPCODE = 0x8
@@ -148,6 +150,8 @@ class StormJob:
     in_flight: int
     timeout: float
     """Seconds the whole storm may take."""
+    cafile: str | None = None
+    """The daemon's certificate when it serves TLS (``--tls``): connect with TLS, trusting it."""
 
 
 @dataclass
@@ -198,12 +202,16 @@ async def run_storm(job: StormJob) -> StormResult:
 
 class StormProcess:
     """The parent's handle on the storm process: start it (it gets ready: imports,
-    the job read), let it go, read its result, then let it exit."""
+    the job read), let it go, read its result, then let it exit. ``module`` is the
+    child's program; JL's room (benchmarks/joinleave.py) speaks the same protocol."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, job: StormJob) -> None:
+    module: ClassVar[str] = "benchmarks.storm"
+
+    def __init__(self, proc: asyncio.subprocess.Process, job: Any) -> None:
         self.proc = proc
         self.job = job
         self.reported = False
+        self.ready_info = b""
         self.log: str | None = None
         """What the process wrote on stderr, once it has exited."""
 
@@ -212,11 +220,13 @@ class StormProcess:
         return self.proc.pid
 
     @classmethod
-    async def start(cls, job: StormJob) -> StormProcess:
+    async def start(cls, job: Any) -> Self:
+        """Launch the child, hand it ``job`` (a dataclass) and wait for its ``ready``;
+        the rest of that line (JL's room: how many members subscribed) is ``ready_info``."""
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "benchmarks.storm",
+            cls.module,
             cwd=REPO,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -227,7 +237,7 @@ class StormProcess:
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(asdict(job)).encode() + b"\n")
             await proc.stdin.drain()
-            await storm._expect(b"ready", START_TIMEOUT)
+            storm.ready_info = (await storm._expect(b"ready", START_TIMEOUT))[5:].strip()
         except BaseException:
             await storm.finish()
             raise
@@ -236,12 +246,17 @@ class StormProcess:
     async def run(self) -> StormResult:
         """Start the storm; its result once every client is done (the job's ``timeout``
         bounds it, and the reply gets RESPONSE_TIMEOUT more)."""
+        return StormResult(**await self.go())
+
+    async def go(self) -> dict[str, Any]:
+        """Say ``go``; the child's result line, decoded."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(b"go\n")
         await self.proc.stdin.drain()
         line = await self._expect(b"{", self.job.timeout + RESPONSE_TIMEOUT)
         self.reported = True
-        return StormResult(**json.loads(line))
+        result: dict[str, Any] = json.loads(line)
+        return result
 
     async def _expect(self, start: bytes, seconds: float) -> bytes:
         """The process's next line, which must begin with ``start``, within ``seconds``."""
@@ -277,6 +292,7 @@ def _storm_main() -> None:
 
     os.nice(STORM_NICE)
     job = StormJob(**json.loads(sys.stdin.readline()))
+    trust(job.cafile)
     print("ready", flush=True)
     if sys.stdin.readline().strip() != "go":
         return

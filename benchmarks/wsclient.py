@@ -38,6 +38,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import cast
 
+from benchmarks.tls import CLIENT_TLS, server_hostname
+
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _T_FIELD = re.compile(rb'"t": ?(\d+)')
 _MISSED_COUNT = re.compile(rb'"count": ?(\d+)')
@@ -201,11 +203,17 @@ class Pool:
                 try:
                     async with asyncio.timeout(OPEN_TIMEOUT):
                         factory = functools.partial(_same, sub)
+                        tls = CLIENT_TLS.get()
+                        name = server_hostname(host)
                         if sockopts:
                             sock = await _socket_with(loop, host, to, sockopts)
-                            await loop.create_connection(factory, sock=sock)
+                            await loop.create_connection(
+                                factory, sock=sock, ssl=tls, server_hostname=name
+                            )
                         else:
-                            await loop.create_connection(factory, host, to)
+                            await loop.create_connection(
+                                factory, host, to, ssl=tls, server_hostname=name
+                            )
                         await ready
                 except TimeoutError:
                     self.errors["timeout"] += 1

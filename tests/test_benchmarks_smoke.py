@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 import benchmarks
@@ -26,6 +28,20 @@ def test_benchmark_scenarios_run_against_the_daemon() -> None:
     s6 = outcome["scenarios"]["S6"]
     assert s6["details"]["storm_clients"]["connected"] == QUICK.s6_storm, s6["details"]
     assert s6["metrics"]["storm_missed"]["value"] == 0, s6["details"].get("problems")
+    _presence_checks(outcome["scenarios"])
+
+
+def _presence_checks(scenarios: dict[str, Any]) -> None:
+    """S5p is compared with S5; PS's stats count every member; JL's room came back
+    whole, its members got joins, and the other channels lost nothing."""
+    assert "time_ratio" in scenarios["S5p"]["metrics"]
+    ps = scenarios["PS"]["details"]
+    assert ps["answer"]["clients"] == QUICK.ps_members, ps
+    assert ps["statuses"] == {"200": QUICK.ps_requests}, ps
+    jl = scenarios["JL"]
+    assert jl["details"]["room"]["reconnected"] == QUICK.jl_room, jl["details"]["room"]
+    assert jl["metrics"]["joins"]["value"] > 0, jl["details"]["room"]
+    assert jl["metrics"]["storm_missed"]["value"] == 0, jl["details"].get("problems")
 
 
 @pytest.mark.parametrize(
@@ -46,3 +62,28 @@ def test_benchmark_scenarios_run_on_the_redis_broker(server: str, scenarios: lis
     assert "redis-server" in s1["depth1"]["helper_cpu_s"], s1["depth1"]
     if server == "broadcastd-redis2":  # S1 only: the others are skipped, with the reason
         assert "skipped" in outcome["scenarios"]["S2b"]
+
+
+def test_presence_scenarios_run_on_the_redis_broker() -> None:
+    """S5p, PS and JL on one node and a private redis-server."""
+    reason = SERVERS["broadcastd-redis"].unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    results = benchmarks.run_quick(server="broadcastd-redis", scenarios=["S5", "S5p", "PS", "JL"])
+    outcome = results["servers"]["broadcastd-redis"]
+    for name, scenario in outcome["scenarios"].items():
+        assert "error" not in scenario, (name, scenario.get("error"), scenario.get("server_log"))
+    _presence_checks(outcome["scenarios"])
+
+
+def test_tls_runs_every_client_over_tls() -> None:
+    """``--tls``: a second column whose daemon serves wss:// and https:// with a
+    self-signed certificate, its S1 and S5 rows compared with the plain ones."""
+    results = benchmarks.run_quick(server="broadcastd", scenarios=["S1", "S5"], tls=True)
+    over_tls = results["servers"]["broadcastd+tls"]
+    for name, scenario in over_tls["scenarios"].items():
+        assert "error" not in scenario, (name, scenario.get("error"), scenario.get("server_log"))
+    s1 = over_tls["scenarios"]["S1"]
+    assert s1["details"]["depth1"]["complete"], s1["details"]
+    assert s1["metrics"]["tls_ratio:deliveries_per_s@1"]["value"] is not None
+    assert over_tls["scenarios"]["S5"]["metrics"]["tls_ratio:seconds"]["value"] is not None

@@ -29,6 +29,8 @@ class Broadcastd(Server):
     recovery = True
     tokens = True
     conflation = True
+    presence = True
+    tls = True
     log_noise = ('"level":"info"',)
 
     @classmethod

@@ -174,6 +174,10 @@ class Server(Process):
     """Checks an HS256 subscriber token given as ``?token=`` (scenario S5t)."""
     conflation: ClassVar[bool] = False
     """Has namespaces whose channels conflate for slow consumers (scenario S1c)."""
+    presence: ClassVar[bool] = False
+    """Has namespaces with presence and join/leave events (scenarios S5p, PS, JL)."""
+    tls: ClassVar[bool] = False
+    """Serves wss:// and https:// given a certificate (``--tls``)."""
     only: ClassVar[tuple[str, ...] | None] = None
     """The scenarios this server runs (None: all it supports); ``only_why`` says why."""
     only_why: ClassVar[str] = ""
