@@ -119,9 +119,11 @@ class Head:
 _READ = frozenset(
     name.encode()
     for name in (
+        "accept",
         "authorization",
         "connection",
         "content-length",
+        "last-event-id",
         "origin",
         "sec-websocket-extensions",
         "sec-websocket-key",
@@ -282,6 +284,19 @@ def _method_not_allowed() -> Refusal:
         "a WebSocket handshake is a GET",
         headers=(("Allow", "GET"),),
     )
+
+
+def check_stream(head: Head) -> None:
+    """A Refusal unless ``head`` can be answered with an event stream: a GET in
+    HTTP/1.1 (the stream is chunked)."""
+    if head.method != "GET":
+        raise _method_not_allowed()
+    if head.version != "HTTP/1.1":
+        raise Refusal(
+            http.HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
+            "http_version_not_supported",
+            "an event stream is HTTP/1.1",
+        )
 
 
 def check_upgrade(head: Head) -> str:

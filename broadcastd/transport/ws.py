@@ -51,6 +51,7 @@ connection holds no subscription, enforces ``ws.subscribe_timeout``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http
 import logging
 import math
@@ -70,11 +71,13 @@ from broadcastd import log
 from broadcastd.auth.tokens import TokenVerifier
 from broadcastd.connlog import ConnectionLog
 from broadcastd.core.envelope import frame_payload, missed_frame
+from broadcastd.core.eventstream import SSE, EventStream, resume_positions, stream_kind
 from broadcastd.core.handshake import (
     Head,
     HeadReader,
     HttpDate,
     Refusal,
+    check_stream,
     check_upgrade,
     negotiate_extensions,
     route_of,
@@ -301,6 +304,15 @@ class WsServer:
                 )
         conn.route = route_of(head, s.max_channels_per_client)
 
+    def allow_origin(self, head: Head) -> str | None:
+        """``Access-Control-Allow-Origin`` for an event stream: any origin while
+        ``ws.allowed_origins`` is unset, else the request's (admission refused
+        the others); None for a request without an Origin."""
+        if self.settings.allowed_origins is None:
+            return "*"
+        origins = head.get_all("origin")
+        return origins[0] if origins else None
+
     def connected(self, conn: Connection) -> None:
         self._all.add(conn)
 
@@ -341,6 +353,7 @@ class Connection(asyncio.Protocol):
         "server",
         "session",
         "started",
+        "stream",
         "subscribe_timer",
         "timer",
         "transport",
@@ -356,6 +369,8 @@ class Connection(asyncio.Protocol):
         """websockets' protocol, from the 101 on (None during the handshake)."""
         self.preamble = b""
         """The 101 answer, written with the first frames if they follow at once."""
+        self.stream: EventStream | None = None
+        """For an SSE or ndjson subscriber (no WebSocket): its encoder."""
         self.transport: asyncio.Transport | None = None
         self.session: Session | None = None
         self.auth: ConnectionAuth | None = None
@@ -550,6 +565,10 @@ class Connection(asyncio.Protocol):
                 return
             self.reader = None
             server.admit(self, head)
+            kind = stream_kind(head)
+            if kind is not None:
+                self._start_stream(head, kind)
+                return
             accept = check_upgrade(head)
             protocol = ServerProtocol(
                 extensions=server.extensions,
@@ -570,6 +589,27 @@ class Connection(asyncio.Protocol):
         self._open()
         if self.preamble and not self.dirty:
             self._write(b"")  # nothing to answer yet (a token or an engine is asked)
+
+    def _start_stream(self, head: Head, kind: str) -> None:
+        """An event stream instead of a WebSocket: the same route and session, its
+        positions resumed from ``Last-Event-ID``; its session speaks JSON (the
+        stream renders ``format=raw`` itself, and needs every position)."""
+        route = self.route
+        assert route is not None
+        check_stream(head)
+        last_ids = head.get_all("last-event-id")
+        if kind == SSE and last_ids and last_ids[0]:
+            resumed = resume_positions(last_ids[0], route.channels)
+            self.route = dataclasses.replace(
+                route, since=tuple({**dict(route.since), **dict(resumed)}.items())
+            )
+        route = self.route
+        assert route is not None
+        self.stream = EventStream(kind, route.channels, route.raw, route.since)
+        self.preamble = self.stream.head(self.server.allow_origin(head))
+        self._open()
+        if self.preamble and not self.dirty:
+            self._write(b"")
 
     def _refuse(self, refusal: Refusal) -> None:
         """Answer the handshake with a JSON error, then half-close and wait (bounded)
@@ -599,7 +639,7 @@ class Connection(asyncio.Protocol):
 
     def _handshake_timeout(self) -> None:
         self.timer = None
-        if self.protocol is None and not self.closing:
+        if self.session is None and not self.closing:
             self.server.node.observer.connection_rejected(
                 "draining" if self.server.node.draining else "handshake_timeout"
             )
@@ -614,7 +654,8 @@ class Connection(asyncio.Protocol):
         self.route = None
         self.compressed = bool(self.protocol is not None and self.protocol.extensions)
         outbox = self.outbox = Outbox(s.outbox_messages, s.outbox_bytes, s.slow_consumer_policy)
-        outbox.tell_missed = not route.raw
+        stream = self.stream
+        outbox.tell_missed = stream is not None or not route.raw
         outbox.wake = self.wake
         outbox.write_now = self.write_now
         self.remote = _address(self._peer())
@@ -622,10 +663,11 @@ class Connection(asyncio.Protocol):
             server.client_ids(),
             node,
             outbox,
-            raw=route.raw,
+            raw=route.raw and stream is None,
             max_channels=s.max_channels_per_client,
             max_errors=s.max_command_errors,
             remote=self.remote,
+            transport="websocket" if stream is None else "sse" if stream.kind == SSE else "ndjson",
         )
         server.opened(self, session)
         self.started = time.monotonic()
@@ -652,6 +694,7 @@ class Connection(asyncio.Protocol):
             remote=self.remote,
             channels=list(route.channels),
             format="raw" if route.raw else "json",
+            transport=session.transport,
         )
         self._schedule_ping()
         self._watch_subscriptions()
@@ -745,8 +788,12 @@ class Connection(asyncio.Protocol):
 
     def writable(self) -> bool:
         """Frames may go out: the protocol is OPEN and the connection still there."""
+        if self.transport is None:
+            return False
         protocol = self.protocol
-        return self.transport is not None and protocol is not None and protocol.state is OPEN
+        if protocol is None:
+            return self.stream is not None and not self.closing
+        return protocol.state is OPEN
 
     def flush(self) -> None:
         """Write everything queued in one write; close when the outbox says so."""
@@ -776,7 +823,9 @@ class Connection(asyncio.Protocol):
             self._report_missed(outbox.take_missed(), frames)
         if outbox.channel_missed:
             self._report_conflated(outbox.take_channel_missed())
-        if self.compressed:
+        if self.stream is not None:
+            data = self.stream.render(frames)
+        elif self.compressed:
             data = self._compress(frames)
         else:
             data = frames[0] if len(frames) == 1 else b"".join(frames)
@@ -808,10 +857,22 @@ class Connection(asyncio.Protocol):
             return
         if self.write_paused and reason is not CloseReason.SLOW_CONSUMER:
             return  # resume_writing() flushes again, then closes
+        if self.stream is not None:
+            self._end_stream(reason)
+            return
         assert self.protocol is not None
         self.protocol.send_close(reason.code, reason.reason)
         self._send_protocol_data()
         self._expect_close()
+
+    def _end_stream(self, reason: CloseReason) -> None:
+        """The server ends an event stream: a last event says why, then the
+        chunked body ends and the connection closes (a browser reconnects)."""
+        assert self.stream is not None
+        self._write(self.stream.end(reason.code, reason.reason))
+        self._expect_close()
+        assert self.transport is not None
+        self.transport.close()
 
     def _send_protocol_data(self) -> None:
         """Write what the protocol produced (pongs, close frames)."""
@@ -885,6 +946,11 @@ class Connection(asyncio.Protocol):
         self.timer = None
         if not self.writable() or self.closing:
             return
+        if self.stream is not None:
+            if not self.write_paused:  # a stream is kept alive, not probed: no pong comes
+                self._write(self.stream.keepalive())
+            self._schedule_ping()
+            return
         try:
             self._ping_sent = _PING_STAMP.pack(time.monotonic())
             assert self.protocol is not None
@@ -940,7 +1006,6 @@ class Connection(asyncio.Protocol):
         outbox = self.outbox
         assert session is not None
         assert outbox is not None
-        assert self.protocol is not None
         code, reason, initiator = _how_closed(self.protocol, outbox)
         observer = self.server.node.observer
         observer.connection_closed(code, initiator)
@@ -974,8 +1039,13 @@ def _address(peer: Any) -> str:
     return str(peer)
 
 
-def _how_closed(protocol: ServerProtocol, outbox: Outbox) -> tuple[int, str, str]:
-    """Close code, reason and initiator (server / client / abnormal) of a closed connection."""
+def _how_closed(protocol: ServerProtocol | None, outbox: Outbox) -> tuple[int, str, str]:
+    """Close code, reason and initiator (server / client / abnormal) of a closed
+    connection (an event stream has no protocol: the outbox's reason, or gone)."""
+    if protocol is None:
+        if outbox.closed is not None:
+            return outbox.closed.code, outbox.closed.reason, "server"
+        return CloseReason.ABNORMAL.code, CloseReason.ABNORMAL.reason, "abnormal"
     if protocol.close_sent is not None and protocol.close_rcvd_then_sent is False:
         return protocol.close_sent.code, protocol.close_sent.reason, "server"
     if protocol.close_rcvd is not None:

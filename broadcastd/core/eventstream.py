@@ -1,0 +1,232 @@
+"""Server-Sent Events and newline-delimited JSON: the subscriber stream as plain HTTP.
+
+A subscriber that cannot or will not speak WebSocket (a browser's
+``EventSource``, ``curl -N``, a corporate proxy) asks the subscriber URL with
+``Accept: text/event-stream`` or ``Accept: application/x-ndjson`` instead of an
+upgrade. Everything else is the WebSocket path's: admission, the route, auth,
+the session and its outbox, the slow-consumer policies, drain. This module
+turns the outbox's frames (encoded once per message for every transport) into
+the stream's bytes, one HTTP chunk per write, and keeps what lossless resume
+needs.
+
+**Resume.** A browser reconnects by itself and sends the ``id`` of the last
+event it received as ``Last-Event-ID``; it cannot be told anything else. So
+every event that moves a channel's position (a message, and the ``subscribed``
+and ``resync`` notices) carries an id holding the position of *every* channel
+of the stream, in the order of the URL: ``1~EPOCH.OFFSET~EPOCH.OFFSET...``
+(offsets in base 36; an empty field for a channel with no position yet). The
+URL does not change across reconnects, so the id names no channel. Sent back,
+it resumes each channel after what the client saw, exactly as ``since`` does
+on a WebSocket, with the same ``recovered`` answers. Its size is about 17 bytes
+per channel: 1.7 KB at ``ws.max_channels_per_client`` = 100.
+
+**Events.** A message is an event with no ``event:`` field (``onmessage``), its
+``data:`` the JSON envelope, or the payload alone with ``format=raw``. Replies
+and notices are named events: ``event: subscribed``, ``resync``, ``missed``,
+``expiring``, ``authenticated``... except ``error`` replies, named
+``failure``: ``EventSource`` reserves ``error`` for its own connection errors.
+When the server ends the stream, a last ``event: close`` says why
+(``{"code": 4001, "reason": "slow consumer"}``, the WebSocket close code and
+reason). ndjson sends every frame as one line of JSON (with ``format=raw``, a
+message's ``data`` alone), with no positions (resume with ``since``).
+"""
+
+from __future__ import annotations
+
+import http
+from collections.abc import Iterable
+
+import orjson
+
+from broadcastd.core.envelope import Payload, Reply, frame_payload
+from broadcastd.core.handshake import Head, Refusal
+from broadcastd.core.stream import MAX_EPOCH_LENGTH, MAX_OFFSET, Position, Since
+
+SSE = "text/event-stream"
+NDJSON = "application/x-ndjson"
+ID_VERSION = "1"
+RETRY_MS = 2000
+"""The reconnection delay suggested to browsers (``retry:``)."""
+_SEPARATOR = "~"
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
+_EVENT_NAMES = {"error": "failure"}
+_ENVELOPE_HEAD = b'{"channel":"'
+_OFFSET = b'","offset":'
+_DATA = b',"data":'
+
+
+def stream_kind(head: Head) -> str | None:
+    """``SSE`` or ``NDJSON`` for a plain GET that asks for one (no WebSocket
+    upgrade), else None."""
+    if head.get_all("upgrade"):
+        return None
+    accept = ",".join(head.get_all("accept")).lower()
+    if SSE in accept:
+        return SSE
+    if NDJSON in accept:
+        return NDJSON
+    return None
+
+
+def base36(number: int) -> str:
+    digits = []
+    while True:
+        number, digit = divmod(number, 36)
+        digits.append(_DIGITS[digit])
+        if not number:
+            return "".join(reversed(digits))
+
+
+def resume_positions(last_event_id: str, channels: tuple[str, ...]) -> list[tuple[str, Since]]:
+    """The positions a ``Last-Event-ID`` made by this stream holds, as ``since``
+    pairs; a Refusal (400) for an id not made for these channels."""
+    fields = last_event_id.split(_SEPARATOR)
+    if fields[0] != ID_VERSION or len(fields) != len(channels) + 1:
+        raise _bad_id()
+    since: list[tuple[str, Since]] = []
+    for channel, field in zip(channels, fields[1:], strict=True):
+        if not field:
+            continue
+        epoch, dot, offset = field.partition(".")
+        if (
+            not dot
+            or not epoch
+            or len(epoch) > MAX_EPOCH_LENGTH
+            or not offset.isascii()
+            or not offset.isalnum()
+            or len(offset) > 13
+        ):
+            raise _bad_id()
+        number = int(offset, 36)
+        if number > MAX_OFFSET:
+            raise _bad_id()
+        since.append((channel, Position(epoch, number)))
+    return since
+
+
+def _bad_id() -> Refusal:
+    return Refusal(
+        http.HTTPStatus.BAD_REQUEST,
+        "bad_request",
+        "Last-Event-ID was not made by a stream of these channels",
+    )
+
+
+class EventStream:
+    """One subscriber's stream: the HTTP head, then its frames as chunks."""
+
+    __slots__ = ("_epochs", "_fields", "_index", "kind", "raw")
+
+    def __init__(
+        self,
+        kind: str,
+        channels: tuple[str, ...],
+        raw: bool,
+        since: Iterable[tuple[str, Since]] = (),
+    ) -> None:
+        self.kind = kind
+        self.raw = raw
+        self._index = {name: i for i, name in enumerate(channels)}
+        self._fields = [""] * len(channels)
+        """Each URL channel's ``EPOCH.OFFSET`` as of the last event (the id's fields):
+        at first, the positions the stream resumes from."""
+        self._epochs: dict[str, str] = {}
+        for channel, where in since:
+            if isinstance(where, Position):
+                self._moved(channel, where.epoch, where.offset)
+
+    def head(self, allow_origin: str | None) -> bytes:
+        """The 200 answer's head, and the first chunk (``retry:`` for SSE)."""
+        lines = [
+            "HTTP/1.1 200 OK",
+            "Server: broadcastd",
+            f"Content-Type: {self.kind}; charset=utf-8",
+            "Cache-Control: no-cache",
+            "X-Accel-Buffering: no",
+            "Transfer-Encoding: chunked",
+        ]
+        if allow_origin is not None:
+            lines.append(f"Access-Control-Allow-Origin: {allow_origin}")
+            if allow_origin != "*":
+                lines.append("Vary: Origin")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        if self.kind == SSE:
+            head += _chunk(b"retry: %d\n\n" % RETRY_MS)
+        return head
+
+    def render(self, frames: list[bytes]) -> bytes:
+        """One chunk carrying ``frames`` as events (SSE) or lines (ndjson)."""
+        if self.kind == NDJSON:
+            return _chunk(b"".join(self._line(frame) for frame in frames))
+        return _chunk(b"".join(self._event(frame) for frame in frames))
+
+    def _line(self, frame: bytes) -> bytes:
+        payload = bytes(frame_payload(frame))
+        if self.raw and not isinstance(frame, Reply):
+            payload = payload[payload.index(_DATA, len(_ENVELOPE_HEAD)) + len(_DATA) : -1]
+        return _flat(payload) + b"\n"
+
+    def keepalive(self) -> bytes:
+        """A comment (SSE) or an empty line (ndjson): keeps proxies from timing out."""
+        return _chunk(b":\n\n" if self.kind == SSE else b"\n")
+
+    def end(self, code: int, reason: str) -> bytes:
+        """The last event (why the server ends the stream), and the chunked end."""
+        close = orjson.dumps({"type": "close", "code": code, "reason": reason})
+        body = close + b"\n" if self.kind == NDJSON else b"event: close\ndata: " + close + b"\n\n"
+        return _chunk(body) + b"0\r\n\r\n"
+
+    def _event(self, frame: bytes) -> bytes:
+        payload = bytes(frame_payload(frame))
+        if isinstance(frame, Reply):
+            return self._notice(payload)
+        return self._message(payload)
+
+    def _notice(self, payload: bytes) -> bytes:
+        doc = orjson.loads(payload)
+        kind = str(doc.get("type", ""))
+        name = _EVENT_NAMES.get(kind, kind).encode()
+        moved = b""
+        if kind in ("subscribed", "resync") and "epoch" in doc:
+            channel = doc.get("channel", "")
+            self._epochs[channel] = doc["epoch"]
+            # A recovery's replay follows its reply: until its messages arrive, the
+            # client has seen no further than where it resumed from.
+            replayed = kind == "subscribed" and doc.get("recovered") is True
+            if not replayed and self._moved(channel, doc["epoch"], doc["offset"]):
+                moved = self._id()
+        return moved + b"event: " + name + b"\ndata: " + payload + b"\n\n"
+
+    def _message(self, payload: bytes) -> bytes:
+        end = payload.index(_OFFSET, len(_ENVELOPE_HEAD))
+        channel = payload[len(_ENVELOPE_HEAD) : end].decode()
+        data_at = payload.index(_DATA, end)
+        offset = int(payload[end + len(_OFFSET) : data_at])
+        epoch = self._epochs.get(channel)
+        moved = b""
+        if epoch is not None and self._moved(channel, epoch, offset):
+            moved = self._id()
+        if self.raw:
+            data = Payload.from_json_text(payload[data_at + len(_DATA) : -1]).raw
+            lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+            return moved + b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
+        return moved + b"data: " + _flat(payload) + b"\n\n"
+
+    def _moved(self, channel: str, epoch: str, offset: int) -> bool:
+        index = self._index.get(channel)
+        if index is None:
+            return False  # a channel the server API added: not in the URL, not resumed
+        self._fields[index] = f"{epoch}.{base36(offset)}"
+        return True
+
+    def _id(self) -> bytes:
+        return b"id: " + _SEPARATOR.join((ID_VERSION, *self._fields)).encode() + b"\n"
+
+
+def _flat(json: bytes) -> bytes:
+    """JSON text on one line: a newline in it can only be whitespace."""
+    return json.replace(b"\n", b" ").replace(b"\r", b" ")
+
+
+def _chunk(body: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(body), body)
