@@ -147,8 +147,11 @@ class WebSocketSettings(_Section):
     close_timeout: float = Field(3.0, gt=0)
     """Seconds to wait for the closing handshake before aborting the TCP connection."""
     compression: bool = False
-    """Negotiate permessage-deflate. Off by default: it defeats encode-once and costs
-    tens of KiB per connection."""
+    """Accept permessage-deflate offers. Each message is compressed once for every
+    subscriber that negotiated it (no context takeover, no compressor per
+    connection); it costs CPU per message and saves bandwidth on large JSON."""
+    compression_min_bytes: int = Field(256, ge=0)
+    """Messages smaller than this go uncompressed even on a compressing connection."""
     allowed_origins: list[str] | None = None
     """Accepted `Origin` header values; unset accepts any (including none)."""
     require_origin: bool = False

@@ -240,8 +240,6 @@ async def test_streams_cut_at_random_resume_without_loss_or_duplicates(
             channel = rng.choice(channels)
             published[channel] += 1
             await daemon.publish(channel, published[channel])
-            if rng.random() < 0.2:
-                await asyncio.sleep(0)
 
     async def reader(ready: asyncio.Event) -> dict[str, list[int]]:
         seen: dict[str, list[int]] = {c: [] for c in channels}

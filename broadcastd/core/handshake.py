@@ -26,12 +26,9 @@ import http
 from collections.abc import Callable, Sequence
 
 import httptools
-from websockets.datastructures import Headers
-from websockets.exceptions import InvalidHandshake, InvalidHeaderFormat, InvalidHeaderValue
-from websockets.extensions.base import Extension
+from websockets.exceptions import InvalidHeaderFormat, InvalidHeaderValue
 from websockets.headers import parse_connection, parse_subprotocol, parse_upgrade
 from websockets.http11 import Request
-from websockets.server import ServerProtocol
 from websockets.streams import StreamReader
 
 from broadcastd.core.route import Route, parse_route
@@ -380,20 +377,6 @@ def route_of(head: Head, max_channels: int) -> Route:
             raise _bad("Authorization must be one header: Bearer TOKEN")
         route = dataclasses.replace(route, token=token.strip())
     return route
-
-
-def negotiate_extensions(
-    protocol: ServerProtocol, head: Head
-) -> tuple[str | None, list[Extension]]:
-    """The extensions offered that ``protocol`` accepts, and their response header:
-    websockets' own negotiation (permessage-deflate's parameters are its)."""
-    headers = Headers()
-    for value in head.get_all("sec-websocket-extensions"):
-        headers["Sec-WebSocket-Extensions"] = value
-    try:
-        return protocol.process_extensions(headers)
-    except InvalidHandshake as exc:
-        raise _bad(f"Sec-WebSocket-Extensions: {exc}") from None
 
 
 class HttpDate:

@@ -26,7 +26,8 @@ Frames were encoded once per message (server frames are unmasked, so the same
 bytes suit every client); they are written only while the protocol is OPEN, and
 never while the transport is above ``ws.write_limit`` (the client's outbox
 absorbs the difference until the slow-consumer policy acts). With compression
-negotiated, frames go through the protocol instead, compressed per client.
+negotiated, a frame is written compressed, compressed once for every such client
+in the writers' pass (``core.deflate``).
 
 Backpressure both ways: a fan-out that finds a client's outbox full first
 writes out what is queued if the socket can take it (the client is slow only
@@ -61,8 +62,6 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from websockets.extensions.base import ServerExtensionFactory
-from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
 from websockets.frames import Frame, Opcode
 from websockets.protocol import SEND_EOF, State
 from websockets.server import ServerProtocol
@@ -70,7 +69,10 @@ from websockets.server import ServerProtocol
 from broadcastd import log
 from broadcastd.auth.tokens import TokenVerifier
 from broadcastd.connlog import ConnectionLog
-from broadcastd.core.envelope import frame_payload, missed_frame
+from broadcastd.core.deflate import RESPONSE as DEFLATE_RESPONSE
+from broadcastd.core.deflate import Deflater, receiving_extension
+from broadcastd.core.deflate import accepts as accepts_deflate
+from broadcastd.core.envelope import missed_frame
 from broadcastd.core.eventstream import SSE, EventStream, resume_positions, stream_kind
 from broadcastd.core.handshake import (
     Head,
@@ -79,7 +81,6 @@ from broadcastd.core.handshake import (
     Refusal,
     check_stream,
     check_upgrade,
-    negotiate_extensions,
     route_of,
     switching_protocols,
 )
@@ -125,9 +126,8 @@ class WsServer:
         self.node = node
         self.tls = tls
         """The listener's TLS context (None: plain ws://)."""
-        self.extensions: list[ServerExtensionFactory] | None = (
-            list(enable_server_permessage_deflate(None)) if settings.compression else None
-        )
+        self.deflater = Deflater(settings.compression_min_bytes) if settings.compression else None
+        """Compresses each frame once for the connections that negotiated deflate."""
         self._server: asyncio.AbstractServer | None = None
         self._open: dict[Session, Connection] = {}
         self._all: set[Connection] = set()
@@ -264,6 +264,8 @@ class WsServer:
             )
             self.pass_frames = self.pass_bytes = self.pass_writes = 0
             self.pass_oldest = _NEVER
+        if self.deflater is not None:
+            self.deflater.forget()
 
     def admit(self, conn: Connection, head: Head) -> None:
         """Admission: store the route asked for on ``conn``, or raise a Refusal. The
@@ -571,14 +573,15 @@ class Connection(asyncio.Protocol):
                 return
             accept = check_upgrade(head)
             protocol = ServerProtocol(
-                extensions=server.extensions,
                 state=OPEN,
                 max_size=server.settings.max_message_bytes,
                 logger=_protocol_log,
             )
             extensions = None
-            if server.extensions and head.get_all("sec-websocket-extensions"):
-                extensions, protocol.extensions = negotiate_extensions(protocol, head)
+            offers = head.get_all("sec-websocket-extensions")
+            if server.deflater is not None and offers and _deflate_offered(offers):
+                extensions = DEFLATE_RESPONSE
+                protocol.extensions = [receiving_extension()]
         except Refusal as refused:
             # Its traceback holds this frame, and so this connection, in a cycle.
             refused.__traceback__ = refused.__context__ = None
@@ -826,7 +829,9 @@ class Connection(asyncio.Protocol):
         if self.stream is not None:
             data = self.stream.render(frames)
         elif self.compressed:
-            data = self._compress(frames)
+            deflate = self.server.deflater
+            assert deflate is not None
+            data = b"".join([deflate.frame(frame) for frame in frames])
         else:
             data = frames[0] if len(frames) == 1 else b"".join(frames)
         self._write(data)
@@ -844,13 +849,6 @@ class Connection(asyncio.Protocol):
             data, self.preamble = self.preamble + data, b""
         assert self.transport is not None
         self.transport.write(data)
-
-    def _compress(self, frames: list[bytes]) -> bytes:
-        protocol = self.protocol
-        assert protocol is not None
-        for frame in frames:
-            protocol.send_text(frame_payload(frame))
-        return b"".join(protocol.data_to_send())
 
     def _close_if_flushed(self, outbox: Outbox, reason: CloseReason) -> None:
         if len(outbox) or self.closing:
@@ -1031,6 +1029,15 @@ class Connection(asyncio.Protocol):
             messages_sent=self.frames_sent,
             duration_s=round(time.monotonic() - self.started, 3),
         )
+
+
+def _deflate_offered(offers: list[str]) -> bool:
+    try:
+        return accepts_deflate(offers)
+    except ValueError as exc:
+        raise Refusal(
+            http.HTTPStatus.BAD_REQUEST, "bad_request", f"Sec-WebSocket-Extensions: {exc}"
+        ) from None
 
 
 def _address(peer: Any) -> str:
