@@ -738,6 +738,43 @@ async def large_control_request(arena: Arena, rng: random.Random) -> None:
     client.end(rng)
 
 
+async def stream_opened(arena: Arena, rng: random.Random, rcvbuf: int | None) -> Hostile | None:
+    """An event stream (SSE, or ndjson) on some channels, its answer's head read."""
+    client = Hostile(arena, rcvbuf)
+    if not await client.connect():
+        return None
+    path = arena.subscribe_path(rng, arena.random_channels(rng))
+    accept = rng.choice(["text/event-stream", "application/x-ndjson"])
+    request = f"GET {path} HTTP/1.1\r\nHost: {arena.host}\r\nAccept: {accept}\r\n\r\n"
+    if not await client.send(request.encode()) or await client.read_response() != 200:
+        client.end(rng)
+        return None
+    return client
+
+
+async def stream_never_read(arena: Arena, rng: random.Random) -> None:
+    """An event stream with a tiny receive buffer that is never read: a slow consumer."""
+    client = await stream_opened(arena, rng, rng.choice([2048, 4096, 8192]))
+    if client is None:
+        return
+    await arena.ticks(rng.randint(5, 100))
+    client.end(rng)
+
+
+async def stream_dropped(arena: Arena, rng: random.Random) -> None:
+    """An event stream read for a while, then half-closed or reset, mostly in the
+    very instant a publish is written."""
+    client = await stream_opened(arena, rng, None)
+    if client is None:
+        return
+    for _ in range(rng.randint(0, 5)):
+        await client.recv()
+    cut = client.fin if rng.random() < 0.5 else client.rst
+    if rng.random() < 0.7:
+        await arena.at_next_publish("stream_" + cut.__name__, cut)
+    client.end(rng)
+
+
 Action = Callable[[Arena, random.Random], Awaitable[None]]
 
 ACTIONS: list[tuple[Action, int]] = [
@@ -754,6 +791,8 @@ ACTIONS: list[tuple[Action, int]] = [
     (garbage_request, 5),
     (expires_unread, 4),
     (large_control_request, 3),
+    (stream_never_read, 5),
+    (stream_dropped, 6),
 ]
 """Every action with its weight in a misbehaving client's schedule."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -290,3 +291,67 @@ def test_the_id_holds_each_url_channel_and_reads_back_as_since() -> None:
     assert base36(36**12) == "1" + "0" * 12
     with pytest.raises(Refusal):
         resume_positions("1~e1.15", ("a", "b"))
+
+
+# Bounds and refusals shared with WebSocket
+
+
+async def test_a_slow_sse_reader_is_cut_by_the_policy_and_a_fast_one_loses_nothing(
+    daemon_factory: Any,
+) -> None:
+    settings = {
+        "ws.outbox_messages": 64,
+        "ws.outbox_bytes": 128 * 1024,
+        "ws.write_limit": 16 * 1024,
+        "ws.slow_consumer_policy": "disconnect",
+    }
+    payload = "x" * 2000
+    async with daemon_factory(**settings) as d:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", d.daemon.ws.port))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(b"GET /busy HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+        async with sse(d, "/busy") as fast:
+            await fast.until("subscribed")
+            published = 0
+            while True:
+                response = await d.http.post(
+                    "/batch", json=[{"channel": "busy", "data": payload}] * 50
+                )
+                published += 50
+                if response.json()["results"][-1]["subscribers"] == 1:
+                    break  # the slow reader's outbox refused: it is being cut
+                assert published < 20_000, "the slow SSE reader was never cut"
+            await d.publish("busy", "end")
+            got = 0
+            while (await fast.next()).json()["data"] != "end":
+                got += 1
+            assert got == published
+        writer.close()
+        closed = (await d.http.get("/metrics")).text
+        assert 'broadcastd_connections_closed_total{code="1013"' in closed
+
+
+async def test_a_stream_with_a_bad_token_is_told_why_and_ended(daemon_factory: Any) -> None:
+    async with (
+        daemon_factory(auth__hmac_secret="s" * 64) as d,
+        sse(d, "/?channel=a&token=bad") as stream,
+    ):
+        failure = await stream.until("failure")
+        assert (failure.json()["op"], failure.json()["code"]) == ("connect", "token_invalid")
+        close = await stream.until("close")
+        assert close.json()["code"] == 4002
+
+
+async def test_too_many_channels_are_refused_for_a_stream(daemon_factory: Any) -> None:
+    async with daemon_factory(ws__max_channels_per_client=2) as d:
+        url = d.ws_url.replace("ws://", "http://")
+        async with httpx.AsyncClient(timeout=30) as client:
+            response = await client.get(f"{url}/a,b,c", headers=SSE_HEADERS)
+            assert (response.status_code, response.json()["error"]["code"]) == (
+                400,
+                "too_many_channels",
+            )

@@ -175,6 +175,13 @@ async def test_the_daemon_serves_wss_and_https_and_reloads_on_sighup(tmp_path: P
                 assert (await http.post("/publish/news", json="over tls")).status_code == 200
                 for ws in (before, after):
                     assert (await recv_json(ws))["data"] == "over tls"
+            sse_url = f"https://localhost:{process.ws_port}/?channel=news"
+            async with http.stream("GET", sse_url, headers={"Accept": "text/event-stream"}) as sse:
+                assert sse.status_code == 200
+                lines = sse.aiter_lines()
+                assert await anext(lines) == "retry: 2000"
+                while not (await anext(lines)).startswith("event: subscribed"):
+                    pass
         process.proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(process.finish) == 0
     finally:
