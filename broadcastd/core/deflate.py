@@ -26,7 +26,7 @@ from websockets.exceptions import InvalidHandshake
 from websockets.extensions.permessage_deflate import PerMessageDeflate
 from websockets.headers import parse_extension
 
-from broadcastd.core.envelope import frame_payload
+from broadcastd.core.envelope import frame_payload, text_frame
 
 NAME = "permessage-deflate"
 RESPONSE = f"{NAME}; server_no_context_takeover; client_no_context_takeover"
@@ -118,13 +118,4 @@ class Deflater:
             data = data[:-4]
         if len(data) >= len(payload):
             return frame
-        return _frame(data)
-
-
-def _frame(data: bytes) -> bytes:
-    n = len(data)
-    if n < 126:
-        return bytes((_TEXT_FIN_RSV1, n)) + data
-    if n < 65536:
-        return bytes((_TEXT_FIN_RSV1, 126)) + n.to_bytes(2, "big") + data
-    return bytes((_TEXT_FIN_RSV1, 127)) + n.to_bytes(8, "big") + data
+        return text_frame(data, _TEXT_FIN_RSV1)

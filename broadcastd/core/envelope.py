@@ -32,14 +32,15 @@ def check_utf8(body: bytes) -> None:
             raise BadJson("body is not valid JSON: it is not UTF-8") from None
 
 
-def text_frame(payload: bytes) -> bytes:
-    """An unmasked, unfragmented text frame carrying ``payload`` (valid UTF-8)."""
+def text_frame(payload: bytes, first: int = _TEXT_FIN) -> bytes:
+    """An unmasked, unfragmented text frame carrying ``payload`` (valid UTF-8);
+    ``first`` is its first byte (FIN and opcode; permessage-deflate adds RSV1)."""
     n = len(payload)
     if n < 126:
-        return bytes((_TEXT_FIN, n)) + payload
+        return bytes((first, n)) + payload
     if n < 65536:
-        return bytes((_TEXT_FIN, 126)) + n.to_bytes(2, "big") + payload
-    return bytes((_TEXT_FIN, 127)) + n.to_bytes(8, "big") + payload
+        return bytes((first, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((first, 127)) + n.to_bytes(8, "big") + payload
 
 
 def frame_payload(frame: bytes) -> memoryview:

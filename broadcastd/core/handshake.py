@@ -286,13 +286,18 @@ def _method_not_allowed() -> Refusal:
 def check_stream(head: Head) -> None:
     """A Refusal unless ``head`` can be answered with an event stream: a GET in
     HTTP/1.1 (the stream is chunked)."""
+    _check_get_11(head, "an event stream")
+
+
+def _check_get_11(head: Head, what: str) -> None:
+    """405 for another method than GET, then 505 for another version than HTTP/1.1."""
     if head.method != "GET":
         raise _method_not_allowed()
     if head.version != "HTTP/1.1":
         raise Refusal(
             http.HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
             "http_version_not_supported",
-            "an event stream is HTTP/1.1",
+            f"{what} is HTTP/1.1",
         )
 
 
@@ -301,14 +306,7 @@ def check_upgrade(head: Head) -> str:
     for another method, 505 for HTTP/1.0, 426 without ``Connection: Upgrade`` and
     ``Upgrade: websocket``, 400 for a missing, repeated or malformed key or
     version. The checks and their order are websockets' ``process_request``."""
-    if head.method != "GET":
-        raise _method_not_allowed()
-    if head.version != "HTTP/1.1":
-        raise Refusal(
-            http.HTTPStatus.HTTP_VERSION_NOT_SUPPORTED,
-            "http_version_not_supported",
-            "a WebSocket handshake is HTTP/1.1",
-        )
+    _check_get_11(head, "a WebSocket handshake")
     connection = head.get_all("connection")
     if not (len(connection) == 1 and connection[0].lower() == "upgrade"):
         _check_list(connection, parse_connection, "upgrade", "Connection")
