@@ -283,3 +283,34 @@ def cyclic_garbage_of(kinds: tuple[type, ...], names: tuple[str, ...] = ()) -> l
         gc.garbage.clear()
         gc.set_debug(0)
     return found
+
+
+def redis_settings(server: RedisServer, **overrides: Any) -> Settings:
+    """``make_settings`` on the Redis engine of ``server``, quick to notice faults."""
+    return make_settings(
+        broker__type="redis",
+        broker__redis__url=server.url,
+        broker__redis__probe_interval=0.1,
+        broker__redis__backoff_max=0.2,
+        **overrides,
+    )
+
+
+Engine = Callable[..., Any]
+
+
+@pytest.fixture(params=["memory", "redis"])
+def engine(request: pytest.FixtureRequest) -> Engine:
+    """``async with engine(**settings) as d``: a daemon on the memory engine, or on
+    a real redis-server started for the test."""
+
+    @asynccontextmanager
+    async def start(**overrides: Any) -> AsyncIterator[Running]:
+        if request.param == "memory":
+            settings = make_settings(**overrides)
+        else:
+            settings = redis_settings(request.getfixturevalue("redis_server"), **overrides)
+        async with running_daemon(settings) as d:
+            yield d
+
+    return start

@@ -11,14 +11,11 @@ say the same on both.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 
-from .conftest import Running, make_settings, recv_json, running_daemon
-from .redisserver import RedisServer
+from .conftest import Engine, Running, recv_json
 
 NAMESPACES = [
     {"name": "long", "history_size": 50},
@@ -28,33 +25,6 @@ NAMESPACES = [
     {"name": "brief", "history_ttl": 0.2},
     {"name": "small", "max_payload_bytes": 32},
 ]
-
-Engine = Callable[..., Any]
-
-
-@pytest.fixture(params=["memory", "redis"])
-def engine(request: pytest.FixtureRequest) -> Engine:
-    """``async with engine(**settings) as d``: a daemon on the memory engine, or on
-    a real redis-server started for the test."""
-
-    @asynccontextmanager
-    async def start(**overrides: Any) -> AsyncIterator[Running]:
-        if request.param == "memory":
-            async with running_daemon(make_settings(**overrides)) as d:
-                yield d
-            return
-        server: RedisServer = request.getfixturevalue("redis_server")
-        settings = make_settings(
-            broker__type="redis",
-            broker__redis__url=server.url,
-            broker__redis__probe_interval=0.1,
-            broker__redis__backoff_max=0.2,
-            **overrides,
-        )
-        async with running_daemon(settings) as d:
-            yield d
-
-    return start
 
 
 async def history(d: Running, channel: str, **query: Any) -> dict[str, Any]:

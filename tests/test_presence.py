@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -23,7 +23,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from .conftest import DaemonProcess, Running, make_settings, recv_json, running_daemon
+from .conftest import DaemonProcess, Engine, Running, make_settings, recv_json, running_daemon
 from .redisserver import RedisServer
 
 SECRET = "p" * 64
@@ -35,38 +35,16 @@ NAMESPACES = [
 ]
 SETTINGS = {"auth__hmac_secret": SECRET, "channels__subscribe": "public", "namespaces": NAMESPACES}
 
-Engine = Callable[..., Any]
-
 
 def token(sub: str, **claims: Any) -> str:
     payload: dict[str, Any] = {"sub": sub, "exp": int(time.time()) + 3600, **claims}
     return jwt.encode(payload, SECRET, algorithm="HS256")
 
 
-@pytest.fixture(params=["memory", "redis"])
-def engine(request: pytest.FixtureRequest) -> Engine:
-    """``async with engine(**settings) as d``: a daemon on the memory engine, or on
-    a real redis-server started for the test."""
-
-    @asynccontextmanager
-    async def start(**overrides: Any) -> AsyncIterator[Running]:
-        merged = {**SETTINGS, **overrides}
-        if request.param == "memory":
-            async with running_daemon(make_settings(**merged)) as d:
-                yield d
-            return
-        server: RedisServer = request.getfixturevalue("redis_server")
-        settings = make_settings(
-            broker__type="redis",
-            broker__redis__url=server.url,
-            broker__redis__probe_interval=0.1,
-            broker__redis__backoff_max=0.2,
-            **merged,
-        )
-        async with running_daemon(settings) as d:
-            yield d
-
-    return start
+@pytest.fixture
+def engine(engine: Engine) -> Engine:
+    """conftest's engine, with this file's namespaces and secret as the defaults."""
+    return lambda **overrides: engine(**{**SETTINGS, **overrides})
 
 
 async def join(d: Running, user: str, channel: str) -> tuple[Any, dict[str, Any]]:

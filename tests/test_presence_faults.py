@@ -21,8 +21,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Running, make_settings, recv_json, running_daemon
-from .redisserver import RedisServer
+from .conftest import Running, make_settings, recv_json, redis_settings, running_daemon
 from .test_presence import SETTINGS, join, token
 
 CI_SEEDS = [1, 2]
@@ -38,13 +37,7 @@ async def nodes_of(engine: str, request: pytest.FixtureRequest) -> AsyncIterator
         async with running_daemon(make_settings(**SETTINGS)) as d:
             yield [d]
         return
-    server: RedisServer = request.getfixturevalue("redis_server")
-    settings = make_settings(
-        broker__type="redis",
-        broker__redis__url=server.url,
-        broker__redis__probe_interval=0.1,
-        **SETTINGS,
-    )
+    settings = redis_settings(request.getfixturevalue("redis_server"), **SETTINGS)
     async with contextlib.AsyncExitStack() as stack:
         yield [await stack.enter_async_context(running_daemon(settings)) for _ in range(2)]
 
