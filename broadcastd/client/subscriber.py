@@ -1,4 +1,4 @@
-"""The WebSocket subscriber: one connection, kept up, resumed where it stopped.
+"""The subscriber: one connection, kept up, resumed where it stopped.
 
 One :class:`Subscriber` is one connection to the daemon (in JSON mode), kept up
 across failures: when it drops, the subscriber waits (exponential backoff with
@@ -16,7 +16,11 @@ message may be larger than ``max_size``, so what is read ahead is bounded in
 bytes too, whatever the peer sends. The connection itself is
 :class:`~broadcastd.client.connection.Connection`, made for this: about 3 µs of
 CPU per message in all, where a general WebSocket library spends more than that
-on parsing the frame alone.
+on parsing the frame alone. With ``transport="sse"`` it is the daemon's
+Server-Sent Events stream instead
+(:class:`~broadcastd.client.eventstream.EventStreamConnection`), with the same
+events and the same resume; being one-way, the stream is reopened where a
+WebSocket would carry a command.
 """
 
 from __future__ import annotations
@@ -74,8 +78,12 @@ from broadcastd.client.events import (
     Subscribed,
     Unsubscribed,
 )
+from broadcastd.client.eventstream import EventStreamConnection
 from broadcastd.client.presence import PresencePage, PresenceStats, presence_page, presence_stats
 
+Link = Connection | EventStreamConnection
+"""A connection to the daemon: a WebSocket or an event stream."""
+TRANSPORTS = ("websocket", "sse")
 TokenSource = Callable[[], Awaitable[str | None]]
 """An async callable giving the token of the moment (None: connect without one)."""
 
@@ -363,6 +371,15 @@ class Subscriber:
     are added to each handshake (an ``Origin``, say); ``ssl`` is the TLS context
     for ``wss://`` (the default verifies the daemon's certificate). ``rng``
     draws the backoff's jitter (seeded, for tests).
+
+    ``transport="sse"`` reads the daemon's Server-Sent Events stream on the same
+    URL (asked over ``http://`` or ``https://``) with the same messages, events
+    and resume: a reconnection sends the last event's id back as
+    ``Last-Event-ID`` (and every position as ``since``). The stream is one-way,
+    so :meth:`add`, :meth:`remove` and a token refreshed on ``expiring`` reopen
+    it (what it had received is kept, and not asked for again), and
+    :meth:`presence` raises :class:`~broadcastd.client.BroadcastdError`
+    (``one_way``). A stream silent for ``2 * ping_interval`` is given up.
     """
 
     def __init__(
@@ -381,10 +398,19 @@ class Subscriber:
         max_size: int = DEFAULT_MAX_SIZE,
         ssl: ssl_module.SSLContext | None = None,
         rng: random.Random | None = None,
+        transport: str = "websocket",
     ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport is 'websocket' or 'sse'; got {transport!r}")
         parts = urlsplit(url)
-        if parts.scheme not in ("ws", "wss") or not parts.netloc:
+        schemes = ("ws", "wss") if transport == "websocket" else ("ws", "wss", "http", "https")
+        if parts.scheme not in schemes or not parts.netloc:
             raise ValueError(f"a subscriber URL is ws://HOST[:PORT] or wss://...; got {url!r}")
+        if transport == "sse":
+            # The same URL as the WebSocket's, asked over plain HTTP(S).
+            parts = parts._replace(
+                scheme={"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+            )
         if max_size < 1:
             raise ValueError(f"max_size must be at least 1 byte; got {max_size}")
         self._base = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/") + "/", "", ""))
@@ -397,13 +423,22 @@ class Subscriber:
         self._max_queue = max_queue
         self._max_size = max_size
         self._ssl = ssl
+        self.transport = transport
+        """``"websocket"`` or ``"sse"``, as given."""
+        self._last_event_id: str | None = None
+        """The id of the last event of the last stream (SSE), sent back as
+        ``Last-Event-ID`` by the next one if it names the same channels."""
+        self._id_channels: tuple[str, ...] = ()
+        """The channels of the stream that made that id, in its URL's order."""
+        self._fresh_token: str | None = None
+        """A token given by ``get_token`` for the next stream (SSE: a refresh)."""
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrecy
         self._backoff = Backoff(min_backoff, max_backoff, stable_after, self._rng)
         self._tracker = Tracker()
         self.state = State.DISCONNECTED
         """The connection's state now (changes are also events of the stream)."""
         self._stream: Stream | None = None
-        self._conn: Connection | None = None
+        self._conn: Link | None = None
         self._pending: deque[Message | Event] = deque()
         self._deferred: BaseException | None = None
         """An error from a background step (``get_token`` while refreshing), raised
@@ -625,7 +660,7 @@ class Subscriber:
             except Closed as exc:
                 self._lost(conn, exc)
 
-    async def _wait_frame(self, conn: Connection) -> None:
+    async def _wait_frame(self, conn: Link) -> None:
         """Wait until ``conn`` holds a frame; raise :class:`Closed` when none will
         come. One task waits on the connection itself; another that comes to wait
         meanwhile (one awaiting :meth:`presence` beside the stream's) waits for
@@ -648,6 +683,10 @@ class Subscriber:
     async def _request(self, command: dict[str, Any]) -> Any:
         """Send ``command`` and return its answer (decoded), reading the
         connection until it comes if no other task does."""
+        if self.transport == "sse":
+            raise BroadcastdError(
+                "one_way", f"{command['op']} needs a WebSocket: an event stream is one-way"
+            )
         conn = self._conn
         if conn is None:
             raise NetworkError(f"not connected: {command['op']} needs an open connection")
@@ -673,7 +712,7 @@ class Subscriber:
             raise CommandRefused(replace(item, channel=command.get("channel")))
         return doc
 
-    def _read_ahead(self, conn: Connection, answer: asyncio.Future[Any]) -> None:
+    def _read_ahead(self, conn: Link, answer: asyncio.Future[Any]) -> None:
         """Take the frames received so far until ``answer`` is given, keeping
         each message and event for the stream, in order."""
         pending = self._pending
@@ -697,7 +736,7 @@ class Subscriber:
             if event is not None:
                 pending.append(event)
 
-    def _event(self, conn: Connection, item: Event, doc: Any) -> Event | None:
+    def _event(self, conn: Link, item: Event, doc: Any) -> Event | None:
         """Act on an event from the daemon; what to yield of it (None: nothing)."""
         if type(doc) is dict and "id" in doc:
             request = self._requests.pop(doc["id"], None)
@@ -716,7 +755,7 @@ class Subscriber:
         return item
 
     def _failed(
-        self, conn: Connection, item: CommandFailed, command: tuple[str, str | None] | None
+        self, conn: Link, item: CommandFailed, command: tuple[str, str | None] | None
     ) -> CommandFailed | None:
         if item.op == "connect":
             self._connect_error = item
@@ -761,8 +800,14 @@ class Subscriber:
         """One connection attempt: the token of the moment, the handshake, and the
         commands for what changed while it was under way."""
         tracker = self._tracker
+        token: str | None
         try:
-            token = await self._get_token() if self._get_token is not None else self._token
+            if self._fresh_token is not None:
+                token, self._fresh_token = self._fresh_token, None
+            elif self._get_token is not None:
+                token = await self._get_token()
+            else:
+                token = self._token
         except Exception as exc:
             self._retry(error=exc)
             self._deferred = exc
@@ -778,19 +823,35 @@ class Subscriber:
         if token:
             headers["Authorization"] = f"Bearer {token}"
         url = urlsplit(f"{self._base}?{query}")
-        if url.scheme == "wss" and self._ssl is None:
+        if url.scheme in ("wss", "https") and self._ssl is None:
             self._ssl = ssl_module.create_default_context()  # once: it reads the CA files
         try:
-            conn = await Connection.open(
-                url,
-                headers=headers,
-                ssl=self._ssl,
-                open_timeout=self._open_timeout,
-                max_queue=self._max_queue,
-                max_size=self._max_size,
-                ping_interval=self._ping_interval,
-                ping_timeout=self._ping_interval,
-            )
+            conn: Link
+            if self.transport == "sse":
+                if self._last_event_id and tuple(channels) == self._id_channels:
+                    headers["Last-Event-ID"] = self._last_event_id
+                conn = await EventStreamConnection.open(
+                    url,
+                    headers=headers,
+                    ssl=self._ssl,
+                    open_timeout=self._open_timeout,
+                    max_queue=self._max_queue,
+                    max_size=self._max_size,
+                    ping_interval=self._ping_interval,
+                    ping_timeout=self._ping_interval,
+                )
+                self._id_channels, self._last_event_id = tuple(channels), None
+            else:
+                conn = await Connection.open(
+                    url,
+                    headers=headers,
+                    ssl=self._ssl,
+                    open_timeout=self._open_timeout,
+                    max_queue=self._max_queue,
+                    max_size=self._max_size,
+                    ping_interval=self._ping_interval,
+                    ping_timeout=self._ping_interval,
+                )
         except HandshakeRefused as exc:
             error = _handshake_error(exc)
             if isinstance(error, RequestRefused):
@@ -823,13 +884,21 @@ class Subscriber:
         self._refreshed_for = None
         self._backoff.opened(time.monotonic())
         self._set_state(State.CONNECTED)
+        if isinstance(conn, EventStreamConnection):
+            if missing or dropped:
+                self._reopen(conn)
+            return
         for channel in missing:
             self._send_subscribe(conn, channel)
         for channel in dropped:
             self._command(conn, {"op": "unsubscribe", "channel": channel}, channel)
 
-    def _lost(self, conn: Connection, exc: Closed) -> None:
+    def _lost(self, conn: Link, exc: Closed) -> None:
         """The connection ended: reconnect later, or end the stream."""
+        if isinstance(conn, EventStreamConnection):
+            if self._conn is not conn:
+                return  # reopened (_reopen): the next stream is under way
+            self._last_event_id = conn.last_event_id
         if self._conn is conn:
             self._conn = None
         self._cancel_tasks()
@@ -849,6 +918,42 @@ class Subscriber:
             self._end(error, close_code=code)
             return
         self._retry(close_code=code)
+
+    def _reopen(self, conn: EventStreamConnection) -> None:
+        """End this stream and open the next one at once, for what only a new
+        request can carry (channels, a token). What it received and was not yet
+        taken is kept for the stream, in order, and the next one resumes after it."""
+        if self._conn is not conn:
+            return
+        self._drain(conn)
+        self._last_event_id = conn.last_event_id
+        self._conn = None
+        self._cancel_tasks()
+        conn.abort()
+        if self._tracker.channels:
+            self._set_state(State.CONNECTING)
+        else:
+            self._set_state(State.DISCONNECTED)
+
+    def _drain(self, conn: Link) -> None:
+        """Every frame ``conn`` holds, noted and kept for the stream."""
+        pending = self._pending
+        tracker = self._tracker
+        while (text := conn.pop()) is not None:
+            try:
+                doc = _decode(text)
+            except msgspec.DecodeError:
+                pending.append(Other(None, {}, frame=text))
+                continue
+            item = tracker.note(doc, text)
+            if type(item) is Message:
+                if item.channel in tracker.channels:
+                    pending.append(item)
+                continue
+            assert isinstance(item, Event)
+            event = self._event(conn, item, doc)
+            if event is not None:
+                pending.append(event)
 
     def _retry(
         self,
@@ -881,27 +986,30 @@ class Subscriber:
 
     # commands
 
-    def _send_subscribe(self, conn: Connection, channel: str) -> None:
+    def _send_subscribe(self, conn: Link, channel: str) -> None:
         command: dict[str, Any] = {"op": "subscribe", "channel": channel}
         at = self._tracker.position(channel)
         if at is not None:
             command["since"] = {"epoch": at.epoch, "offset": at.offset}
         self._command(conn, command, channel)
 
-    def _command(self, conn: Connection, command: dict[str, Any], channel: str | None) -> None:
+    def _command(self, conn: Link, command: dict[str, Any], channel: str | None) -> None:
         """Send ``command`` with an id, so that its reply or error names its channel.
         A connection that closed meanwhile is no failure: the next one's URL
         holds the channels as they are wanted then."""
+        if isinstance(conn, EventStreamConnection):
+            self._reopen(conn)  # a stream is one-way: its next request carries the change
+            return
         command_id = command["id"] = next(self._ids)
         self._commands[command_id] = (command["op"], channel)
         conn.send(_encode(command).decode())
 
-    async def _subscribe_later(self, conn: Connection, channel: str) -> None:
+    async def _subscribe_later(self, conn: Link, channel: str) -> None:
         await asyncio.sleep(self._rng.uniform(*RESUBSCRIBE_DELAY))
         if self._conn is conn and channel in self._tracker.channels:
             self._send_subscribe(conn, channel)
 
-    def _expiring(self, conn: Connection, expires: int) -> None:
+    def _expiring(self, conn: Link, expires: int) -> None:
         """The token expires soon: ask ``get_token`` for a new one, once per notice
         (a daemon re-sends the notice at once for a new token that expires as
         soon, which must not become a loop)."""
@@ -910,7 +1018,7 @@ class Subscriber:
         self._refreshed_for = expires
         self._spawn(self._refresh(conn, self._get_token))
 
-    async def _refresh(self, conn: Connection, get_token: TokenSource) -> None:
+    async def _refresh(self, conn: Link, get_token: TokenSource) -> None:
         try:
             token = await get_token()
         except Exception as exc:
@@ -918,6 +1026,8 @@ class Subscriber:
             return
         if not token or token == self._token_used or self._conn is not conn:
             return  # nothing newer: at expiry the daemon closes, and the reconnection asks again
+        if isinstance(conn, EventStreamConnection):
+            self._fresh_token = token  # for the stream that _command reopens
         self._token_used = token
         self._command(conn, {"op": "refresh", "token": token}, None)
 

@@ -113,10 +113,11 @@ export interface PresenceStatsFrame {
 
 /** What presence() and presenceStats() reject with: the daemon's refusal (`code`
  * not_subscribed, presence_not_allowed, presence_disabled, bad_command, ...), or
- * "network" when no answer came (not connected, or the connection ended first). */
+ * "network" when no answer came (not connected, or the connection ended first), or
+ * "one_way" when the connection is a Server-Sent Events stream, which carries no commands. */
 export declare class BroadcastError extends Error {
   readonly code: string;
-  /** The daemon's error reply; null for "network". */
+  /** The daemon's error reply; null for "network" and "one_way". */
   readonly frame: ErrorFrame | null;
 }
 
@@ -127,13 +128,20 @@ export interface ExpiringFrame {
 
 export type State = "connecting" | "connected" | "disconnected" | "closed";
 
-/** Given with "disconnected" and "closed" when a connection ended. */
+/** The transport of a connection. */
+export type Transport = "websocket" | "sse";
+
+/** Given with every state but "closed" after close(): `transport` with "connecting"
+ * and "connected"; the rest also when a connection ended. */
 export interface StateDetail {
+  /** The connection's (or attempt's) transport. */
+  transport?: Transport;
   /** The close code (0 when the client gave up on the connection itself; 4002 or
    * 4003 when the daemon refused the token of the first frame, as it closes a
-   * connection whose URL token it refuses). */
-  code: number;
-  reason: string;
+   * connection whose URL token it refuses; on SSE, the code of the daemon's last
+   * `event: close`, or 1006 when the stream ended without one or was refused). */
+  code?: number;
+  reason?: string;
   /** Milliseconds until the next attempt, when one is planned. */
   delay?: number;
 }
@@ -170,6 +178,15 @@ export interface ClientOptions {
   pingInterval?: number;
   /** The WebSocket class when there is none in globalThis (Node.js < 22: the ws package's). */
   WebSocket?: unknown;
+  /** "auto" (default): WebSocket, falling back to Server-Sent Events after
+   * `fallbackAfter` WebSocket attempts in a row that never opened, as long as no
+   * WebSocket has opened yet; the client keeps to whichever transport opened first
+   * (until close()). "websocket" or "sse": that one only. */
+  transport?: "auto" | Transport;
+  /** WebSocket attempts that never opened before "auto" tries SSE (default 2). */
+  fallbackAfter?: number;
+  /** The fetch() that reads SSE streams (default globalThis.fetch). */
+  fetch?: unknown;
 }
 
 export interface SubscribeOptions {
@@ -222,6 +239,8 @@ export declare class BroadcastClient extends Emitter {
   readonly clientId: string | null;
   /** The token's user (`sub`), as the daemon told it; null without a token. */
   readonly user: string | null;
+  /** The transport of the current connection, or of the next attempt while there is none. */
+  readonly transport: Transport;
 
   /** Start connecting (the socket opens once a channel is subscribed; with a token,
    * the state is "connected" once the daemon has accepted it). */
@@ -234,7 +253,8 @@ export declare class BroadcastClient extends Emitter {
   /** Use this token from now on (a refresh on the open connection, the first frame of the next). */
   setToken(token: string): this;
   /** A page of who subscribes to `channel` (subscribed on this connection, in a namespace
-   * with presence_for_subscribers); give `next` as `cursor` for the next page. */
+   * with presence_for_subscribers); give `next` as `cursor` for the next page. On SSE
+   * it rejects with code "one_way": a stream carries no commands. */
   presence(channel: string, cursor?: string | null): Promise<PresenceFrame>;
   /** How many clients and distinct users subscribe to `channel`. */
   presenceStats(channel: string): Promise<PresenceStatsFrame>;

@@ -1,5 +1,6 @@
 // broadcastd client: subscribe to channels of a broadcastd daemon over WebSocket,
-// in browsers and in Node.js. No dependencies. See ../README.md for the API.
+// or Server-Sent Events where a WebSocket cannot pass, in browsers and in
+// Node.js. No dependencies. See ../README.md for the API.
 //
 // One connection carries every subscription. It reconnects by itself with
 // full-jitter exponential backoff, and each channel resumes from the last
@@ -15,6 +16,12 @@
 // token (or with `tokenInUrl`) the channels and their positions go in the URL
 // and need no round trip.
 //
+// Server-Sent Events (`transport: "sse"`, or "auto" after WebSockets that never
+// opened) are read with fetch() and a streamed body rather than EventSource:
+// Node.js has no EventSource, and only fetch() can send `Authorization`. The
+// stream is one-way, so the client reopens it with the new channel list (and
+// every channel's position as `since`) where a WebSocket would send a command.
+//
 // Hot path: a message frame costs one JSON.parse and one Map lookup; the parsed
 // object itself is what `message` listeners get. Nothing else is allocated per
 // message (no closures, no wrapper objects, no copies of the listener list).
@@ -29,6 +36,8 @@ const CHANNEL = /^[A-Za-z0-9_.:@#-]{1,128}$/;
 const MAX_URL = 6144; // the daemon takes request lines up to 8 KiB; the rest go as commands
 const PING = '{"op":"ping"}';
 const TRANSIENT = new Set(["broker_unavailable", "channel_table_full"]);
+const TRANSPORTS = ["auto", "websocket", "sse"];
+const MAX_EVENT = 16 * 1024 * 1024; // an SSE event (or line) longer than this ends the stream
 
 const noop = () => {};
 
@@ -96,6 +105,114 @@ class Emitter {
   }
 }
 
+/**
+ * A Server-Sent Events stream read with fetch(), shaped like the WebSocket the
+ * client drives: `onopen` when the daemon answers 200, `onmessage({data})` for each
+ * event (a message's envelope, or a reply's JSON, whose `type` names it), and
+ * `onclose({code, reason})` once, with the code of the daemon's last `event: close`,
+ * or 1006 when the stream ended without one or the request failed. `onkeepalive`
+ * is called for the daemon's comment lines. `send()` does nothing: a stream is one-way.
+ */
+class EventStreamSocket {
+  constructor(url, headers, fetchImpl) {
+    this.url = url;
+    this.readyState = 0;
+    this.onopen = this.onmessage = this.onclose = this.onkeepalive = null;
+    this.onerror = noop;
+    this._abort = new AbortController();
+    this._closeCode = 1006;
+    this._closeReason = "";
+    this._run(headers, fetchImpl).then(
+      () => this._end(this._closeCode, this._closeReason),
+      (error) => this._end(1006, String((error && error.message) || error)),
+    );
+  }
+
+  send() {}
+
+  close() {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this._abort.abort();
+  }
+
+  async _run(headers, fetchImpl) {
+    const response = await fetchImpl(this.url, { headers, cache: "no-store", signal: this._abort.signal });
+    if (response.status !== 200 || response.body == null) {
+      let why = `HTTP ${response.status}`;
+      try {
+        const { error } = JSON.parse(await response.text());
+        why += ` ${error.code}: ${error.message}`;
+      } catch {
+        // not the daemon's JSON error: the status says enough
+      }
+      this._closeReason = why;
+      return;
+    }
+    if (this.readyState !== 0) return;
+    this.readyState = 1;
+    this.onopen?.({ target: this });
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    let data = null; // the event's data lines so far, joined with "\n"
+    let name = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done || this.readyState !== 1) return;
+      buffer += decoder.decode(value, { stream: true });
+      let start = 0;
+      for (let end = buffer.indexOf("\n"); end !== -1; end = buffer.indexOf("\n", start)) {
+        let line = buffer.slice(start, end);
+        start = end + 1;
+        if (line.endsWith("\r")) line = line.slice(0, -1);
+        if (line === "") {
+          if (data !== null) this._event(name, data);
+          data = null;
+          name = "";
+          if (this.readyState !== 1) return;
+          continue;
+        }
+        const colon = line.indexOf(":");
+        if (colon === 0) {
+          this.onkeepalive?.();
+          continue;
+        }
+        const field = colon === -1 ? line : line.slice(0, colon);
+        const text = colon === -1 ? "" : line.slice(line[colon + 1] === " " ? colon + 2 : colon + 1);
+        if (field === "data") data = data === null ? text : `${data}\n${text}`;
+        else if (field === "event") name = text;
+        if (data !== null && data.length > MAX_EVENT) throw new Error("an event too large");
+      }
+      buffer = buffer.slice(start);
+      if (buffer.length > MAX_EVENT) throw new Error("a line too long");
+    }
+  }
+
+  _event(name, data) {
+    if (name === "close") {
+      // The daemon ends the stream: the close code and reason a WebSocket would get.
+      try {
+        const { code, reason } = JSON.parse(data);
+        this._closeCode = code;
+        this._closeReason = reason;
+      } catch {
+        // keep 1006
+      }
+      this.readyState = 2;
+      return;
+    }
+    this.onmessage?.({ target: this, data });
+  }
+
+  _end(code, reason) {
+    const told = this.readyState === 3;
+    this.readyState = 3;
+    this._abort.abort();
+    if (!told) this.onclose?.({ target: this, code, reason });
+  }
+}
+
 /** One channel of a BroadcastClient; made by client.subscribe(). */
 export class Subscription extends Emitter {
   constructor(client, channel, since) {
@@ -157,10 +274,17 @@ export class Subscription extends Emitter {
 export class BroadcastClient extends Emitter {
   constructor(url, options = {}) {
     super();
+    const transport = options.transport ?? "auto";
+    if (!TRANSPORTS.includes(transport)) {
+      throw new TypeError(`transport must be "auto", "websocket" or "sse"; got ${String(transport)}`);
+    }
     const WebSocketImpl = options.WebSocket ?? globalThis.WebSocket;
-    if (typeof WebSocketImpl !== "function") {
+    const fetchImpl = options.fetch ?? globalThis.fetch;
+    const canSse = typeof fetchImpl === "function";
+    if (typeof WebSocketImpl !== "function" && (transport === "websocket" || (transport === "auto" && !canSse))) {
       throw new TypeError("no WebSocket: pass options.WebSocket (e.g. the ws package's)");
     }
+    if (transport === "sse" && !canSse) throw new TypeError("no fetch: Server-Sent Events are read with fetch()");
     const parsed = new URL(url);
     parsed.hash = "";
     if (parsed.protocol === "http:" || parsed.protocol === "https:") {
@@ -179,7 +303,18 @@ export class BroadcastClient extends Emitter {
     this.clientId = null;
     /** The token's user (its `sub`), as the daemon told it; null without a token. */
     this.user = null;
+    /** "websocket" or "sse": the transport of the current connection (or of the next
+     * attempt while there is none). */
+    this.transport = transport === "sse" || typeof WebSocketImpl !== "function" ? "sse" : "websocket";
     this._WebSocket = WebSocketImpl;
+    this._fetch = fetchImpl;
+    this._auto = transport === "auto" && typeof WebSocketImpl === "function" && canSse;
+    this._fallbackAfter = options.fallbackAfter ?? 2;
+    this._wsFailures = 0; // WebSocket attempts in a row that never opened
+    this._sseOpened = false; // auto: an SSE stream opened, so the client stays on SSE
+    this._wsOpened = false; // auto: a WebSocket opened, so the client stays on WebSocket
+    this._opened = false; // the current connection opened
+    this._reopening = false; // a reopen of the stream (new channels, new token) is queued
     this._token = options.token ?? null;
     this._getToken = options.getToken ?? null;
     this._needToken = this._token === null && this._getToken !== null;
@@ -220,6 +355,8 @@ export class BroadcastClient extends Emitter {
     this._onPageHide = this._onPageHide.bind(this);
     this._onPageShow = this._onPageShow.bind(this);
     this._onOnline = this._onOnline.bind(this);
+    this._onKeepalive = this._onKeepalive.bind(this);
+    this._reopen = this._reopen.bind(this);
   }
 
   /** Start (or restart after close()) connecting; the socket opens once a channel is subscribed. */
@@ -227,6 +364,11 @@ export class BroadcastClient extends Emitter {
     if (this._wanted) return this;
     this._wanted = true;
     this._attempt = 0;
+    if (this._auto) {
+      this._wsFailures = 0;
+      this._sseOpened = this._wsOpened = false;
+      this.transport = "websocket";
+    }
     this._page(true);
     if (this._subs.size === 0) this._setState(DISCONNECTED);
     else this._open();
@@ -255,7 +397,8 @@ export class BroadcastClient extends Emitter {
     const sub = new Subscription(this, channel, options.since);
     this._subs.set(channel, sub);
     if (this._ws !== null) {
-      if (this._ready) this._sendSubscribe(sub);
+      if (this._stream()) this._queueReopen();
+      else if (this._ready) this._sendSubscribe(sub);
       // else it is sent when the connection under way is ready
     } else {
       this._open();
@@ -268,7 +411,8 @@ export class BroadcastClient extends Emitter {
   setToken(token) {
     this._token = checkToken(token);
     this._needToken = false;
-    if (this._ws !== null && this._ws.readyState === OPEN) this._sendToken("refresh");
+    if (this._stream()) this._queueReopen(); // a stream's token is its request's
+    else if (this._ws !== null && this._ws.readyState === OPEN) this._sendToken("refresh");
     return this;
   }
 
@@ -290,6 +434,10 @@ export class BroadcastClient extends Emitter {
   }
 
   _ask(command) {
+    if (this.transport === "sse") {
+      const why = `${command.op} needs a WebSocket: a Server-Sent Events stream is one-way`;
+      return Promise.reject(new BroadcastError("one_way", why));
+    }
     if (!this._ready) {
       const why = `not connected: ${command.op} needs an open connection`;
       return Promise.reject(new BroadcastError("network", why));
@@ -316,16 +464,36 @@ export class BroadcastClient extends Emitter {
   _open() {
     if (!this._wanted || this._suspended || this._ws !== null || this._fetching) return;
     if (this._retryTimer !== null || this._subs.size === 0) return;
-    this._setState(CONNECTING);
+    if (this._auto) {
+      // Until one transport has opened: SSE after fallbackAfter WebSockets in a row
+      // that never opened (a proxy that breaks upgrades breaks every one), and back
+      // to WebSocket after a stream that did not open either (the daemon may be
+      // down). Once one has opened, the client keeps to it: a WebSocket that worked
+      // and fails now is an outage, not a proxy.
+      if (this._sseOpened) this.transport = "sse";
+      else if (this._wsOpened) this.transport = "websocket";
+      else this.transport = this._wsFailures >= this._fallbackAfter ? "sse" : "websocket";
+    }
+    this._setState(CONNECTING, { transport: this.transport });
     if (!this._wanted || this._ws !== null || this._fetching) return; // a listener acted
     if (this._needToken) {
       this._fetchToken(this._needToken === true ? "connect" : this._needToken);
       return;
     }
     const generation = ++this._generation;
+    this._opened = false;
     let ws;
     try {
-      ws = new this._WebSocket(this._connectUrl(generation));
+      if (this.transport === "sse") {
+        const url = this._connectUrl(generation).replace(/^ws/, "http");
+        const headers = { accept: "text/event-stream" };
+        if (this._token !== null && !this._tokenInUrl) headers.authorization = `Bearer ${this._token}`;
+        this._connToken = this._token;
+        ws = new EventStreamSocket(url, headers, this._fetch);
+        ws.onkeepalive = this._onKeepalive;
+      } else {
+        ws = new this._WebSocket(this._connectUrl(generation));
+      }
     } catch (error) {
       this._emit("error", error);
       this._retry(0, String(error && error.message));
@@ -348,10 +516,12 @@ export class BroadcastClient extends Emitter {
       sub._requestId = 0;
       sub._sentOn = 0; // subscribed by a command once ready, unless named in the URL below
     }
-    this._authFirst = this._token !== null && !this._tokenInUrl;
+    const stream = this.transport === "sse";
+    this._authFirst = this._token !== null && !this._tokenInUrl && !stream;
     this._connToken = null;
     if (this._authFirst) return url.href;
-    if (this._token !== null) query.set("token", (this._connToken = this._token));
+    if (this._token !== null && this._tokenInUrl) query.set("token", (this._connToken = this._token));
+    else if (this._token !== null && !stream) query.set("token", (this._connToken = this._token));
     let length = url.href.length;
     for (const sub of this._subs.values()) {
       let key = "since";
@@ -360,7 +530,7 @@ export class BroadcastClient extends Emitter {
       else if (sub._last > 0) value = `${sub.channel}:last:${sub._last}`;
       else [key, value] = ["channel", sub.channel];
       const more = key.length + value.length + 8; // '&', '=' and room for %23
-      if (length + more > MAX_URL) continue; // subscribed by a command once open
+      if (length + more > MAX_URL && !stream) continue; // subscribed by a command once open
       length += more;
       query.append(key, value);
       sub._sentOn = generation;
@@ -371,6 +541,9 @@ export class BroadcastClient extends Emitter {
 
   _onOpen(event) {
     if (event.target !== this._ws) return;
+    this._opened = true;
+    if (this.transport === "sse") this._sseOpened = this._auto;
+    else this._wsOpened = this._auto;
     // The token first; the channels once it is accepted (_onReady), within connectTimeout.
     if (this._authFirst) this._sendToken("auth");
     else this._onReady();
@@ -386,6 +559,14 @@ export class BroadcastClient extends Emitter {
     this._pinged = false;
     this._stableTimer = setTimeout(this._onStable, this._stableAfter);
     if (this._pingInterval > 0) this._pingTimer = setInterval(this._onPingTick, this._pingInterval);
+    if (this.transport === "sse") {
+      this._setState(CONNECTED, { transport: "sse" });
+      // Channels or a token that changed while the stream was being opened.
+      const changed = this._token !== this._connToken || this._inUrl.length !== this._subs.size ||
+        this._inUrl.some((sub) => this._subs.get(sub.channel) !== sub);
+      if (changed) this._queueReopen();
+      return;
+    }
     // A token given by setToken() while the URL's connection was being made.
     if (this._token !== null && this._token !== this._connToken) this._sendToken("refresh");
     // Channels unsubscribed while the connection was being made: leave them.
@@ -399,7 +580,7 @@ export class BroadcastClient extends Emitter {
     for (const sub of this._subs.values()) {
       if (sub._sentOn !== this._generation) this._sendSubscribe(sub);
     }
-    this._setState(CONNECTED);
+    this._setState(CONNECTED, { transport: "websocket" });
   }
 
   _onClose(event) {
@@ -410,6 +591,30 @@ export class BroadcastClient extends Emitter {
   _onOpenTimeout() {
     this._openTimer = null;
     this._lost(0, "connect timeout");
+  }
+
+  _onKeepalive() {
+    this._received = true; // the daemon's comment line: the stream is alive
+  }
+
+  /** Reopen the stream soon (once for changes made together): a stream cannot be
+   * told of new channels or a new token, its request must carry them. */
+  _queueReopen() {
+    if (this._reopening) return;
+    this._reopening = true;
+    queueMicrotask(this._reopen);
+  }
+
+  _reopen() {
+    this._reopening = false;
+    if (this._ws === null || !this._stream()) return;
+    this._drop(1000, "reopened");
+    if (this._subs.size === 0) this._setState(DISCONNECTED);
+    else this._open();
+  }
+
+  _stream() {
+    return this._ws !== null && this.transport === "sse";
   }
 
   _onStable() {
@@ -439,9 +644,13 @@ export class BroadcastClient extends Emitter {
 
   /** The connection ended (or never opened): reconnect unless it makes no sense. */
   _lost(code, reason) {
+    if (!this._opened && this._ws !== null && this._auto) {
+      if (this.transport === "websocket") this._wsFailures++;
+      else if (!this._sseOpened) this._wsFailures = 0;
+    }
     this._drop(1000, reason);
     if (!this._wanted) return;
-    const detail = { code, reason };
+    const detail = { code, reason, transport: this.transport };
     if (code === 4001 || code === 4002 || code === 4003) {
       // 4001 authentication required, 4002 token refused, 4003 token expired.
       if (this._getToken === null) {
@@ -465,7 +674,7 @@ export class BroadcastClient extends Emitter {
     const delay = Math.floor(Math.random() * ceiling); // full jitter
     clearTimeout(this._retryTimer);
     this._retryTimer = setTimeout(this._onRetry, delay);
-    this._setState(DISCONNECTED, { code, reason, delay });
+    this._setState(DISCONNECTED, { code, reason, delay, transport: this.transport });
   }
 
   /** Forget the current socket (closing it if it is still there) and its timers. */
@@ -487,7 +696,7 @@ export class BroadcastClient extends Emitter {
     const ws = this._ws;
     if (ws === null) return;
     this._ws = null;
-    ws.onopen = ws.onmessage = ws.onclose = null;
+    ws.onopen = ws.onmessage = ws.onclose = ws.onkeepalive = null;
     ws.onerror = noop;
     try {
       ws.close(code, reason.length > 100 ? reason.slice(0, 100) : reason);
@@ -550,7 +759,8 @@ export class BroadcastClient extends Emitter {
     this._subs.delete(sub.channel);
     sub.state = "unsubscribed";
     sub._joined = false;
-    if (sub._sentOn === this._generation) {
+    if (this._stream()) this._queueReopen();
+    else if (sub._sentOn === this._generation) {
       this._send(JSON.stringify({ op: "unsubscribe", channel: sub.channel }));
     }
   }

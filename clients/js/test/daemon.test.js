@@ -9,7 +9,7 @@ import { BroadcastClient } from "../src/index.js";
 import { Daemon, Proxy, Recorder, jwt, waitFor } from "./harness.js";
 
 const range = (from, to) => Array.from({ length: to - from + 1 }, (_, i) => from + i);
-const options = { WebSocket, minBackoff: 50, maxBackoff: 300, pingInterval: 0 };
+const options = { WebSocket, transport: "websocket", minBackoff: 50, maxBackoff: 300, pingInterval: 0 };
 const SECRET = "a-test-secret-of-at-least-32-bytes!!";
 /** An HS256 token for alice, for every channel, valid for `seconds` (expired if negative). */
 const token = (seconds) =>

@@ -141,10 +141,13 @@ export class Daemon {
 
 /** A TCP proxy to `port` whose connections the test can cut, and refuse while blocked.
  * It keeps the request line of each connection it passes on, as the access log of
- * a reverse proxy would. */
+ * a reverse proxy would. With `refuseUpgrades`, it cuts every request whose head asks
+ * for a WebSocket upgrade, as some corporate proxies do, and passes the others on. */
 export class Proxy {
-  constructor(targetPort) {
+  constructor(targetPort, { refuseUpgrades = false } = {}) {
     this.targetPort = targetPort;
+    this.refuseUpgrades = refuseUpgrades;
+    this.refused = 0;
     this.blocked = false;
     this.sockets = new Set();
     this.accepted = 0;
@@ -168,7 +171,42 @@ export class Proxy {
       client.destroy();
       return;
     }
+    if (this.refuseUpgrades) {
+      this._screen(client);
+      return;
+    }
+    this._pass(client, null);
+  }
+
+  /** Read the request's head; cut the connection if it asks for an upgrade. */
+  _screen(client) {
+    let head = Buffer.alloc(0);
+    const sockets = this.sockets;
+    sockets.add(client);
+    const onClose = () => sockets.delete(client);
+    const onData = (chunk) => {
+      head = Buffer.concat([head, chunk]);
+      const text = head.toString("latin1");
+      if (!text.includes("\r\n\r\n") && head.length < 16384) return;
+      client.off("data", onData);
+      client.off("close", onClose);
+      client.off("error", onClose);
+      sockets.delete(client);
+      if (/^upgrade:\s*websocket/im.test(text)) {
+        this.refused++;
+        client.destroy();
+        return;
+      }
+      this._pass(client, head);
+    };
+    client.on("data", onData);
+    client.on("close", onClose);
+    client.on("error", onClose);
+  }
+
+  _pass(client, screened) {
     this.accepted++;
+    if (screened !== null) this.requests.push(screened.toString("latin1").split("\r\n", 1)[0]);
     let head = "";
     const readHead = (chunk) => {
       head += chunk.toString("latin1");
@@ -177,8 +215,9 @@ export class Proxy {
       client.off("data", readHead);
       this.requests.push(end === -1 ? head : head.slice(0, end));
     };
-    client.on("data", readHead);
+    if (screened === null) client.on("data", readHead);
     const upstream = net.connect(this.targetPort, "127.0.0.1");
+    if (screened !== null) upstream.write(screened);
     for (const [a, b] of [[client, upstream], [upstream, client]]) {
       this.sockets.add(a);
       a.on("error", () => b.destroy());

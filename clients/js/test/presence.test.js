@@ -9,7 +9,7 @@ import WebSocket from "ws";
 import { BroadcastClient, BroadcastError } from "../src/index.js";
 import { Daemon, jwt, waitFor } from "./harness.js";
 
-const options = { WebSocket, minBackoff: 50, maxBackoff: 300, pingInterval: 0 };
+const options = { WebSocket, transport: "websocket", minBackoff: 50, maxBackoff: 300, pingInterval: 0 };
 const SECRET = "a-test-secret-of-at-least-32-bytes!!";
 const NAMESPACES = [
   { name: "room", presence: true, join_leave: true, presence_for_subscribers: true },

@@ -46,7 +46,7 @@ function fakeWebSocket() {
   return { FakeSocket, sockets };
 }
 
-const quick = { minBackoff: 10, maxBackoff: 80, pingInterval: 0 };
+const quick = { transport: "websocket", minBackoff: 10, maxBackoff: 80, pingInterval: 0 };
 
 describe("connecting", () => {
   test("tokenInUrl: the URL names each channel, its position and the token", () => {
