@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from broadcastd.core.envelope import Reply, text_frame
-from broadcastd.core.eventstream import EventStream, base36, resume_positions
+from broadcastd.core.eventstream import EventStream, Messages, base36, resume_positions
 from broadcastd.core.handshake import Refusal
 
 from .conftest import Running, recv_json, subscribed
@@ -283,7 +283,8 @@ def test_the_id_holds_each_url_channel_and_reads_back_as_since() -> None:
     subscribed = b'{"type":"subscribed","channel":"a","epoch":"e1","offset":40}'
 
     chunk = stream.render(
-        [Reply(text_frame(subscribed)), text_frame(b'{"channel":"a","offset":41,"data":1}')]
+        [Reply(text_frame(subscribed)), text_frame(b'{"channel":"a","offset":41,"data":1}')],
+        Messages(),
     )
     ids = [line for line in chunk.split(b"\n") if line.startswith(b"id: ")]
     assert ids == [b"id: 1~e1.14~", b"id: 1~e1.15~"]

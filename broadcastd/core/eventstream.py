@@ -154,17 +154,18 @@ class EventStream:
             head += _chunk(b"retry: %d\n\n" % RETRY_MS)
         return head
 
-    def render(self, frames: list[bytes]) -> bytes:
-        """One chunk carrying ``frames`` as events (SSE) or lines (ndjson)."""
+    def render(self, frames: list[bytes], messages: Messages) -> bytes:
+        """One chunk carrying ``frames`` as events (SSE) or lines (ndjson); what
+        every stream writes for a message is taken from ``messages``."""
         if self.kind == NDJSON:
-            return _chunk(b"".join(self._line(frame) for frame in frames))
-        return _chunk(b"".join(self._event(frame) for frame in frames))
+            return _chunk(b"".join([self._line(frame, messages) for frame in frames]))
+        return _chunk(b"".join([self._event(frame, messages) for frame in frames]))
 
-    def _line(self, frame: bytes) -> bytes:
-        payload = bytes(frame_payload(frame))
-        if self.raw and not isinstance(frame, Reply):
-            payload = payload[payload.index(_DATA, len(_ENVELOPE_HEAD)) + len(_DATA) : -1]
-        return _flat(payload) + b"\n"
+    def _line(self, frame: bytes, messages: Messages) -> bytes:
+        if isinstance(frame, Reply):
+            return _flat(bytes(frame_payload(frame))) + b"\n"
+        message = messages.get(frame)
+        return message.raw_line() if self.raw else message.json_line()
 
     def keepalive(self) -> bytes:
         """A comment (SSE) or an empty line (ndjson): keeps proxies from timing out."""
@@ -176,11 +177,10 @@ class EventStream:
         body = close + b"\n" if self.kind == NDJSON else b"event: close\ndata: " + close + b"\n\n"
         return _chunk(body) + b"0\r\n\r\n"
 
-    def _event(self, frame: bytes) -> bytes:
-        payload = bytes(frame_payload(frame))
+    def _event(self, frame: bytes, messages: Messages) -> bytes:
         if isinstance(frame, Reply):
-            return self._notice(payload)
-        return self._message(payload)
+            return self._notice(bytes(frame_payload(frame)))
+        return self._message(messages.get(frame))
 
     def _notice(self, payload: bytes) -> bytes:
         doc = orjson.loads(payload)
@@ -197,20 +197,19 @@ class EventStream:
                 moved = self._id()
         return moved + b"event: " + name + b"\ndata: " + payload + b"\n\n"
 
-    def _message(self, payload: bytes) -> bytes:
-        end = payload.index(_OFFSET, len(_ENVELOPE_HEAD))
-        channel = payload[len(_ENVELOPE_HEAD) : end].decode()
-        data_at = payload.index(_DATA, end)
-        offset = int(payload[end + len(_OFFSET) : data_at])
-        epoch = self._epochs.get(channel)
-        moved = b""
-        if epoch is not None and self._moved(channel, epoch, offset):
-            moved = self._id()
-        if self.raw:
-            data = Payload.from_json_text(payload[data_at + len(_DATA) : -1]).raw
-            lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-            return moved + b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
-        return moved + b"data: " + _flat(payload) + b"\n\n"
+    def _message(self, message: Message) -> bytes:
+        event = message.raw_event() if self.raw else message.json_event
+        epoch = self._epochs.get(message.channel)
+        if epoch is None:
+            return event
+        index = self._index.get(message.channel)
+        if index is None:
+            return event  # a channel the server API added: not in the URL, not resumed
+        fields = self._fields
+        fields[index] = message.field(epoch)
+        if len(fields) == 1:
+            return message.single_id(epoch) + event
+        return self._id() + event
 
     def _moved(self, channel: str, epoch: str, offset: int) -> bool:
         index = self._index.get(channel)
@@ -221,6 +220,72 @@ class EventStream:
 
     def _id(self) -> bytes:
         return b"id: " + _SEPARATOR.join((ID_VERSION, *self._fields)).encode() + b"\n"
+
+
+class Message:
+    """One message frame as every stream writes it, made once: its channel and
+    offset read back from the envelope, and its event or line in each form."""
+
+    __slots__ = ("_field", "_payload", "_raw_event", "channel", "data_at", "json_event", "offset")
+
+    def __init__(self, frame: bytes) -> None:
+        payload = self._payload = bytes(frame_payload(frame))
+        end = payload.index(_OFFSET, len(_ENVELOPE_HEAD))
+        self.channel = payload[len(_ENVELOPE_HEAD) : end].decode()
+        self.data_at = payload.index(_DATA, end)
+        self.offset = int(payload[end + len(_OFFSET) : self.data_at])
+        self.json_event = b"data: " + _flat(payload) + b"\n\n"
+        self._raw_event: bytes | None = None
+        self._field: tuple[str, str] | None = None
+        """The id field of the last epoch asked for (every stream of it asks the same)."""
+
+    def field(self, epoch: str) -> str:
+        cached = self._field
+        if cached is None or cached[0] != epoch:
+            cached = self._field = (epoch, f"{epoch}.{base36(self.offset)}")
+        return cached[1]
+
+    def single_id(self, epoch: str) -> bytes:
+        """The ``id:`` line of a stream of this one channel."""
+        return b"id: " + ID_VERSION.encode() + b"~" + self.field(epoch).encode() + b"\n"
+
+    def raw_event(self) -> bytes:
+        if self._raw_event is None:
+            data = Payload.from_json_text(self._raw_data_json()).raw
+            lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+            self._raw_event = b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
+        return self._raw_event
+
+    def json_line(self) -> bytes:
+        return self.json_event[len(b"data: ") : -1]
+
+    def raw_line(self) -> bytes:
+        return _flat(self._raw_data_json()) + b"\n"
+
+    def _raw_data_json(self) -> bytes:
+        return self._payload[self.data_at + len(_DATA) : -1]
+
+
+class Messages:
+    """The messages of the frames being written, each made once: a fan-out queues
+    the same frame object for every subscriber, and the writers' pass writes them
+    all; kept by the frame's identity until the pass ends (``forget``)."""
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[bytes, Message]] = {}
+
+    def get(self, frame: bytes) -> Message:
+        cached = self._cache.get(id(frame))
+        if cached is not None and cached[0] is frame:
+            return cached[1]
+        message = Message(frame)
+        self._cache[id(frame)] = (frame, message)
+        return message
+
+    def forget(self) -> None:
+        self._cache.clear()
 
 
 def _flat(json: bytes) -> bytes:

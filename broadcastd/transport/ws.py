@@ -73,7 +73,13 @@ from broadcastd.core.deflate import RESPONSE as DEFLATE_RESPONSE
 from broadcastd.core.deflate import Deflater, receiving_extension
 from broadcastd.core.deflate import accepts as accepts_deflate
 from broadcastd.core.envelope import missed_frame
-from broadcastd.core.eventstream import SSE, EventStream, resume_positions, stream_kind
+from broadcastd.core.eventstream import (
+    SSE,
+    EventStream,
+    Messages,
+    resume_positions,
+    stream_kind,
+)
 from broadcastd.core.handshake import (
     Head,
     HeadReader,
@@ -128,6 +134,8 @@ class WsServer:
         """The listener's TLS context (None: plain ws://)."""
         self.deflater = Deflater(settings.compression_min_bytes) if settings.compression else None
         """Compresses each frame once for the connections that negotiated deflate."""
+        self.messages = Messages()
+        """Each message frame as event streams write it, made once per pass."""
         self._server: asyncio.AbstractServer | None = None
         self._open: dict[Session, Connection] = {}
         self._all: set[Connection] = set()
@@ -266,6 +274,7 @@ class WsServer:
             self.pass_oldest = _NEVER
         if self.deflater is not None:
             self.deflater.forget()
+        self.messages.forget()
 
     def admit(self, conn: Connection, head: Head) -> None:
         """Admission: store the route asked for on ``conn``, or raise a Refusal. The
@@ -827,7 +836,7 @@ class Connection(asyncio.Protocol):
         if outbox.channel_missed:
             self._report_conflated(outbox.take_channel_missed())
         if self.stream is not None:
-            data = self.stream.render(frames)
+            data = self.stream.render(frames, self.server.messages)
         elif self.compressed:
             deflate = self.server.deflater
             assert deflate is not None
