@@ -67,6 +67,23 @@ def tree_rss_bytes(pid: int) -> int:
     return sum(rss_bytes(p) for p in descendants(pid))
 
 
+def written_bytes(pid: int) -> int:
+    """Bytes one process handed to write and send calls (``wchar`` of
+    /proc/PID/io: sockets, pipes and files alike; 0 if it is gone)."""
+    try:
+        io = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return 0
+    for line in io.splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+def tree_written_bytes(pid: int) -> int:
+    return sum(written_bytes(p) for p in descendants(pid))
+
+
 def self_cpu_seconds() -> float:
     """CPU time of this process (the load client and publisher)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -8,16 +8,19 @@ parsed with httptools (llhttp), so chunked or unusual responses (Nchan answers
 201/202 with a text body) are still read correctly.
 
 Every payload is exactly ``PAYLOAD_BYTES`` long and carries its send time,
-``{"t":<monotonic_ns>,"pad":"xxx..."}``, for the subscribers' latency samples.
+``{"t":<monotonic_ns>,"pad":"xxx..."}``, for the subscribers' latency samples;
+S1k's and S1z's are 2 KiB documents (:func:`document`) that compress like real JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -37,6 +40,48 @@ def payload(t_ns: int, size: int = PAYLOAD_BYTES) -> bytes:
     return head + b"x" * max(0, size - len(head) - 2) + b'"}'
 
 
+DOCUMENT_BYTES = 2048
+
+
+@functools.cache
+def _document_tail(head_bytes: int, size: int) -> bytes:
+    """The part of a :func:`document` after its ``{"t":...,`` head: order-book
+    entries (the same in every message) with a note padding it to ``size``."""
+    rng = random.Random(21)
+    symbols = ["AAPL", "MSFT", "NVDA", "AMZN", "GOOG", "META", "TSLA", "ASML", "SAP", "SHEL"]
+    venues = ["XNAS", "XNYS", "XLON", "XETR", "XPAR"]
+    items: list[dict[str, object]] = []
+    budget = size - head_bytes - 64
+    while True:
+        entry = {
+            "id": f"ord-{rng.randrange(10**7):07d}",
+            "sym": rng.choice(symbols),
+            "px": round(rng.uniform(10, 900), 2),
+            "qty": rng.randrange(1, 50) * 100,
+            "side": rng.choice(["buy", "sell"]),
+            "venue": rng.choice(venues),
+            "ts": 1_700_000_000_000 + rng.randrange(10**8),
+        }
+        if len(json.dumps([*items, entry], separators=(",", ":"))) > budget:
+            break
+        items.append(entry)
+    body = b'"items":' + json.dumps(items, separators=(",", ":")).encode() + b',"note":"'
+    words = b"bid ask fill cancel amend open close halt resume auction".split()
+    note = b""
+    while head_bytes + len(body) + len(note) + 2 < size:
+        note += rng.choice(words) + b" "
+    return body + note[: size - head_bytes - len(body) - 2] + b'"}'
+
+
+def document(t_ns: int, size: int = DOCUMENT_BYTES) -> bytes:
+    """A JSON object of exactly ``size`` bytes holding the send time, shaped like a
+    real feed message (a list of orders: ids, symbols, prices) rather than
+    :func:`payload`'s run of one letter, which deflate would shrink to nothing:
+    it compresses about as well as real JSON does, message by message."""
+    head = b'{"t":%d,' % t_ns
+    return head + _document_tail(len(head), size)
+
+
 def request(method: str, path: str, body: bytes = b"", content_type: str | None = None) -> bytes:
     """One HTTP/1.1 keep-alive request, ready to be written."""
     head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -47,8 +92,8 @@ def request(method: str, path: str, body: bytes = b"", content_type: str | None 
     return head.encode() + b"\r\n" + body
 
 
-def publish_request(channel: str, t_ns: int) -> bytes:
-    return request("POST", f"/publish/{channel}", payload(t_ns), "application/json")
+def publish_request(channel: str, t_ns: int, body: Callable[[int], bytes] = payload) -> bytes:
+    return request("POST", f"/publish/{channel}", body(t_ns), "application/json")
 
 
 def batch_request(channels: Sequence[str], t_ns: int) -> bytes:
@@ -198,9 +243,11 @@ async def flat_out(
     depth: int,
     duration: float,
     max_messages: int,
+    body: Callable[[int], bytes] = payload,
 ) -> PublishStats:
     """Publish round-robin over ``channels`` as fast as the server answers, ``depth``
-    requests per burst, until ``duration`` seconds or ``max_messages`` elapse."""
+    requests per burst, until ``duration`` seconds or ``max_messages`` elapse;
+    ``body(t_ns)`` makes each payload (S1k's and S1z's are 2 KiB)."""
     started = time.monotonic()
     deadline = started + duration
     sent = 0
@@ -211,7 +258,7 @@ async def flat_out(
         now = time.monotonic_ns()
         burst = []
         for _ in range(k):
-            burst.append(publish_request(channels[index], now))
+            burst.append(publish_request(channels[index], now, body))
             index = (index + 1) % nch
         await pipe.exchange(b"".join(burst), k)
         sent += k

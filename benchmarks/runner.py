@@ -20,7 +20,7 @@ from typing import Any
 
 from benchmarks.procstat import busy_elsewhere, raise_nofile
 from benchmarks.report import format_cores
-from benchmarks.scenarios import SCENARIOS, Params, compare, server_env, unsupported
+from benchmarks.scenarios import PAIRED, SCENARIOS, Params, compare, server_env, unsupported
 from benchmarks.servers import SERVERS, Server, ServerError
 from benchmarks.tls import self_signed, trust
 
@@ -197,6 +197,9 @@ async def _scenarios(
     for other in ("S5t", "S5p"):
         if "time_ratio" in outcome["scenarios"].get(other, {}).get("metrics", {}):
             progress(f"[{name}] {other} vs S5 {_summary(outcome['scenarios'][other], 'ratio')}")
+    for other, base, _ in PAIRED:
+        if f"vs_{base}" in outcome["scenarios"].get(other, {}).get("details", {}):
+            progress(f"[{name}] {other} vs {base} {_summary(outcome['scenarios'][other], 'vs:')}")
     return outcome
 
 

@@ -1,5 +1,5 @@
-"""The benchmark scenarios, S1 to S6, S5t, S1c, R, S5p, PS and JL, each against one
-freshly started server.
+"""The benchmark scenarios, S1 to S6, S5t, S1c, R, S5p, PS, JL, S1s, S1k, S1z and
+S4z, each against one freshly started server.
 
 Every scenario returns ``{"metrics": {...}, "details": {...}}``: metrics are
 the headline figures the report tabulates (each with its label, unit and which
@@ -34,18 +34,22 @@ from benchmarks.procstat import (
     snapshot,
     tree_cpu_seconds,
     tree_rss_bytes,
+    tree_written_bytes,
 )
 from benchmarks.publisher import (
     HttpPipe,
     PublishStats,
     batch_flat_out,
+    document,
     flat_out,
     paced,
+    payload,
     request,
     steady,
 )
 from benchmarks.recovery import Fleet, Resumer, Track
 from benchmarks.servers import HOST, Server
+from benchmarks.sseclient import SseSubscriber, stream_request
 from benchmarks.stats import percentiles_ms
 from benchmarks.storm import (
     Steady,
@@ -56,7 +60,7 @@ from benchmarks.storm import (
     shortfalls,
 )
 from benchmarks.tls import client_cafile
-from benchmarks.wsclient import ConnectResult, MakeSubscriber, Pool
+from benchmarks.wsclient import DEFLATE_OFFER, ConnectResult, MakeSubscriber, Pool
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,8 @@ QUICK = Params(
 )
 
 
+COMPRESSION = "BROADCASTD_WS__COMPRESSION"
+"""The daemon setting S1z and S4z turn on (``ws.compression``)."""
 HISTORY_SIZE = "BROADCASTD_HISTORY__SIZE"
 """The daemon setting R raises (``Params.r_history_size``)."""
 
@@ -381,46 +387,169 @@ async def s1_fanout(server: Server, p: Params) -> dict[str, Any]:
     many messages into one write per subscriber; with one publish in flight
     (depth 1) every message pays the whole per-subscriber cost on its own.
     """
-    _, json_mode = _mode(server, p)
-    pool = Pool(json_mode=json_mode, sample_every=p.sample_every)
+    return await _fanout(server, p, FANOUTS["S1"])
+
+
+async def s1s_fanout_sse(server: Server, p: Params) -> dict[str, Any]:
+    """S1s: S1 with every subscriber reading Server-Sent Events (a plain GET with
+    ``Accept: text/event-stream`` on the subscriber URL) instead of a WebSocket;
+    compared with S1 of the same run (``--scenario S1,S1s``)."""
+    return await _fanout(server, p, FANOUTS["S1s"])
+
+
+async def s1k_fanout_2k(server: Server, p: Params) -> dict[str, Any]:
+    """S1k: S1 with 2 KiB JSON payloads (:func:`~benchmarks.publisher.document`),
+    uncompressed: what S1z is compared with."""
+    return await _fanout(server, p, FANOUTS["S1k"])
+
+
+async def s1z_fanout_deflate(server: Server, p: Params) -> dict[str, Any]:
+    """S1z: S1k with every subscriber negotiating permessage-deflate (no context
+    takeover either way) against a daemon with ``ws.compression`` on; compared
+    with S1k of the same run (``--scenario S1k,S1z``)."""
+    return await _fanout(server, p, FANOUTS["S1z"])
+
+
+@dataclass(frozen=True)
+class Fanout:
+    """What an S1-like scenario varies: how subscribers read and what is published."""
+
+    name: str
+    what: str
+    """Put in the row labels after the name."""
+    sse: bool = False
+    offer: str | None = None
+    body: Callable[[int], bytes] = payload
+
+
+FANOUTS = {
+    f.name: f
+    for f in (
+        Fanout("S1", "fan-out"),
+        Fanout("S1s", "SSE fan-out", sse=True),
+        Fanout("S1k", "2 KiB fan-out", body=document),
+        Fanout("S1z", "2 KiB deflate fan-out", offer=DEFLATE_OFFER, body=document),
+    )
+}
+
+
+async def _fanout(server: Server, p: Params, how: Fanout) -> dict[str, Any]:
+    raw, json_mode = _mode(server, p)
+    pool = Pool(json_mode=json_mode, sample_every=p.sample_every, offer=how.offer)
     try:
-        conn = await _connect(server, pool, ["s1"] * p.s1_subscribers, p)
+        channels = ["s1"] * p.s1_subscribers
+        if how.sse:
+            conn = await _connect_streams(server, pool, channels, p, raw=raw)
+        else:
+            conn = await _connect(server, pool, channels, p)
         seen = await server.wait_subscribers("s1", conn.subscribed, acknowledged=json_mode)
         n = conn.subscribed
         metrics: dict[str, Any] = {}
         details: dict[str, Any] = {**_pool_details(pool, conn), "server_subscribers": seen}
+        if how.sse:
+            details["transport"] = "sse"
+        if how.offer:
+            details["deflate_offer"] = how.offer
+            details["deflate"] = dict(pool.deflate)
         for depth in dict.fromkeys((p.s1_depth, 1)):
             pool.reset_counts()
             pipe = await HttpPipe.open(HOST, server.control_port)
             meter = _Meter(server)
+            received_before, compressed_before = pool.bytes_received, pool.compressed
+            written_before = _server_written(server)
             stats = await flat_out(
-                pipe, ["s1"], depth=depth, duration=p.s1_duration, max_messages=p.s1_max_messages
+                pipe,
+                ["s1"],
+                depth=depth,
+                duration=p.s1_duration,
+                max_messages=p.s1_max_messages,
+                body=how.body,
             )
             result = await _deliveries(pool, stats.ok * n, meter, p)
             pipe.close()
+            delivered = result["delivered"]
+            wire = pool.bytes_received - received_before
+            written = _server_written(server) - written_before
             details[f"depth{depth}"] = {
                 **result,
                 "published": stats.ok,
                 "publish_statuses": stats.statuses,
                 "publishes_per_s": stats.ok / stats.seconds,
+                "bytes_received": wire,
+                "server_bytes_written": written,
+                "compressed_frames": pool.compressed - compressed_before,
             }
-            how = f"{depth} pipelined" if depth > 1 else "1 in flight"
+            how_many = f"{depth} pipelined" if depth > 1 else "1 in flight"
             metrics[f"deliveries_per_s@{depth}"] = metric(
-                f"S1 fan-out {n} subs, {how}: deliveries/s",
+                f"{how.name} {how.what} {n} subs, {how_many}: deliveries/s",
                 "msg/s",
                 "higher",
                 result["deliveries_per_s"],
             )
             metrics[f"cpu_s_per_1m@{depth}"] = metric(
-                f"S1 {how}: server CPU-s per 1M deliveries", "s", "lower", result["cpu_s_per_1m"]
+                f"{how.name} {how_many}: server CPU-s per 1M deliveries",
+                "s",
+                "lower",
+                result["cpu_s_per_1m"],
             )
-            metrics.update(_helper_rows(result, stats.ok, f"S1 {how}", f"@{depth}"))
+            if how.name != "S1":
+                metrics[f"wire_bytes@{depth}"] = metric(
+                    f"{how.name} {how_many}: bytes received per delivery",
+                    "B",
+                    "lower",
+                    wire / delivered if delivered else None,
+                )
+                metrics[f"server_bytes@{depth}"] = metric(
+                    f"{how.name} {how_many}: server bytes written per delivery",
+                    "B",
+                    "lower",
+                    written / delivered if delivered and written else None,
+                )
+            metrics.update(_helper_rows(result, stats.ok, f"{how.name} {how_many}", f"@{depth}"))
             if not result["complete"]:
                 break  # the server shed subscribers: the next phase would measure nothing
         details.update(_pool_details(pool, conn))
+        if how.offer:
+            details["deflate"] = dict(pool.deflate)
+            if pool.deflate["declined"]:
+                details.setdefault("problems", []).append(
+                    f"{pool.deflate['declined']} of {n} subscribers were refused "
+                    "permessage-deflate: their frames went uncompressed"
+                )
         return {"metrics": metrics, "details": details}
     finally:
         pool.abort_all()
+
+
+def _server_written(server: Server) -> int:
+    """Bytes the server's processes have written so far (sockets mostly: the
+    daemon logs little at the benchmark's log level)."""
+    return sum(tree_written_bytes(pid) for pid in server.node_pids())
+
+
+async def _connect_streams(
+    server: Server, pool: Pool, channels: list[str], p: Params, *, raw: bool
+) -> ConnectResult:
+    """One Server-Sent Events stream per entry of ``channels``, each counted as
+    subscribed at its ``event: subscribed``."""
+    ports = server.ws_ports
+    paths = [server.ws_path([c], raw) for c in channels]
+
+    def make(
+        index: int, _request: bytes, _accept: bytes, ready: asyncio.Future[None]
+    ) -> SseSubscriber:
+        port = ports[index % len(ports)]
+        return SseSubscriber(pool, stream_request(HOST, port, paths[index]), ready, raw=raw)
+
+    return await pool.connect(
+        HOST,
+        ports,
+        paths,
+        replies_expected=1,
+        concurrency=p.connect_concurrency,
+        deadline=asyncio.get_running_loop().time() + p.connect_timeout,
+        make=make,
+    )
 
 
 async def s1c_conflate(server: Server, p: Params) -> dict[str, Any]:
@@ -751,8 +880,22 @@ async def _batch_phase(
 
 async def s4_memory(server: Server, p: Params) -> dict[str, Any]:
     """S4: server RSS per idle subscribed connection (all on one channel)."""
+    return await _idle_memory(server, p, "S4", None)
+
+
+async def s4z_memory_deflate(server: Server, p: Params) -> dict[str, Any]:
+    """S4z: S4 with every connection negotiating permessage-deflate (no context
+    takeover) against a daemon with ``ws.compression`` on; compared with S4 of
+    the same run (``--scenario S4,S4z``)."""
+    return await _idle_memory(server, p, "S4z", DEFLATE_OFFER)
+
+
+async def _idle_memory(server: Server, p: Params, name: str, offer: str | None) -> dict[str, Any]:
+    """RSS growth per idle connection at each of ``s4_counts``, then once more after
+    one 2 KiB message reached them all: a connection that compressed or sent
+    something may keep buffers (a compressor's window) that an idle one never had."""
     _, json_mode = _mode(server, p)
-    pool = Pool(json_mode=json_mode)
+    pool = Pool(json_mode=json_mode, offer=offer)
     try:
         base = tree_rss_bytes(server.pid)
         metrics: dict[str, Any] = {}
@@ -765,7 +908,7 @@ async def s4_memory(server: Server, p: Params) -> dict[str, Any]:
             rss = tree_rss_bytes(server.pid)
             per_conn = (rss - base) / have / 1024 if have else None
             metrics[f"kib_per_conn@{count}"] = metric(
-                f"S4 RSS per idle conn @{count}", "KiB", "lower", per_conn
+                f"{name} RSS per idle conn @{count}", "KiB", "lower", per_conn
             )
             steps.append(
                 {
@@ -777,7 +920,39 @@ async def s4_memory(server: Server, p: Params) -> dict[str, Any]:
                     "connect_errors": dict(pool.errors),
                 }
             )
-        return {"metrics": metrics, "details": {"base_rss_mib": base / 2**20, "steps": steps}}
+        pipe = await HttpPipe.open(HOST, server.control_port)
+        try:
+            pool.expect(have)
+            message = document(time.monotonic_ns())
+            await pipe.exchange(request("POST", "/publish/idle", message, "application/json"), 1)
+            got_all = await pool.wait_for_messages(
+                asyncio.get_running_loop().time() + p.settle_timeout
+            )
+        finally:
+            pipe.close()
+        rss = tree_rss_bytes(server.pid)
+        per_conn = (rss - base) / have / 1024 if have and got_all else None
+        metrics[f"kib_per_conn_after_message@{p.s4_counts[-1]}"] = metric(
+            f"{name} RSS per idle conn @{p.s4_counts[-1]}, after one 2 KiB message to all",
+            "KiB",
+            "lower",
+            per_conn,
+        )
+        details: dict[str, Any] = {
+            "base_rss_mib": base / 2**20,
+            "steps": steps,
+            "after_message": {
+                "delivered": pool.messages,
+                "expected": have,
+                "complete": got_all,
+                "compressed": pool.compressed,
+                "rss_mib": rss / 2**20,
+                "kib_per_conn": per_conn,
+            },
+        }
+        if offer:
+            details["deflate"] = dict(pool.deflate)
+        return {"metrics": metrics, "details": details}
     finally:
         pool.abort_all()
 
@@ -1359,6 +1534,16 @@ COMPARED = (
 """Scenarios compared with S5 of the same server and run: (name, target, what the
 ratio is, what the problem line blames)."""
 
+SSE_COST_TARGET = 1.2
+"""S1s: SSE's deliveries/s and server CPU per delivery within 1.2x of WebSocket's."""
+PAIRED = (
+    ("S1s", "S1", "SSE / WebSocket"),
+    ("S1z", "S1k", "deflate / uncompressed"),
+    ("S4z", "S4", "deflate / uncompressed"),
+)
+"""Scenarios whose every row is compared with the same row of another scenario of
+the same server and run: (name, compared with, what the ratio is)."""
+
 
 def compare(scenarios: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | None = None) -> None:
     """Rows that need two scenarios of one server: S5t's and S5p's cost against S5 (all
@@ -1369,6 +1554,57 @@ def compare(scenarios: dict[str, Any], runs: dict[str, list[dict[str, Any]]] | N
     rows are the median of those pairs: on a shared VM one pair ranges over tenths."""
     for name, target, what, blamed in COMPARED:
         _versus_s5(scenarios, runs or {}, name, target, what, blamed)
+    for name, base, what in PAIRED:
+        _versus(scenarios, runs or {}, name, base, what)
+
+
+def _versus(
+    scenarios: dict[str, Any],
+    runs: dict[str, list[dict[str, Any]]],
+    name: str,
+    base: str,
+    what: str,
+) -> None:
+    """A ``vs:KEY`` row (``name`` / ``base``) after each row of ``name`` that ``base``
+    has too; with both repeated, the median of the pairs (i-th with i-th). S1s's
+    rows are held against SSE_COST_TARGET (in both directions: deliveries/s at
+    least 1/1.2 of WebSocket's, CPU per delivery at most 1.2x)."""
+    plain, other = scenarios.get(base, {}), scenarios.get(name, {})
+    if "metrics" not in plain or "metrics" not in other:
+        return
+    pairs = [
+        (a, b)
+        for a, b in zip(runs.get(base, [plain]), runs.get(name, [other]), strict=False)
+        if "metrics" in a and "metrics" in b
+    ]
+    rows: dict[str, Any] = {}
+    ratios: dict[str, Any] = {"pairs": len(pairs)}
+    how = f" (median of {len(pairs)} pairs)" if len(pairs) > 1 else ""
+    for key, m in other["metrics"].items():
+        rows[key] = m
+        if key.startswith("vs:") or key not in plain["metrics"]:
+            continue
+        each = [
+            b["metrics"][key]["value"] / a["metrics"][key]["value"]
+            for a, b in pairs
+            if key in a["metrics"]
+            and key in b["metrics"]
+            and b["metrics"][key]["value"] is not None
+            and a["metrics"][key]["value"]
+        ]
+        ratio = statistics.median(each) if each else None
+        rows[f"vs:{key}"] = metric(f"{m['label']}: {what}{how}", "x", m["better"], ratio)
+        ratios[key] = {"ratio": ratio, "each": each}
+        if name == "S1s" and ratio is not None and key.startswith(("deliveries", "cpu")):
+            worse = (
+                ratio < 1 / SSE_COST_TARGET if m["better"] == "higher" else ratio > SSE_COST_TARGET
+            )
+            if worse:
+                other["details"].setdefault("problems", []).append(
+                    f"SSE {key} is {ratio:.2f}x WebSocket's (target: within {SSE_COST_TARGET:.1f}x)"
+                )
+    other["metrics"] = rows
+    other["details"][f"vs_{base}"] = ratios
 
 
 def _versus_s5(
@@ -1642,6 +1878,10 @@ def unsupported(scenario: str, server: type[Server]) -> str | None:
         return "no conflating namespaces: S1c is for broadcastd"
     if scenario in ("S5p", "PS", "JL") and not server.presence:
         return f"no presence or join/leave events: {scenario} is for broadcastd"
+    if scenario == "S1s" and not server.sse:
+        return "no Server-Sent Events on the subscriber URL: S1s is for broadcastd"
+    if scenario in ("S1z", "S4z") and not server.deflate:
+        return f"no permessage-deflate setting: {scenario} is for broadcastd"
     return None
 
 
@@ -1658,6 +1898,8 @@ def server_env(scenario: str, p: Params) -> dict[str, str]:
         return {"BROADCASTD_NAMESPACES": json.dumps(namespaces)}
     if scenario in ("S5p", "PS", "JL"):
         return {"BROADCASTD_NAMESPACES": json.dumps(PRESENCE_NAMESPACES)}
+    if scenario in ("S1z", "S4z"):
+        return {COMPRESSION: "true"}
     return {}
 
 
@@ -1675,4 +1917,8 @@ SCENARIOS: dict[str, Scenario] = {
     "S5p": s5p_storm,
     "PS": ps_presence_stats,
     "JL": jl_join_leave_storm,
+    "S1s": s1s_fanout_sse,
+    "S1k": s1k_fanout_2k,
+    "S1z": s1z_fanout_deflate,
+    "S4z": s4z_memory_deflate,
 }

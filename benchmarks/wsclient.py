@@ -10,6 +10,13 @@ prove the framing of the whole run, and the frames are counted without a
 Python-level loop. Anything else (pings, replies, a length change, a partial
 frame) falls back to a plain header walk.
 
+Frames of 126 to 65535 bytes (the 2 KiB payloads of S1k and S1z) take the same
+fast path with their 16-bit length checked by two more slices. Subscribers that
+negotiated permessage-deflate (S1z, S4z) offer it with
+``server_no_context_takeover``, so every compressed message inflates on its
+own: they count compressed frames without inflating them once subscribed, and
+inflate only the sampled ones (and the replies before ``subscribed``).
+
 Latency is sampled, not measured for every frame: the publisher puts its
 ``time.monotonic_ns()`` in the payload as ``{"t":...}``; every Nth message
 (across all connections) the digits after ``"t":`` are read with a regex and
@@ -32,6 +39,7 @@ import re
 import socket
 import struct
 import time
+import zlib
 from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -46,6 +54,15 @@ _MISSED_COUNT = re.compile(rb'"count": ?(\d+)')
 _MAX_HANDSHAKE = 16 * 1024
 _OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING = 0x0, 0x1, 0x2, 0x8, 0x9
 _OP_PONG = 0xA
+_RSV1 = 0x40
+"""The first header bit of a compressed message (RFC 7692 6)."""
+_DATA_FIN = frozenset((0x81, 0x82, 0x81 | _RSV1, 0x82 | _RSV1))
+"""Unfragmented text and binary frames, compressed or not."""
+_DEFLATE_TAIL = b"\x00\x00\xff\xff"
+DEFLATE_OFFER = "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+"""The extension offer of S1z's and S4z's subscribers: no compressor state kept
+across messages on either side, so the server may compress each message once
+for all of them, and each message inflates on its own."""
 _C = ord("c")  # third byte of b'{"channel"...': envelope frames, as opposed to replies
 _NEVER = 1 << 62
 _LINGER_RST = struct.pack("ii", 1, 0)
@@ -70,23 +87,41 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
     return bytes((0x80 | opcode, 0x80 | n)) + mask + payload
 
 
-def upgrade_request(host: str, port: int, path: str) -> tuple[bytes, bytes]:
-    """The GET that opens a WebSocket, and the Sec-WebSocket-Accept it must be answered with."""
+def upgrade_request(
+    host: str, port: int, path: str, extensions: str | None = None
+) -> tuple[bytes, bytes]:
+    """The GET that opens a WebSocket (offering ``extensions``, if given), and the
+    Sec-WebSocket-Accept it must be answered with."""
     key = base64.b64encode(os.urandom(16))
     accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())  # RFC 6455 mandates SHA-1
+    offer = f"Sec-WebSocket-Extensions: {extensions}\r\n" if extensions else ""
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
+        f"Sec-WebSocket-Version: 13\r\n{offer}\r\n"
     ).encode()
     return request, accept
+
+
+def inflate(payload: bytes) -> bytes:
+    """One compressed message without context takeover (RFC 7692 7.2.2)."""
+    return zlib.decompressobj(-zlib.MAX_WBITS).decompress(payload + _DEFLATE_TAIL)
 
 
 class Pool:
     """Counters shared by every subscriber connection of one test."""
 
-    def __init__(self, *, json_mode: bool, sample_every: int = 0) -> None:
+    def __init__(self, *, json_mode: bool, sample_every: int = 0, offer: str | None = None) -> None:
         self.json_mode = json_mode
+        self.offer = offer
+        """The ``Sec-WebSocket-Extensions`` offer of every connection (None: none)."""
+        self.deflate = Counter[str]()
+        """With an offer: connections by what the server answered (``negotiated``,
+        ``declined``)."""
+        self.compressed = 0
+        """Compressed message frames received (counted in ``messages`` too)."""
+        self.bytes_received = 0
+        """Every byte read from the sockets (HTTP heads, frame headers, payloads)."""
         """Frames are envelopes; frames not starting with ``{"c`` are replies."""
         self.sample_every = sample_every
         """Sample the latency of every Nth message (0: never)."""
@@ -194,7 +229,7 @@ class Pool:
             nonlocal ok
             for index, path in work:
                 to = ports[index % len(ports)]
-                request, accept = upgrade_request(host, to, path)
+                request, accept = upgrade_request(host, to, path, self.offer)
                 ready: asyncio.Future[None] = loop.create_future()
                 if make is None:
                     sub = Subscriber(self, request, accept, replies_expected, ready)
@@ -324,6 +359,8 @@ class Subscriber(asyncio.Protocol):
             self._fail("closed before subscribed")
 
     def data_received(self, data: bytes) -> None:
+        pool = self.pool
+        pool.bytes_received += len(data)
         if self.pending:
             data = self.pending + data
             self.pending = b""
@@ -331,32 +368,44 @@ class Subscriber(asyncio.Protocol):
             data = self._handshake(data)
             if not data:
                 return
-        pool = self.pool
         n = len(data)
         pos = 0
         # Fast path: a run of equal message frames, validated by strided slices.
-        if n >= 8:
+        if n >= 8 and data[0] in _DATA_FIN:
             b0 = data[0]
-            length = data[1]
-            if length < 126 and (b0 == 0x81 or b0 == 0x82):
-                stride = length + 2
-                full = n // stride
-                end = full * stride
-                if (
-                    full > 1
-                    and data[0:end:stride].count(b0) == full
-                    and data[1:end:stride].count(length) == full
-                    and (not pool.json_mode or data[4:end:stride].count(_C) == full)
-                ):
-                    pool.messages += full
-                    pool.last_message_at = time.monotonic()
-                    if pool.sample_every:
-                        self._sample_run(data, stride, full)
-                    if pool.messages >= pool.target:
-                        pool.target_reached.set()
-                    if end == n:
-                        return
-                    pos = end
+            b1 = data[1]
+            head = 2 if b1 < 126 else 4 if b1 == 126 else 0
+            stride = head + (b1 if head == 2 else data[2] << 8 | data[3])
+            full = n // stride if head else 0
+            end = full * stride
+            if (
+                full > 1
+                and data[0:end:stride].count(b0) == full
+                and data[1:end:stride].count(b1) == full
+                and (
+                    head == 2
+                    or (
+                        data[2:end:stride].count(data[2]) == full
+                        and data[3:end:stride].count(data[3]) == full
+                    )
+                )
+                and (
+                    b0 & _RSV1
+                    or not pool.json_mode
+                    or data[head + 2 : end : stride].count(_C) == full
+                )
+            ):
+                pool.messages += full
+                if b0 & _RSV1:
+                    pool.compressed += full
+                pool.last_message_at = time.monotonic()
+                if pool.sample_every:
+                    self._sample_run(data, stride, full, head, b0 & _RSV1)
+                if pool.messages >= pool.target:
+                    pool.target_reached.set()
+                if end == n:
+                    return
+                pos = end
         self._walk(data, pos)
 
     # internals
@@ -377,15 +426,29 @@ class Subscriber(asyncio.Protocol):
             self._fail(f"HTTP {parts[1] if len(parts) > 1 else '?'}")
             return b""
         accept = None
+        extensions = ""
         for line in headers.split("\r\n"):
             name, _, value = line.partition(":")
-            if name.strip().lower() == "sec-websocket-accept":
+            name = name.strip().lower()
+            if name == "sec-websocket-accept":
                 accept = value.strip().encode()
+            elif name == "sec-websocket-extensions":
+                extensions += value
         if accept != self.accept:
             self._fail("bad Sec-WebSocket-Accept")
             return b""
-        self.handshaking = False
         pool = self.pool
+        if extensions:
+            if not pool.offer or "permessage-deflate" not in extensions:
+                self._fail(f"extension not offered: {extensions.strip()}")
+                return b""
+            if "server_no_context_takeover" not in extensions:
+                self._fail("deflate without server_no_context_takeover")  # RFC 7692 7.1.1.1
+                return b""
+            pool.deflate["negotiated"] += 1
+        elif pool.offer:
+            pool.deflate["declined"] += 1
+        self.handshaking = False
         pool.handshakes += 1
         pool.open += 1
         if self.replies_left == 0:
@@ -432,7 +495,25 @@ class Subscriber(asyncio.Protocol):
                 break
             opcode = b0 & 0x0F
             if opcode in (_OP_TEXT, _OP_BINARY) or (opcode == _OP_CONT and b0 & 0x80):
-                if json_mode and (length < 3 or data[start + 2] != _C):
+                compressed = b0 & _RSV1
+                if compressed and json_mode and self.replies_left:
+                    # Before ``subscribed`` a compressed frame may be a reply (a
+                    # server may compress them too); after it, S1z's channel sends
+                    # nothing but messages, and the samples check that.
+                    text = inflate(data[start:end])
+                    if text[2:3] != b"c":
+                        self._reply(text)
+                        pos = end
+                        continue
+                if compressed:
+                    count += 1
+                    pool.compressed += 1
+                    if pool.sample_every:
+                        pool.countdown -= 1
+                        if pool.countdown <= 0:
+                            pool.countdown = pool.sample_every
+                            self._sample_compressed(data[start:end], time.monotonic_ns())
+                elif json_mode and (length < 3 or data[start + 2] != _C):
                     self._reply(data[start:end])
                 else:
                     count += 1
@@ -477,22 +558,38 @@ class Subscriber(asyncio.Protocol):
         if not self.ready.done():
             self._fail(f"closed {code} before subscribed")
 
-    def _sample_run(self, data: bytes, stride: int, full: int) -> None:
+    def _sample_run(
+        self, data: bytes, stride: int, full: int, head: int = 2, compressed: int = 0
+    ) -> None:
         pool = self.pool
         now = time.monotonic_ns()
         if pool.sample_every == 1:
-            for k in range(full):
-                self._sample(data, k * stride + 2, (k + 1) * stride, now)
-            return
-        pool.countdown -= full
-        if pool.countdown <= 0:
+            picked = range(full)
+        else:
+            pool.countdown -= full
+            if pool.countdown > 0:
+                return
             pool.countdown = pool.sample_every
-            self._sample(data, (full - 1) * stride + 2, full * stride, now)
+            picked = range(full - 1, full)
+        for k in picked:
+            start, end = k * stride + head, (k + 1) * stride
+            if compressed:
+                self._sample_compressed(data[start:end], now)
+            else:
+                self._sample(data, start, end, now)
 
     def _sample(self, data: bytes, start: int, end: int, now_ns: int) -> None:
         match = _T_FIELD.search(data, start, end)
         if match is not None:
             self.pool.latencies_ns.append(now_ns - int(match.group(1)))
+
+    def _sample_compressed(self, payload: bytes, now_ns: int) -> None:
+        """Inflate a sampled compressed message: its latency, and a check that it
+        was a message (in JSON mode, an envelope), as counted."""
+        text = inflate(payload)
+        if self.pool.json_mode and text[2:3] != b"c":
+            self.pool.errors["compressed reply counted as a message"] += 1
+        self._sample(text, 0, len(text), now_ns)
 
 
 class OffsetReader(Subscriber):

@@ -87,3 +87,38 @@ def test_tls_runs_every_client_over_tls() -> None:
     assert s1["details"]["depth1"]["complete"], s1["details"]
     assert s1["metrics"]["tls_ratio:deliveries_per_s@1"]["value"] is not None
     assert over_tls["scenarios"]["S5"]["metrics"]["tls_ratio:seconds"]["value"] is not None
+
+
+def test_sse_and_deflate_scenarios_are_compared_with_their_websocket_twins() -> None:
+    """S1s (SSE subscribers) against S1, S1z (permessage-deflate, 2 KiB payloads)
+    against S1k, and S4z against S4: every delivery arrives and is counted, every
+    S1z subscriber negotiated the extension and got compressed frames only."""
+    names = ["S1", "S1s", "S1k", "S1z", "S4", "S4z"]
+    results = benchmarks.run_quick(server="broadcastd", scenarios=names)
+    scenarios = results["servers"]["broadcastd"]["scenarios"]
+    for name, scenario in scenarios.items():
+        assert "error" not in scenario, (name, scenario.get("error"), scenario.get("server_log"))
+        assert not scenario["details"].get("connect_errors"), (name, scenario["details"])
+    # S1s's ratios are held against their target in "problems": timings, not judged here.
+    assert not scenarios["S1z"]["details"].get("problems"), scenarios["S1z"]["details"]
+    s1s = scenarios["S1s"]
+    assert s1s["details"]["transport"] == "sse"
+    for depth in (QUICK.s1_depth, 1):
+        phase = s1s["details"][f"depth{depth}"]
+        assert phase["complete"], phase
+        assert phase["delivered"] == phase["expected"], phase
+        assert s1s["metrics"][f"vs:deliveries_per_s@{depth}"]["value"] is not None
+    s1z = scenarios["S1z"]["details"]
+    assert s1z["deflate"] == {"negotiated": QUICK.s1_subscribers}, s1z["deflate"]
+    for depth in (QUICK.s1_depth, 1):
+        phase = s1z[f"depth{depth}"]
+        assert phase["complete"], phase
+        assert phase["compressed_frames"] == phase["delivered"], phase
+        saved = scenarios["S1z"]["metrics"][f"vs:wire_bytes@{depth}"]["value"]
+        assert saved is not None, scenarios["S1z"]["metrics"]
+        assert saved < 0.6, saved  # the 2 KiB documents deflate to about a third
+    s4z = scenarios["S4z"]
+    after = s4z["details"]["after_message"]
+    assert after["delivered"] == after["compressed"] == QUICK.s4_counts[-1], after
+    key = f"vs:kib_per_conn_after_message@{QUICK.s4_counts[-1]}"
+    assert key in s4z["metrics"], list(s4z["metrics"])

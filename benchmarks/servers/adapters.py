@@ -31,6 +31,8 @@ class Broadcastd(Server):
     conflation = True
     presence = True
     tls = True
+    sse = True
+    deflate = True
     log_noise = ('"level":"info"',)
 
     @classmethod

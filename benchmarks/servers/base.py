@@ -178,6 +178,11 @@ class Server(Process):
     """Has namespaces with presence and join/leave events (scenarios S5p, PS, JL)."""
     tls: ClassVar[bool] = False
     """Serves wss:// and https:// given a certificate (``--tls``)."""
+    sse: ClassVar[bool] = False
+    """Serves Server-Sent Events on the subscriber URL (``Accept: text/event-stream``,
+    scenario S1s)."""
+    deflate: ClassVar[bool] = False
+    """Negotiates permessage-deflate when told to (scenarios S1z and S4z)."""
     only: ClassVar[tuple[str, ...] | None] = None
     """The scenarios this server runs (None: all it supports); ``only_why`` says why."""
     only_why: ClassVar[str] = ""
