@@ -48,6 +48,7 @@ ID_VERSION = "1"
 RETRY_MS = 2000
 """The reconnection delay suggested to browsers (``retry:``)."""
 _SEPARATOR = "~"
+_ID_PREFIX = (ID_VERSION + _SEPARATOR).encode()
 _DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 _EVENT_NAMES = {"error": "failure"}
 _ENVELOPE_HEAD = b'{"channel":"'
@@ -198,18 +199,17 @@ class EventStream:
         return moved + b"event: " + name + b"\ndata: " + payload + b"\n\n"
 
     def _message(self, message: Message) -> bytes:
-        event = message.raw_event() if self.raw else message.json_event
-        epoch = self._epochs.get(message.channel)
-        if epoch is None:
-            return event
-        index = self._index.get(message.channel)
-        if index is None:
-            return event  # a channel the server API added: not in the URL, not resumed
+        channel = message.channel
+        epoch = self._epochs.get(channel)
+        index = self._index.get(channel)
+        if epoch is None or index is None:
+            # No position yet, or a channel the server API added (not in the URL).
+            return message.raw_event() if self.raw else message.json_event
         fields = self._fields
         fields[index] = message.field(epoch)
         if len(fields) == 1:
-            return message.single_id(epoch) + event
-        return self._id() + event
+            return message.single(epoch, self.raw)
+        return self._id() + (message.raw_event() if self.raw else message.json_event)
 
     def _moved(self, channel: str, epoch: str, offset: int) -> bool:
         index = self._index.get(channel)
@@ -226,7 +226,16 @@ class Message:
     """One message frame as every stream writes it, made once: its channel and
     offset read back from the envelope, and its event or line in each form."""
 
-    __slots__ = ("_field", "_payload", "_raw_event", "channel", "data_at", "json_event", "offset")
+    __slots__ = (
+        "_field",
+        "_payload",
+        "_raw_event",
+        "_single",
+        "channel",
+        "data_at",
+        "json_event",
+        "offset",
+    )
 
     def __init__(self, frame: bytes) -> None:
         payload = self._payload = bytes(frame_payload(frame))
@@ -238,6 +247,8 @@ class Message:
         self._raw_event: bytes | None = None
         self._field: tuple[str, str] | None = None
         """The id field of the last epoch asked for (every stream of it asks the same)."""
+        self._single: dict[tuple[str, bool], bytes] = {}
+        """A one-channel stream's whole event (id and data), by epoch and format."""
 
     def field(self, epoch: str) -> str:
         cached = self._field
@@ -245,9 +256,14 @@ class Message:
             cached = self._field = (epoch, f"{epoch}.{base36(self.offset)}")
         return cached[1]
 
-    def single_id(self, epoch: str) -> bytes:
-        """The ``id:`` line of a stream of this one channel."""
-        return b"id: " + ID_VERSION.encode() + b"~" + self.field(epoch).encode() + b"\n"
+    def single(self, epoch: str, raw: bool) -> bytes:
+        """The whole event, ``id:`` included, for a stream of this one channel."""
+        event = self._single.get((epoch, raw))
+        if event is None:
+            data = self.raw_event() if raw else self.json_event
+            field = self.field(epoch).encode()
+            event = self._single[epoch, raw] = b"id: " + _ID_PREFIX + field + b"\n" + data
+        return event
 
     def raw_event(self) -> bytes:
         if self._raw_event is None:
