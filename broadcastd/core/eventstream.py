@@ -160,7 +160,25 @@ class EventStream:
         every stream writes for a message is taken from ``messages``."""
         if self.kind == NDJSON:
             return _chunk(b"".join([self._line(frame, messages) for frame in frames]))
-        return _chunk(b"".join([self._event(frame, messages) for frame in frames]))
+        if len(self._fields) != 1:
+            return _chunk(b"".join([self._event(frame, messages) for frame in frames]))
+        # One channel (the common stream): a message's whole event, id included, is
+        # the same for every such stream. The field kept for notices' ids is not
+        # moved: the only notices with an id are this channel's, and set it anew.
+        (channel,) = self._index
+        raw = self.raw
+        parts = []
+        for frame in frames:
+            epoch = self._epochs.get(channel)
+            if epoch is None or isinstance(frame, Reply):
+                parts.append(self._event(frame, messages))
+                continue
+            message = messages.get(frame)
+            if message.channel != channel:
+                parts.append(self._message(message))
+                continue
+            parts.append(message.single(epoch, raw))
+        return _chunk(b"".join(parts))
 
     def _line(self, frame: bytes, messages: Messages) -> bytes:
         if isinstance(frame, Reply):
