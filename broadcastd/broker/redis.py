@@ -28,9 +28,10 @@ What this module promises the node:
   epoch where Redis went back behind it (``broadcastd.broker.scripts``).
 
 Presence lives in Redis beside each channel's stream (``broadcastd.broker.scripts``):
-each node adds and removes its clients' entries as they join and leave, and
-refreshes them every third of ``presence.ttl``, so that the entries of a node
-that died expire within ``presence.ttl``; whichever script removes an entry
+each node adds and removes its clients' entries as they join and leave (the
+changes of one loop turn in one script call per shard), and refreshes them
+every third of ``presence.ttl``, so that the entries of a node that died
+expire within ``presence.ttl``; whichever script removes an entry
 publishes its leave on the channel's topic, where every node with subscribers
 of the channel hears it. Server API commands go to every node over pub/sub:
 each node listens on ``PREFIX:ctl`` and on its own ``PREFIX:ctl:NODE``; a
@@ -71,10 +72,9 @@ from broadcastd.broker.pubsub import PubSubConnection
 from broadcastd.broker.scripts import (
     HISTORY,
     POSITION,
-    PRESENCE_ADD,
+    PRESENCE_CHANGE,
     PRESENCE_PAGE,
     PRESENCE_REFRESH,
-    PRESENCE_REMOVE,
     PRESENCE_STATS,
     PUBLISH,
     RESTART,
@@ -97,13 +97,16 @@ PUBLISH_SHA, POSITION_SHA, HISTORY_SHA, RESTART_SHA = (
     hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
     for script in (PUBLISH, POSITION, HISTORY, RESTART)
 )
-ADD_SHA, REMOVE_SHA, REFRESH_SHA, PAGE_SHA, STATS_SHA = (
+CHANGE_SHA, REFRESH_SHA, PAGE_SHA, STATS_SHA = (
     hashlib.sha1(script.encode()).hexdigest()  # noqa: S324
-    for script in (PRESENCE_ADD, PRESENCE_REMOVE, PRESENCE_REFRESH, PRESENCE_PAGE, PRESENCE_STATS)
+    for script in (PRESENCE_CHANGE, PRESENCE_REFRESH, PRESENCE_PAGE, PRESENCE_STATS)
 )
 HEARTBEATS_PER_TTL = 3
 """Refreshes of a node's presence entries per ``presence.ttl``: an entry survives
 two missed heartbeats, and a dead node's entries go within ``ttl`` plus one."""
+PRESENCE_BATCH = 100
+"""Channels whose presence changes go in one script call at most: a storm's
+changes take a few calls, so that no single script holds Redis for long."""
 KEY_TTL_FACTOR = 4
 """A channel's presence keys live this many ``presence.ttl`` past the last
 refresh or change by any node: long after its last entry expired."""
@@ -160,6 +163,9 @@ class Shard:
         """Channels subscribed since the last batch left, to be subscribed together."""
         self.join_running = False
         """A batch is under way (the next waits for it)."""
+        self.presence: dict[str, list[tuple[bytes | str, ...]]] = {}
+        """This loop turn's presence changes of the shard's channels, in order:
+        ``("+", CLIENT, USER_JSON, ENTRY)`` or ``("-", CLIENT)``, sent together."""
         self.commands: CommandConnection | None = None
         """Scripts and reads: every call of one loop turn leaves in one write."""
         self.pubsub: PubSubConnection | None = None
@@ -261,6 +267,8 @@ class RedisBroker:
             request.finish()
         self._requests.clear()
         self._handler = None
+        for shard in self.shards:
+            self._send_changes(shard)  # before the connections close (a drain's leaves)
         for task in self._tasks:
             task.cancel()
         for shard in self.shards:
@@ -686,12 +694,7 @@ class RedisBroker:
         self._send_add(channel, client, user, entry)
 
     def _send_add(self, channel: str, client: str, user: str | None, entry: bytes) -> None:
-        commands = self._shard(channel).commands
-        if commands is None or commands.closed:
-            return  # the next heartbeat adds it
-        args = [*self._presence_args(channel), client, orjson.dumps(user), entry]
-        call = commands.script(ADD_SHA, PRESENCE_ADD, self._presence_keys(channel), args)
-        call.add_done_callback(lambda done: self._counted(channel, done))
+        self._change(channel, ("+", client, orjson.dumps(user), entry))
 
     def remove_presence(self, channel: str, client: str) -> None:
         entries = self._entries.get(channel)
@@ -700,20 +703,62 @@ class RedisBroker:
             if not entries:
                 del self._entries[channel]
                 self._counts.pop(channel, None)
-        commands = self._shard(channel).commands
-        if commands is None or commands.closed:
-            return  # its entry expires within presence.ttl, and its leave is told then
-        args = [*self._presence_args(channel), client]
-        call = commands.script(REMOVE_SHA, PRESENCE_REMOVE, self._presence_keys(channel), args)
-        call.add_done_callback(lambda done: self._counted(channel, done))
+        self._change(channel, ("-", client))
 
-    def _counted(self, channel: str, done: asyncio.Future[Any]) -> None:
-        """A presence script's answer: the channel's count, kept while this node has
-        entries there. A failure is let go: the next heartbeat puts it right."""
+    def _change(self, channel: str, change: tuple[bytes | str, ...]) -> None:
+        """Queue a presence change until this loop turn ends: the turn's changes of
+        a shard (a join batch's adds, a drain's removes) leave as one script call,
+        as its subscriptions leave as one batch. A read of the shard's presence
+        sends them first, so the node reads its own changes."""
+        shard = self._shard(channel)
+        if shard.commands is None or shard.commands.closed:
+            # An add is made by the next heartbeat; a removed entry expires within
+            # presence.ttl, and its leave is told then.
+            return
+        pending = shard.presence
+        if not pending:
+            asyncio.get_running_loop().call_soon(self._send_changes, shard)
+        changes = pending.get(channel)
+        if changes is None:
+            pending[channel] = [change]
+        else:
+            changes.append(change)
+
+    def _send_changes(self, shard: Shard) -> None:
+        """The turn's presence changes of ``shard``: one PRESENCE_CHANGE call per
+        PRESENCE_BATCH channels, each channel's changes in the order they came."""
+        pending = shard.presence
+        if not pending:
+            return  # sent already, before a read of the same shard
+        shard.presence = {}
+        commands = shard.commands
+        if commands is None or commands.closed:
+            return  # as in _change: the heartbeat and the entries' expiry put it right
+        channels = list(pending)
+        for first in range(0, len(channels), PRESENCE_BATCH):
+            batch = channels[first : first + PRESENCE_BATCH]
+            keys: list[str] = []
+            args: list[bytes | str | int] = []
+            for channel in batch:
+                changes = pending[channel]
+                keys += self._presence_keys(channel)
+                args += self._presence_args(channel)
+                args.append(len(changes))
+                for change in changes:
+                    args += change
+            call = commands.script(CHANGE_SHA, PRESENCE_CHANGE, keys, args)
+            call.add_done_callback(functools.partial(self._counted, batch))
+
+    def _counted(self, channels: list[str], done: asyncio.Future[Any]) -> None:
+        """A presence script's answer: each channel's count, kept while this node
+        has entries there. A failure is let go: the next heartbeat puts it right."""
         if done.cancelled() or done.exception() is not None:
             return
-        if channel in self._entries:
-            self._counts[channel] = int(done.result())
+        counts = self._counts
+        entries = self._entries
+        for channel, count in zip(channels, done.result(), strict=True):
+            if channel in entries:
+                counts[channel] = int(count)
 
     def _heartbeat(self) -> None:
         """Refresh every entry of this node, channel by channel (one script each, all
@@ -721,6 +766,8 @@ class RedisBroker:
         self._heartbeat_timer = asyncio.get_running_loop().call_later(
             self.heartbeat_interval, self._heartbeat
         )
+        for shard in self.shards:
+            self._send_changes(shard)
         for channel, entries in self._entries.items():
             commands = self._shard(channel).commands
             if commands is None or commands.closed:
@@ -746,7 +793,9 @@ class RedisBroker:
                 self._send_add(channel, client, *found)
 
     async def presence(self, channel: str, after: str | None, limit: int) -> PresencePage:
-        commands = self._commands(self._shard(channel))
+        shard = self._shard(channel)
+        commands = self._commands(shard)
+        self._send_changes(shard)  # a read sees this node's changes before it
         start = "-" if after is None else "(" + after
         args = [*self._presence_args(channel), start, limit]
         call = commands.script(PAGE_SHA, PRESENCE_PAGE, self._presence_keys(channel), args)
@@ -761,7 +810,9 @@ class RedisBroker:
         return PresencePage(clients, last if len(rows) > 2 * limit else None)
 
     async def presence_stats(self, channel: str) -> PresenceStats:
-        commands = self._commands(self._shard(channel))
+        shard = self._shard(channel)
+        commands = self._commands(shard)
+        self._send_changes(shard)
         call = commands.script(
             STATS_SHA, PRESENCE_STATS, self._presence_keys(channel), self._presence_args(channel)
         )

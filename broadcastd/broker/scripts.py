@@ -149,14 +149,13 @@ time (it lost acknowledged writes), so offsets of that epoch would be reused."""
 #
 # Common arguments: KEYS ph, pz, pl, pu; ARGV[1] the topic, ARGV[2] the most
 # entries for which joins and leaves are told (-1: never), ARGV[3] the time to
-# live of an entry (ms), ARGV[4] that of the keys (ms).
+# live of an entry (ms), ARGV[4] that of the keys (ms). ``PRESENCE_CHANGE`` takes
+# these per channel (below).
 
-_PRESENCE_COMMON = """
-local ph, pz, pl, pu = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local topic, tell_max, ttl, key_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+_PRESENCE_FUNCTIONS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function drop(client)
+local function drop(ph, pz, pl, pu, topic, tell_max, client)
   redis.call('ZREM', pz, client)
   redis.call('ZREM', pl, client)
   local value = redis.call('HGET', ph, client)
@@ -172,9 +171,11 @@ local function drop(client)
   end
   return 1
 end
-local expired = redis.call('ZRANGEBYSCORE', pz, '-inf', now, 'LIMIT', 0, 1000)
-for _, client in ipairs(expired) do drop(client) end
-local function keep()
+local function sweep(ph, pz, pl, pu, topic, tell_max)
+  local expired = redis.call('ZRANGEBYSCORE', pz, '-inf', now, 'LIMIT', 0, 1000)
+  for _, client in ipairs(expired) do drop(ph, pz, pl, pu, topic, tell_max, client) end
+end
+local function keep(ph, pz, pl, pu, key_ttl)
   redis.call('PEXPIRE', ph, key_ttl)
   redis.call('PEXPIRE', pz, key_ttl)
   redis.call('PEXPIRE', pl, key_ttl)
@@ -182,33 +183,59 @@ local function keep()
 end
 """
 
-PRESENCE_ADD = (
-    _PRESENCE_COMMON
+_PRESENCE_COMMON = (
+    _PRESENCE_FUNCTIONS
     + """
-local client, user, entry = ARGV[5], ARGV[6], ARGV[7]
-local new = redis.call('HSET', ph, client, user .. '\\n' .. entry) == 1
-redis.call('ZADD', pz, now + ttl, client)
-redis.call('ZADD', pl, 0, client)
-if new and user ~= 'null' then redis.call('HINCRBY', pu, user, 1) end
-keep()
-local count = redis.call('HLEN', ph)
-if new and tell_max >= 0 and count <= tell_max then
-  redis.call('PUBLISH', topic, '! join ' .. client .. ' ' .. user)
-end
-return count
+local ph, pz, pl, pu = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local topic, tell_max, ttl, key_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+sweep(ph, pz, pl, pu, topic, tell_max)
 """
 )
-"""Add (or replace) a client's entry; its join is told if it is new. Answers the
-channel's entry count."""
 
-PRESENCE_REMOVE = (
-    _PRESENCE_COMMON
+PRESENCE_CHANGE = (
+    _PRESENCE_FUNCTIONS
     + """
-drop(ARGV[5])
-return redis.call('HLEN', ph)
+local counts = {}
+local a = 1
+for c = 1, #KEYS, 4 do
+  local ph, pz, pl, pu = KEYS[c], KEYS[c + 1], KEYS[c + 2], KEYS[c + 3]
+  local topic, tell_max = ARGV[a], tonumber(ARGV[a + 1])
+  local ttl, key_ttl, changes = tonumber(ARGV[a + 2]), ARGV[a + 3], tonumber(ARGV[a + 4])
+  a = a + 5
+  sweep(ph, pz, pl, pu, topic, tell_max)
+  for _ = 1, changes do
+    local client = ARGV[a + 1]
+    if ARGV[a] == '-' then
+      drop(ph, pz, pl, pu, topic, tell_max, client)
+      a = a + 2
+    else
+      local user = ARGV[a + 2]
+      local new = redis.call('HSET', ph, client, user .. '\\n' .. ARGV[a + 3]) == 1
+      redis.call('ZADD', pz, now + ttl, client)
+      redis.call('ZADD', pl, 0, client)
+      if new and user ~= 'null' then redis.call('HINCRBY', pu, user, 1) end
+      if new and tell_max >= 0 and redis.call('HLEN', ph) <= tell_max then
+        redis.call('PUBLISH', topic, '! join ' .. client .. ' ' .. user)
+      end
+      a = a + 4
+    end
+  end
+  keep(ph, pz, pl, pu, key_ttl)
+  counts[#counts + 1] = redis.call('HLEN', ph)
+end
+return counts
 """
 )
-"""Remove a client's entry, telling its leave if it was there. Answers the count."""
+"""This node's joins and leaves of several channels, in the order they happened:
+per channel, KEYS ph, pz, pl, pu, and ARGV the four common arguments, the number
+of changes, then each change: ``+ CLIENT USER_JSON ENTRY_JSON`` adds (or
+replaces) a client's entry, telling its join if it is new; ``- CLIENT`` removes
+one, telling its leave if it was there. Answers each channel's entry count.
+
+One call carries every change of a loop turn on a shard (``broadcastd.broker.redis``):
+a subscribe storm costs Redis one script run per batch, not one per subscribe.
+Its keys span several channels' hash tags: on a Redis Cluster the changes would
+have to be grouped by slot."""
 
 PRESENCE_REFRESH = (
     _PRESENCE_COMMON
@@ -221,7 +248,7 @@ for i = 5, #ARGV do
     missing[#missing + 1] = ARGV[i]
   end
 end
-keep()
+keep(ph, pz, pl, pu, key_ttl)
 return missing
 """
 )
