@@ -356,3 +356,22 @@ async def test_too_many_channels_are_refused_for_a_stream(daemon_factory: Any) -
                 400,
                 "too_many_channels",
             )
+
+
+async def test_a_cors_preflight_allows_a_stream_s_headers_from_an_admitted_origin(
+    daemon_factory: Any,
+) -> None:
+    async with daemon_factory(ws__allowed_origins=["https://ok.example"]) as d:
+        url = d.ws_url.replace("ws://", "http://") + "/?channel=news"
+        asked = {
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, last-event-id",
+        }
+        async with httpx.AsyncClient(timeout=30) as client:
+            ok = await client.options(url, headers={**asked, "Origin": "https://ok.example"})
+            assert ok.status_code == 204
+            assert ok.headers["access-control-allow-origin"] == "https://ok.example"
+            assert "Last-Event-ID" in ok.headers["access-control-allow-headers"]
+            assert "Authorization" in ok.headers["access-control-allow-headers"]
+            other = await client.options(url, headers={**asked, "Origin": "https://evil.example"})
+            assert (other.status_code, other.json()["error"]["code"]) == (403, "origin")

@@ -26,7 +26,7 @@ and notices are named events: ``event: subscribed``, ``resync``, ``missed``,
 ``expiring``, ``authenticated``... except ``error`` replies, named
 ``failure``: ``EventSource`` reserves ``error`` for its own connection errors.
 When the server ends the stream, a last ``event: close`` says why
-(``{"code": 4001, "reason": "slow consumer"}``, the WebSocket close code and
+(``{"code": 1013, "reason": "slow consumer"}``, the WebSocket close code and
 reason). ndjson sends every frame as one line of JSON (with ``format=raw``, a
 message's ``data`` alone), with no positions (resume with ``since``).
 """
@@ -67,6 +67,24 @@ def stream_kind(head: Head) -> str | None:
     if NDJSON in accept:
         return NDJSON
     return None
+
+
+def preflight_answer(allow_origin: str | None) -> bytes:
+    """The answer to a CORS preflight (``OPTIONS``): GET, with the headers a stream
+    may send, allowed from ``allow_origin``; the answer is cached for 10 minutes."""
+    lines = [
+        "HTTP/1.1 204 No Content",
+        "Server: broadcastd",
+        "Connection: close",
+        "Access-Control-Allow-Methods: GET",
+        "Access-Control-Allow-Headers: Authorization, Last-Event-ID, Accept, Cache-Control",
+        "Access-Control-Max-Age: 600",
+    ]
+    if allow_origin is not None:
+        lines.append(f"Access-Control-Allow-Origin: {allow_origin}")
+        if allow_origin != "*":
+            lines.append("Vary: Origin")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def base36(number: int) -> str:

@@ -77,6 +77,7 @@ from broadcastd.core.eventstream import (
     SSE,
     EventStream,
     Messages,
+    preflight_answer,
     resume_positions,
     stream_kind,
 )
@@ -576,6 +577,9 @@ class Connection(asyncio.Protocol):
                 return
             self.reader = None
             server.admit(self, head)
+            if head.method == "OPTIONS":
+                self._preflight(head)
+                return
             kind = stream_kind(head)
             if kind is not None:
                 self._start_stream(head, kind)
@@ -622,6 +626,20 @@ class Connection(asyncio.Protocol):
         self._open()
         if self.preamble and not self.dirty:
             self._write(b"")
+
+    def _preflight(self, head: Head) -> None:
+        """A browser asks whether a cross-origin event stream may send headers
+        (``Authorization``, ``Last-Event-ID``): yes, from an admitted origin. The
+        connection then closes, as after a refusal."""
+        self.route = None
+        transport = self.transport
+        if transport is not None:
+            transport.write(preflight_answer(self.server.allow_origin(head)))
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+        self._expect_close()
 
     def _refuse(self, refusal: Refusal) -> None:
         """Answer the handshake with a JSON error, then half-close and wait (bounded)
