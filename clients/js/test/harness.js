@@ -27,9 +27,10 @@ function daemonCommand() {
 
 /** `broadcastd serve` on loopback; `wsPort` 0 picks a free port (give the old one to restart). */
 export class Daemon {
-  constructor({ wsPort = 0, args = [] } = {}) {
+  constructor({ wsPort = 0, args = [], env = {} } = {}) {
     this.wsPort = wsPort;
     this.args = args;
+    this.env = env; // BROADCASTD_* settings of this daemon
     this.controlPort = 0;
     this.events = [];
     this.stderr = [];
@@ -43,6 +44,7 @@ export class Daemon {
     for (const [key, value] of Object.entries(process.env)) {
       if (!key.startsWith("BROADCASTD_")) env[key] = value;
     }
+    Object.assign(env, this.env);
     const argv = [
       ...prefix, "serve",
       "--ws-host", "127.0.0.1", "--ws-port", String(this.wsPort),
@@ -332,7 +334,7 @@ export class StaticServer {
 export const CHROMIUM = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
 
 /** Headless Chromium with a fresh profile in a temporary directory (Playwright). */
-export async function launchChromium() {
+export async function launchChromium(extraArgs = []) {
   const { chromium } = await import("playwright-core");
   const profile = await mkdtemp(path.join(os.tmpdir(), "broadcastd-chromium-"));
   const context = await chromium.launchPersistentContext(profile, {
@@ -345,6 +347,7 @@ export async function launchChromium() {
       "--disable-background-networking",
       "--disable-component-update",
       "--no-first-run",
+      ...extraArgs,
     ],
   });
   const close = async () => {
