@@ -184,18 +184,29 @@ class EventStream:
         # the same for every such stream. The field kept for notices' ids is not
         # moved: the only notices with an id are this channel's, and set it anew.
         (channel,) = self._index
-        raw = self.raw
-        parts = []
+        key = (channel, self._epochs.get(channel), self.raw)
+        made = messages.made
+        parts: list[bytes] = []
+        append = parts.append
         for frame in frames:
-            epoch = self._epochs.get(channel)
-            if epoch is None or isinstance(frame, Reply):
-                parts.append(self._event(frame, messages))
+            # A message made for this pass, with its event for this epoch: the
+            # common case, with no call at all.
+            entry = made.get(id(frame))
+            if entry is not None and entry[0] is frame:
+                event = entry[1].events.get(key)
+                if event is not None:
+                    append(event)
+                    continue
+            epoch = key[1]
+            if epoch is None or type(frame) is Reply:
+                append(self._event(frame, messages))
+                key = (channel, self._epochs.get(channel), self.raw)  # a notice may set it
                 continue
             message = messages.get(frame)
             if message.channel != channel:
-                parts.append(self._message(message))
+                append(self._message(message))
                 continue
-            parts.append(message.single(epoch, raw))
+            append(message.single(epoch, self.raw))
         return _chunk(b"".join(parts))
 
     def _line(self, frame: bytes, messages: Messages) -> bytes:
@@ -266,9 +277,9 @@ class Message:
         "_field",
         "_payload",
         "_raw_event",
-        "_single",
         "channel",
         "data_at",
+        "events",
         "json_event",
         "offset",
     )
@@ -283,8 +294,9 @@ class Message:
         self._raw_event: bytes | None = None
         self._field: tuple[str, str] | None = None
         """The id field of the last epoch asked for (every stream of it asks the same)."""
-        self._single: dict[tuple[str, bool], bytes] = {}
-        """A one-channel stream's whole event (id and data), by epoch and format."""
+        self.events: dict[tuple[str, str | None, bool], bytes] = {}
+        """A one-channel stream's whole event (id and data), by channel, epoch and
+        format (the channel, so that no other channel's stream can take it)."""
 
     def field(self, epoch: str) -> str:
         cached = self._field
@@ -294,11 +306,12 @@ class Message:
 
     def single(self, epoch: str, raw: bool) -> bytes:
         """The whole event, ``id:`` included, for a stream of this one channel."""
-        event = self._single.get((epoch, raw))
+        key = (self.channel, epoch, raw)
+        event = self.events.get(key)
         if event is None:
             data = self.raw_event() if raw else self.json_event
             field = self.field(epoch).encode()
-            event = self._single[epoch, raw] = b"id: " + _ID_PREFIX + field + b"\n" + data
+            event = self.events[key] = b"id: " + _ID_PREFIX + field + b"\n" + data
         return event
 
     def raw_event(self) -> bytes:
@@ -323,21 +336,22 @@ class Messages:
     the same frame object for every subscriber, and the writers' pass writes them
     all; kept by the frame's identity until the pass ends (``forget``)."""
 
-    __slots__ = ("_cache",)
+    __slots__ = ("made",)
 
     def __init__(self) -> None:
-        self._cache: dict[int, tuple[bytes, Message]] = {}
+        self.made: dict[int, tuple[bytes, Message]] = {}
+        """id(frame) -> (frame, its message): the frame is held so its id stays its own."""
 
     def get(self, frame: bytes) -> Message:
-        cached = self._cache.get(id(frame))
+        cached = self.made.get(id(frame))
         if cached is not None and cached[0] is frame:
             return cached[1]
         message = Message(frame)
-        self._cache[id(frame)] = (frame, message)
+        self.made[id(frame)] = (frame, message)
         return message
 
     def forget(self) -> None:
-        self._cache.clear()
+        self.made.clear()
 
 
 def _flat(json: bytes) -> bytes:
