@@ -29,6 +29,7 @@ def test_benchmark_scenarios_run_against_the_daemon() -> None:
     assert s6["details"]["storm_clients"]["connected"] == QUICK.s6_storm, s6["details"]
     assert s6["metrics"]["storm_missed"]["value"] == 0, s6["details"].get("problems")
     _presence_checks(outcome["scenarios"])
+    _sse_and_deflate_checks(outcome["scenarios"])
 
 
 def _presence_checks(scenarios: dict[str, Any]) -> None:
@@ -89,16 +90,12 @@ def test_tls_runs_every_client_over_tls() -> None:
     assert over_tls["scenarios"]["S5"]["metrics"]["tls_ratio:seconds"]["value"] is not None
 
 
-def test_sse_and_deflate_scenarios_are_compared_with_their_websocket_twins() -> None:
+def _sse_and_deflate_checks(scenarios: dict[str, Any]) -> None:
     """S1s (SSE subscribers) against S1, S1z (permessage-deflate, 2 KiB payloads)
     against S1k, and S4z against S4: every delivery arrives and is counted, every
     S1z subscriber negotiated the extension and got compressed frames only."""
-    names = ["S1", "S1s", "S1k", "S1z", "S4", "S4z"]
-    results = benchmarks.run_quick(server="broadcastd", scenarios=names)
-    scenarios = results["servers"]["broadcastd"]["scenarios"]
-    for name, scenario in scenarios.items():
-        assert "error" not in scenario, (name, scenario.get("error"), scenario.get("server_log"))
-        assert not scenario["details"].get("connect_errors"), (name, scenario["details"])
+    for name in ("S1s", "S1k", "S1z", "S4z"):
+        assert not scenarios[name]["details"].get("connect_errors"), scenarios[name]["details"]
     # S1s's ratios are held against their target in "problems": timings, not judged here.
     assert not scenarios["S1z"]["details"].get("problems"), scenarios["S1z"]["details"]
     s1s = scenarios["S1s"]

@@ -22,7 +22,7 @@ from broadcastd.core.handshake import Refusal
 
 from .conftest import Running, recv_json, subscribed
 
-SEEDS = [1, 2, 3, 106, 124, 20261208]
+SEEDS = [1, 106, 124, 20261208]
 """Seeds of the random resume test; a seed that ever failed stays here."""
 SSE_HEADERS = {"Accept": "text/event-stream"}
 

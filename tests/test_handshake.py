@@ -176,7 +176,7 @@ def heads(draw: st.DrawFn) -> bytes:
     return head.encode("latin-1")
 
 
-@settings(max_examples=2000, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(heads(), st.integers(0, 300))
 @example(GOOD, 0)
 @example(
