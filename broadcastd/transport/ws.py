@@ -11,6 +11,12 @@ bytes and writes out what it produces; it holds no per-connection task, so an
 idle subscriber costs a few kilobytes, not the tens that a task-per-connection
 design spends on coroutine frames.
 
+A plain GET that asks for ``text/event-stream`` or ``application/x-ndjson``
+instead of an upgrade becomes an event stream on the same Connection: the same
+admission, session and outbox, its frames rendered by ``core.eventstream``
+rather than written as they are; a CORS preflight (``OPTIONS``) is answered and
+closed.
+
 Reads: ``data_received`` parses and handles every command at once (nothing
 queues inbound beyond the one frame being parsed, at most
 ``ws.max_message_bytes``); replies go into the client's outbox like messages,
