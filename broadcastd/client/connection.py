@@ -30,8 +30,8 @@ import os
 import ssl as ssl_module
 import time
 from collections import deque
-from collections.abc import Mapping
-from typing import cast
+from collections.abc import Callable, Mapping
+from typing import TypeVar, cast
 from urllib.parse import SplitResult
 
 from broadcastd import __version__
@@ -112,31 +112,28 @@ def _close_payload(code: int, reason: str = "") -> bytes:
     return code.to_bytes(2, "big") + reason.encode()[: MAX_CONTROL - 2]
 
 
-class Connection(asyncio.Protocol):
-    """One client connection; make it with :meth:`open`."""
+R = TypeVar("R", bound="Receiving")
 
-    def __init__(
-        self,
-        request: bytes,
-        accept: bytes,
-        *,
-        max_queue: int,
-        max_size: int,
-        ping_interval: float | None,
-        ping_timeout: float | None,
-        close_timeout: float,
-    ) -> None:
+
+class Receiving(asyncio.Protocol):
+    """What the WebSocket connection and the event stream share: the request and
+    its answer's head (a refusal carries the daemon's status and JSON body), the
+    texts received and waiting (reading stops at ``max_queue``), and the end.
+
+    A subclass says which answer opens it (``_opens``), reads what follows
+    (``_body``), and fails the connection its own way (``_fail``)."""
+
+    _ANSWER = 101
+    """The status of the answer that opens the connection."""
+
+    def __init__(self, request: bytes, *, max_queue: int, max_size: int) -> None:
         if max_size < 1:
             raise ValueError(f"max_size must be at least 1 byte; got {max_size}")
         self._loop = asyncio.get_running_loop()
         self._request = request
-        self._accept = accept
         self._high = max(1, max_queue)
         self._low = self._high // 4
         self._max_size = max_size
-        self._ping_interval = ping_interval
-        self._ping_timeout = ping_timeout
-        self._close_timeout = close_timeout
         self._transport: asyncio.Transport | None = None
         self.handshake: asyncio.Future[None] = self._loop.create_future()
         self._head = b""
@@ -145,82 +142,29 @@ class Connection(asyncio.Protocol):
         self._messages: deque[str] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
-        self._rest = b""
-        """The start of a frame not yet complete."""
-        self._parts: list[bytes] = []
-        self._parts_size = 0
-        self._need = 0
-        """Bytes the frame begun in ``_rest`` and ``_parts`` needs in all."""
-        self._fragments: bytearray | None = None
-        """The message being received in fragments, so far (at most ``max_size``)."""
-        self._fragmented_op = _OP_TEXT
-        self._close_sent = False
         self._received: Closed | None = None
-        """The close frame the daemon sent, once it came."""
+        """How the daemon ended the connection (its close frame, or close event)."""
         self._failed: Closed | None = None
         """Why this side ended the connection, when it did."""
         self._lost = False
         self.closed: asyncio.Future[None] = self._loop.create_future()
         self._last_read = time.monotonic()
         self._keepalive: asyncio.TimerHandle | None = None
-        self._linger: asyncio.TimerHandle | None = None
 
-    @classmethod
-    async def open(
-        cls,
+    @staticmethod
+    async def _dial(
         url: SplitResult,
-        *,
-        headers: Mapping[str, str],
-        ssl: ssl_module.SSLContext | None = None,
-        open_timeout: float | None = 10.0,
-        max_queue: int = 1024,
-        max_size: int = DEFAULT_MAX_SIZE,
-        ping_interval: float | None = 20.0,
-        ping_timeout: float | None = 20.0,
-        close_timeout: float = 10.0,
-    ) -> Connection:
-        """Connect to ``url`` (``ws://`` or ``wss://``, path and query included)
-        and complete the opening handshake within ``open_timeout`` seconds.
-        ``max_size`` (bytes, at least 1) bounds each message received; there is
-        no unbounded setting."""
-        if max_size < 1:
-            raise ValueError(f"max_size must be at least 1 byte; got {max_size}")
-        secure = url.scheme == "wss"
+        secure: bool,
+        factory: Callable[[], R],
+        ssl: ssl_module.SSLContext | None,
+        open_timeout: float | None,
+    ) -> R:
+        """Connect ``factory``'s connection to ``url`` and wait for its answer."""
         host = url.hostname or "localhost"
         port = url.port or (443 if secure else 80)
-        key = base64.b64encode(os.urandom(16))
-        accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())  # noqa: S324 - RFC 6455
-        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        host_header = f"[{host}]" if ":" in host else host
-        if url.port is not None:
-            host_header += f":{url.port}"
-        lines = [
-            f"GET {target} HTTP/1.1",
-            f"Host: {host_header}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key.decode()}",
-            "Sec-WebSocket-Version: 13",
-            f"User-Agent: broadcastd-client/{__version__}",
-            *(f"{name}: {value}" for name, value in headers.items()),
-        ]
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode()
-        loop = asyncio.get_running_loop()
-
-        def factory() -> Connection:
-            return cls(
-                request,
-                accept,
-                max_queue=max_queue,
-                max_size=max_size,
-                ping_interval=ping_interval,
-                ping_timeout=ping_timeout,
-                close_timeout=close_timeout,
-            )
-
         context = (ssl or ssl_module.create_default_context()) if secure else None
         async with asyncio.timeout(open_timeout):
-            _, connection = await loop.create_connection(
+            _, connection = await asyncio.get_running_loop().create_connection(
                 factory, host, port, ssl=context, server_hostname=host if secure else None
             )
             try:
@@ -247,7 +191,7 @@ class Connection(asyncio.Protocol):
     async def wait(self) -> None:
         """Return once a text is waiting; raise :class:`Closed` if none ever will."""
         while not self._messages:
-            # Nothing follows a close frame: no need to wait for the TCP close.
+            # Nothing follows the daemon's close: no need to wait for the TCP close.
             if self._received is not None or self._failed is not None or self._lost:
                 raise self._received or self._failed or Closed(ABNORMAL)
             self._waiter = self._loop.create_future()
@@ -256,25 +200,8 @@ class Connection(asyncio.Protocol):
             finally:
                 self._waiter = None
 
-    def send(self, text: str) -> None:
-        """Send a text frame (a command): small, so written at once, never awaited."""
-        if not self._close_sent and self._transport is not None and not self._lost:
-            self._transport.write(client_frame(_OP_TEXT, text.encode()))
-
-    async def close(self, code: int = NORMAL, reason: str = "") -> None:
-        """The closing handshake: send a close frame, wait for the daemon's close of
-        the TCP connection (at most ``close_timeout`` seconds), then let go."""
-        if not self._lost:
-            self._send_close(code, reason)
-            try:
-                async with asyncio.timeout(self._close_timeout):
-                    await asyncio.shield(self.closed)
-            except TimeoutError:
-                self.abort()
-        self._wake()
-
     def abort(self) -> None:
-        """Drop the connection at once, without a closing handshake."""
+        """Drop the connection at once."""
         if self._transport is not None:
             self._transport.abort()
 
@@ -292,33 +219,31 @@ class Connection(asyncio.Protocol):
             if not data:
                 return
         if self._failed is not None or self._received is not None:
-            return  # nothing more is read after a close frame or a failure
-        self._frames(data)
+            return  # nothing more is read after the daemon's close or a failure
+        self._body(data)
 
     def eof_received(self) -> bool:
         return False  # let the transport close
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        for timer in (self._keepalive, self._linger):
-            if timer is not None:
-                timer.cancel()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         if not self.handshake.done():
             refusal = self._refusal
-            if refusal is not None:
-                self.handshake.set_exception(refusal)  # its body ends with the connection
-            else:
-                self.handshake.set_exception(
-                    ConnectionError("the connection closed during the opening handshake")
-                )
+            self.handshake.set_exception(
+                refusal  # its body ends with the connection
+                if refusal is not None
+                else ConnectionError("the connection closed before the daemon's answer")
+            )
         if not self.closed.done():
             self.closed.set_result(None)
         self._wake()
 
-    # the opening handshake
+    # the answer's head
 
     def _handshake_data(self, data: bytes) -> bytes:
-        """Take the answer to the upgrade request; what follows it (frames)."""
+        """Take the answer to the request; what follows it."""
         if self._refusal is not None:
             self._refusal_body(data)
             return b""
@@ -326,7 +251,7 @@ class Connection(asyncio.Protocol):
         end = head.find(b"\r\n\r\n")
         if end == -1:
             if len(head) > MAX_HEAD:
-                self._handshake_failed("the handshake answer's head is too long")
+                self._handshake_failed("the answer's head is too long")
             self._head = head
             return b""
         self._head = b""
@@ -341,21 +266,15 @@ class Connection(asyncio.Protocol):
         for line in lines[1:]:
             name, _, value = line.partition(":")
             fields[name.strip().lower()] = value.strip()
-        if status != 101:
+        if status != self._ANSWER:
             self._refusal = HandshakeRefused(status, reason, fields, b"")
             length = fields.get("content-length", "")
             self._refusal_length = int(length) if length.isdigit() else None
             self._refusal_body(rest)
             return b""
-        if (
-            fields.get("upgrade", "").lower() != "websocket"
-            or "upgrade" not in fields.get("connection", "").lower()
-            or fields.get("sec-websocket-accept", "").encode() != self._accept
-        ):
-            self._handshake_failed("the answer is not a valid WebSocket upgrade")
-            return b""
-        if fields.get("sec-websocket-extensions") or fields.get("sec-websocket-protocol"):
-            self._handshake_failed("the server chose an extension or subprotocol not offered")
+        wrong = self._opens(fields)
+        if wrong is not None:
+            self._handshake_failed(wrong)
             return b""
         self.handshake.set_result(None)
         self._arm_keepalive()
@@ -378,9 +297,171 @@ class Connection(asyncio.Protocol):
             self.handshake.set_exception(HandshakeFailed(why))
         self.abort()
 
+    # what a subclass does
+
+    def _opens(self, fields: dict[str, str]) -> str | None:
+        """Why an answer with the opening status is not what was asked for, or None."""
+        raise NotImplementedError
+
+    def _body(self, data: bytes) -> None:
+        """Read what follows the answer's head."""
+        raise NotImplementedError
+
+    def _fail(self, code: int, reason: str) -> bool:
+        """End the connection for a protocol violation; False."""
+        raise NotImplementedError
+
+    def _arm_keepalive(self) -> None:
+        raise NotImplementedError
+
+    # shared steps
+
+    def _queued(self, before: int) -> None:
+        """Texts were queued (``before`` were waiting): wake the reader, and stop
+        reading while ``max_queue`` wait."""
+        if len(self._messages) > before:
+            self._wake()
+            if len(self._messages) >= self._high and not self._paused and self._transport:
+                self._paused = True
+                self._transport.pause_reading()
+
+    def _too_big(self, size: int) -> bool:
+        return self._fail(
+            TOO_BIG, f"a message of at least {size} bytes; max_size is {self._max_size}"
+        )
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Connection(Receiving):
+    """One client connection; make it with :meth:`open`."""
+
+    def __init__(
+        self,
+        request: bytes,
+        accept: bytes,
+        *,
+        max_queue: int,
+        max_size: int,
+        ping_interval: float | None,
+        ping_timeout: float | None,
+        close_timeout: float,
+    ) -> None:
+        super().__init__(request, max_queue=max_queue, max_size=max_size)
+        self._accept = accept
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._close_timeout = close_timeout
+        self._rest = b""
+        """The start of a frame not yet complete."""
+        self._parts: list[bytes] = []
+        self._parts_size = 0
+        self._need = 0
+        """Bytes the frame begun in ``_rest`` and ``_parts`` needs in all."""
+        self._fragments: bytearray | None = None
+        """The message being received in fragments, so far (at most ``max_size``)."""
+        self._fragmented_op = _OP_TEXT
+        self._close_sent = False
+        self._linger: asyncio.TimerHandle | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        url: SplitResult,
+        *,
+        headers: Mapping[str, str],
+        ssl: ssl_module.SSLContext | None = None,
+        open_timeout: float | None = 10.0,
+        max_queue: int = 1024,
+        max_size: int = DEFAULT_MAX_SIZE,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float | None = 20.0,
+        close_timeout: float = 10.0,
+    ) -> Connection:
+        """Connect to ``url`` (``ws://`` or ``wss://``, path and query included)
+        and complete the opening handshake within ``open_timeout`` seconds.
+        ``max_size`` (bytes, at least 1) bounds each message received; there is
+        no unbounded setting."""
+        if max_size < 1:
+            raise ValueError(f"max_size must be at least 1 byte; got {max_size}")
+        secure = url.scheme == "wss"
+        host = url.hostname or "localhost"
+        key = base64.b64encode(os.urandom(16))
+        accept = base64.b64encode(hashlib.sha1(key + _GUID).digest())  # noqa: S324 - RFC 6455
+        target = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        host_header = f"[{host}]" if ":" in host else host
+        if url.port is not None:
+            host_header += f":{url.port}"
+        lines = [
+            f"GET {target} HTTP/1.1",
+            f"Host: {host_header}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {key.decode()}",
+            "Sec-WebSocket-Version: 13",
+            f"User-Agent: broadcastd-client/{__version__}",
+            *(f"{name}: {value}" for name, value in headers.items()),
+        ]
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+        def factory() -> Connection:
+            return cls(
+                request,
+                accept,
+                max_queue=max_queue,
+                max_size=max_size,
+                ping_interval=ping_interval,
+                ping_timeout=ping_timeout,
+                close_timeout=close_timeout,
+            )
+
+        return await cls._dial(url, secure, factory, ssl, open_timeout)
+
+    # the program's side
+
+    def send(self, text: str) -> None:
+        """Send a text frame (a command): small, so written at once, never awaited."""
+        if not self._close_sent and self._transport is not None and not self._lost:
+            self._transport.write(client_frame(_OP_TEXT, text.encode()))
+
+    async def close(self, code: int = NORMAL, reason: str = "") -> None:
+        """The closing handshake: send a close frame, wait for the daemon's close of
+        the TCP connection (at most ``close_timeout`` seconds), then let go."""
+        if not self._lost:
+            self._send_close(code, reason)
+            try:
+                async with asyncio.timeout(self._close_timeout):
+                    await asyncio.shield(self.closed)
+            except TimeoutError:
+                self.abort()
+        self._wake()
+
+    # asyncio.Protocol
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+        super().connection_lost(exc)
+
+    # the opening handshake
+
+    def _opens(self, fields: dict[str, str]) -> str | None:
+        if (
+            fields.get("upgrade", "").lower() != "websocket"
+            or "upgrade" not in fields.get("connection", "").lower()
+            or fields.get("sec-websocket-accept", "").encode() != self._accept
+        ):
+            return "the answer is not a valid WebSocket upgrade"
+        if fields.get("sec-websocket-extensions") or fields.get("sec-websocket-protocol"):
+            return "the server chose an extension or subprotocol not offered"
+        return None
+
     # frames
 
-    def _frames(self, data: bytes) -> None:
+    def _body(self, data: bytes) -> None:
         """Walk the frames of ``data`` (after what an earlier chunk left begun)."""
         if self._need:
             self._parts.append(data)
@@ -441,11 +522,7 @@ class Connection(asyncio.Protocol):
             pos = end
         if walking and pos < size:
             self._rest = data[pos:]
-        if len(messages) > queued:
-            self._wake()
-            if len(messages) >= self._high and not self._paused and self._transport is not None:
-                self._paused = True
-                self._transport.pause_reading()
+        self._queued(queued)
 
     def _frame(self, first: int, payload: bytes) -> bool:
         """Any frame but a whole text frame; False if nothing more is to be read (a
@@ -507,11 +584,6 @@ class Connection(asyncio.Protocol):
             return self._too_big(length)
         return True
 
-    def _too_big(self, size: int) -> bool:
-        return self._fail(
-            TOO_BIG, f"a message of at least {size} bytes; max_size is {self._max_size}"
-        )
-
     def _close_received(self, payload: bytes) -> None:
         if len(payload) == 1:
             self._fail(PROTOCOL_ERROR, "a close frame's payload cannot be one byte")
@@ -545,11 +617,6 @@ class Connection(asyncio.Protocol):
                 self._transport.close()
             self._wake()
         return False
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     # keepalive
 

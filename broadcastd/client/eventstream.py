@@ -21,12 +21,9 @@ than ``max_size`` before keeping more of it. It cannot ping: a stream silent for
 
 from __future__ import annotations
 
-import asyncio
 import ssl as ssl_module
 import time
-from collections import deque
 from collections.abc import Mapping
-from typing import cast
 from urllib.parse import SplitResult
 
 import msgspec
@@ -37,13 +34,9 @@ from broadcastd.client.connection import (
     DEFAULT_MAX_SIZE,
     INVALID_DATA,
     KEEPALIVE,
-    MAX_HEAD,
-    MAX_REFUSAL_BODY,
     PROTOCOL_ERROR,
-    TOO_BIG,
     Closed,
-    HandshakeFailed,
-    HandshakeRefused,
+    Receiving,
 )
 
 MAX_CHUNK_LINE = 1024
@@ -54,8 +47,10 @@ _LINE_SLACK = 64
 _decode_close = msgspec.json.Decoder().decode
 
 
-class EventStreamConnection(asyncio.Protocol):
+class EventStreamConnection(Receiving):
     """One Server-Sent Events stream; make it with :meth:`open`."""
+
+    _ANSWER = 200
 
     def __init__(
         self,
@@ -66,21 +61,9 @@ class EventStreamConnection(asyncio.Protocol):
         ping_interval: float | None,
         ping_timeout: float | None,
     ) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._request = request
-        self._high = max(1, max_queue)
-        self._low = self._high // 4
+        super().__init__(request, max_queue=max_queue, max_size=max_size)
         self._max_line = max_size + _LINE_SLACK
-        self._max_size = max_size
         self._silence = None if ping_interval is None else ping_interval + (ping_timeout or 0.0)
-        self._transport: asyncio.Transport | None = None
-        self.handshake: asyncio.Future[None] = self._loop.create_future()
-        self._head = b""
-        self._refusal: HandshakeRefused | None = None
-        self._refusal_length: int | None = None
-        self._messages: deque[str] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
         self._chunked = b""
         """Bytes of the chunked body not yet decoded."""
         self._chunk_left = 0
@@ -92,13 +75,6 @@ class EventStreamConnection(asyncio.Protocol):
         self._pending_id: str | None = None
         self.last_event_id: str | None = None
         """The ``id`` of the last event read (None before any)."""
-        self._received: Closed | None = None
-        """The daemon's ``event: close``, or the end of its stream."""
-        self._failed: Closed | None = None
-        self._lost = False
-        self.closed: asyncio.Future[None] = self._loop.create_future()
-        self._last_read = time.monotonic()
-        self._keepalive: asyncio.TimerHandle | None = None
 
     @classmethod
     async def open(
@@ -120,7 +96,6 @@ class EventStreamConnection(asyncio.Protocol):
             raise ValueError(f"max_size must be at least 1 byte; got {max_size}")
         secure = url.scheme == "https"
         host = url.hostname or "localhost"
-        port = url.port or (443 if secure else 80)
         target = (url.path or "/") + (f"?{url.query}" if url.query else "")
         host_header = f"[{host}]" if ":" in host else host
         if url.port is not None:
@@ -134,7 +109,6 @@ class EventStreamConnection(asyncio.Protocol):
             *(f"{name}: {value}" for name, value in headers.items()),
         ]
         request = ("\r\n".join(lines) + "\r\n\r\n").encode()
-        loop = asyncio.get_running_loop()
 
         def factory() -> EventStreamConnection:
             return cls(
@@ -145,42 +119,9 @@ class EventStreamConnection(asyncio.Protocol):
                 ping_timeout=ping_timeout,
             )
 
-        context = (ssl or ssl_module.create_default_context()) if secure else None
-        async with asyncio.timeout(open_timeout):
-            _, connection = await loop.create_connection(
-                factory, host, port, ssl=context, server_hostname=host if secure else None
-            )
-            try:
-                await connection.handshake
-            except BaseException:
-                connection.abort()
-                raise
-        return connection
+        return await cls._dial(url, secure, factory, ssl, open_timeout)
 
     # the program's side
-
-    def pop(self) -> str | None:
-        """The next text received, or None if none is waiting."""
-        messages = self._messages
-        if not messages:
-            return None
-        text = messages.popleft()
-        if self._paused and len(messages) <= self._low:
-            self._paused = False
-            if self._transport is not None:
-                self._transport.resume_reading()
-        return text
-
-    async def wait(self) -> None:
-        """Return once a text is waiting; raise :class:`Closed` if none ever will."""
-        while not self._messages:
-            if self._received is not None or self._failed is not None or self._lost:
-                raise self._received or self._failed or Closed(ABNORMAL)
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
 
     def send(self, text: str) -> None:
         """Nothing: a stream carries no commands (the subscriber reopens it instead)."""
@@ -191,111 +132,23 @@ class EventStreamConnection(asyncio.Protocol):
         self.abort()
         self._wake()
 
-    def abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-    # asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        self._transport.write(self._request)
-
-    def data_received(self, data: bytes) -> None:
-        self._last_read = time.monotonic()
-        if not self.handshake.done() or self._refusal is not None:
-            data = self._handshake_data(data)
-            if not data:
-                return
-        if self._failed is not None or self._received is not None:
-            return
-        queued = len(self._messages)
-        self._body(data)
-        if len(self._messages) > queued:
-            self._wake()
-            if len(self._messages) >= self._high and not self._paused and self._transport:
-                self._paused = True
-                self._transport.pause_reading()
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-        if not self.handshake.done():
-            refusal = self._refusal
-            self.handshake.set_exception(
-                refusal
-                if refusal is not None
-                else ConnectionError("the connection closed before the stream's answer")
-            )
-        if not self.closed.done():
-            self.closed.set_result(None)
-        self._wake()
-
     # the answer's head
 
-    def _handshake_data(self, data: bytes) -> bytes:
-        if self._refusal is not None:
-            self._refusal_body(data)
-            return b""
-        head = self._head + data
-        end = head.find(b"\r\n\r\n")
-        if end == -1:
-            if len(head) > MAX_HEAD:
-                self._handshake_failed("the answer's head is too long")
-            self._head = head
-            return b""
-        self._head = b""
-        lines = head[:end].decode("latin-1").split("\r\n")
-        rest = head[end + 4 :]
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            self._handshake_failed(f"not an HTTP answer: {lines[0][:80]!r}")
-            return b""
-        status, reason = int(parts[1]), parts[2] if len(parts) > 2 else ""
-        fields: dict[str, str] = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            fields[name.strip().lower()] = value.strip()
-        if status != 200:
-            self._refusal = HandshakeRefused(status, reason, fields, b"")
-            length = fields.get("content-length", "")
-            self._refusal_length = int(length) if length.isdigit() else None
-            self._refusal_body(rest)
-            return b""
+    def _opens(self, fields: dict[str, str]) -> str | None:
         if not fields.get("content-type", "").startswith("text/event-stream"):
-            self._handshake_failed("the answer is not an event stream")
-            return b""
+            return "the answer is not an event stream"
         if fields.get("transfer-encoding", "").lower() != "chunked":
-            self._handshake_failed("the event stream is not chunked")
-            return b""
-        self.handshake.set_result(None)
-        self._arm_keepalive()
-        return rest
-
-    def _refusal_body(self, data: bytes) -> None:
-        refusal = self._refusal
-        assert refusal is not None
-        if len(refusal.body) < MAX_REFUSAL_BODY:
-            refusal.body = (refusal.body + data)[:MAX_REFUSAL_BODY]
-        length = self._refusal_length
-        if length is not None and len(refusal.body) >= min(length, MAX_REFUSAL_BODY):
-            refusal.body = refusal.body[:length]
-            if not self.handshake.done():
-                self.handshake.set_exception(refusal)
-            self.abort()
-
-    def _handshake_failed(self, why: str) -> None:
-        if not self.handshake.done():
-            self.handshake.set_exception(HandshakeFailed(why))
-        self.abort()
+            return "the event stream is not chunked"
+        return None
 
     # the body: chunks, then lines, then events
 
     def _body(self, data: bytes) -> None:
+        queued = len(self._messages)
+        self._chunks(data)
+        self._queued(queued)
+
+    def _chunks(self, data: bytes) -> None:
         buffer = self._chunked + data if self._chunked else data
         self._chunked = b""
         pos, size = 0, len(buffer)
@@ -398,22 +251,12 @@ class EventStreamConnection(asyncio.Protocol):
         self._messages.append(text)
         return True
 
-    def _too_big(self, size: int) -> bool:
-        return self._fail(
-            TOO_BIG, f"a message of at least {size} bytes; max_size is {self._max_size}"
-        )
-
     def _fail(self, code: int, reason: str) -> bool:
         if self._failed is None:
             self._failed = Closed(ABNORMAL, reason, code)
             self.abort()
             self._wake()
         return False
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     # keepalive
 
