@@ -698,7 +698,7 @@ class Subscriber:
             while not answer.done():
                 if self._conn is not conn:
                     raise NetworkError(f"the connection closed before the {command['op']}")
-                self._read_ahead(conn, answer)
+                self._drain(conn, answer)
                 if not answer.done():
                     await self._wait_frame(conn)
         except Closed as exc:
@@ -711,30 +711,6 @@ class Subscriber:
         if isinstance(item, CommandFailed):
             raise CommandRefused(replace(item, channel=command.get("channel")))
         return doc
-
-    def _read_ahead(self, conn: Link, answer: asyncio.Future[Any]) -> None:
-        """Take the frames received so far until ``answer`` is given, keeping
-        each message and event for the stream, in order."""
-        pending = self._pending
-        tracker = self._tracker
-        while not answer.done():
-            text = conn.pop()
-            if text is None:
-                return
-            try:
-                doc = _decode(text)
-            except msgspec.DecodeError:
-                pending.append(Other(None, {}, frame=text))
-                continue
-            item = tracker.note(doc, text)
-            if type(item) is Message:
-                if item.channel in tracker.channels:
-                    pending.append(item)
-                continue
-            assert isinstance(item, Event)
-            event = self._event(conn, item, doc)
-            if event is not None:
-                pending.append(event)
 
     def _event(self, conn: Link, item: Event, doc: Any) -> Event | None:
         """Act on an event from the daemon; what to yield of it (None: nothing)."""
@@ -935,11 +911,15 @@ class Subscriber:
         else:
             self._set_state(State.DISCONNECTED)
 
-    def _drain(self, conn: Link) -> None:
-        """Every frame ``conn`` holds, noted and kept for the stream."""
+    def _drain(self, conn: Link, until: asyncio.Future[Any] | None = None) -> None:
+        """Every frame ``conn`` holds (or those before ``until`` is answered),
+        noted and kept for the stream, in order."""
         pending = self._pending
         tracker = self._tracker
-        while (text := conn.pop()) is not None:
+        while until is None or not until.done():
+            text = conn.pop()
+            if text is None:
+                return
             try:
                 doc = _decode(text)
             except msgspec.DecodeError:
