@@ -44,6 +44,7 @@ from broadcastd.broker import (
 from broadcastd.broker.memory import MemoryBroker
 from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import Payload, reply_frame
+from broadcastd.core.forms import Form
 from broadcastd.core.hub import Channel, Delivery, FanOut, Hub
 from broadcastd.core.ids import new_node_id
 from broadcastd.core.namespaces import ChannelOptions, Namespaces
@@ -92,12 +93,12 @@ Answers = list[Published | ClientError]
 class Joiner:
     """A subscriber on its way into a channel (perhaps recovering first)."""
 
-    __slots__ = ("cancelled", "failed", "joined", "member", "outbox", "raw", "since")
+    __slots__ = ("cancelled", "failed", "form", "joined", "member", "outbox", "since")
 
     def __init__(
         self,
         outbox: Outbox,
-        raw: bool,
+        form: Form,
         since: Since | None,
         joined: Joined,
         failed: Failed,
@@ -105,7 +106,7 @@ class Joiner:
     ) -> None:
         self.outbox = outbox
         self.member = member
-        self.raw = raw
+        self.form = form
         self.since = since
         self.joined = joined
         self.failed = failed
@@ -218,7 +219,7 @@ class Node:
                 "reason": reason,
             }
         )
-        for outbox in (*joined.json_subscribers, *joined.raw_subscribers):
+        for outbox in joined.outboxes():
             outbox.push(frame)
 
     # Publishing
@@ -367,7 +368,7 @@ class Node:
         self,
         outbox: Outbox,
         name: str,
-        raw: bool,
+        form: Form,
         since: Since | None,
         joined: Joined,
         failed: Failed,
@@ -379,7 +380,7 @@ class Node:
         (or ``failed`` if the engine cannot be reached). A refusal known at once
         is raised. A ``member`` (its session) enters the channel's presence as
         it joins, where the namespace tracks it."""
-        joiner = Joiner(outbox, raw, since, joined, failed, member)
+        joiner = Joiner(outbox, form, since, joined, failed, member)
         channel = self.hub.get(name)
         if channel is not None:
             self._admit(channel, joiner)
@@ -526,7 +527,7 @@ class Node:
             self.broker.unsubscribe(channel.name)
 
     def _join_now(self, channel: Channel, joiner: Joiner, recovery: Recovery | None) -> None:
-        self.hub.join(channel, joiner.outbox, joiner.raw)
+        self.hub.join(channel, joiner.outbox, joiner.form)
         member = joiner.member
         if member is not None and self._tracked(channel.name):
             self.broker.add_presence(channel.name, member.id, member.user, self._entry(member))
@@ -571,12 +572,15 @@ class Node:
         """A join or leave from the engine: to every local JSON subscriber of the
         channel but the client itself (raw subscribers get payloads alone)."""
         joined = self.hub.get(channel)
-        if joined is None or not joined.json_subscribers:
+        if joined is None:
+            return
+        outboxes = joined.outboxes(json_only=True)
+        if not outboxes:
             return
         frame = event_frame(kind, channel, client, user)
         own = self.sessions.get(client) if kind == JOIN else None
         skip = None if own is None else own.outbox
-        for outbox in joined.json_subscribers:
+        for outbox in outboxes:
             if outbox is not skip:
                 outbox.push(frame)
 

@@ -18,6 +18,7 @@ import uvloop
 from websockets.asyncio.client import ClientConnection, connect
 
 from broadcastd.app import Daemon
+from broadcastd.core.forms import Form
 from broadcastd.core.outbox import Outbox
 from broadcastd.settings import Settings, load_settings
 
@@ -255,7 +256,7 @@ def node_join(node: Any, outbox: Any, name: str, raw: bool = False, since: Any =
     node.join(
         outbox,
         name,
-        raw,
+        Form.RAW_FRAME if raw else Form.FRAME,
         since,
         lambda position, recovery: got.append((position, recovery)),
         failed,

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from broadcastd.core.envelope import Reply, text_frame
-from broadcastd.core.eventstream import EventStream, Messages, base36, resume_positions
+from broadcastd.core.eventstream import EventStream, Messages, resume_positions
+from broadcastd.core.forms import base36
 from broadcastd.core.handshake import Refusal
 
 from .conftest import Running, recv_json, subscribed

@@ -17,6 +17,7 @@ from typing import Any
 from broadcastd.broker import History
 from broadcastd.broker.feeds import Feeds
 from broadcastd.core.envelope import Payload
+from broadcastd.core.forms import Form
 from broadcastd.core.hub import FanOut
 from broadcastd.core.observer import NullObserver
 from broadcastd.core.outbox import Outbox
@@ -223,11 +224,11 @@ async def test_a_recovery_joins_the_live_stream_with_no_gap_and_no_duplicate() -
     await node.start()
     first, late = Outbox(100, 100_000), Outbox(100, 100_000)
     joined: list[tuple[Position, Recovery | None]] = []
-    node.join(first, "c", False, None, lambda p, r: joined.append((p, r)), _fail)
+    node.join(first, "c", Form.FRAME, None, lambda p, r: joined.append((p, r)), _fail)
     node.subscribed("c", Position(E, 0))  # the engine confirms
     for offset in (1, 2, 3):
         engine.publish_here(offset)
-    node.join(late, "c", False, Position(E, 1), lambda p, r: joined.append((p, r)), _fail)
+    node.join(late, "c", Form.FRAME, Position(E, 1), lambda p, r: joined.append((p, r)), _fail)
     assert len(joined) == 1  # the late one reads history first
     engine.publish_here(4)  # arrives while its read is under way
     engine.answer(3)  # the read ends at 3: the node reads on to 4
@@ -256,7 +257,7 @@ async def test_a_subscriber_leaving_while_it_recovers_releases_the_channel() -> 
     node = Node(make_settings(), broker=engine)  # type: ignore[arg-type]
     await node.start()
     only = Outbox(100, 100_000)
-    node.join(only, "c", False, Position(E, 0), _nothing, _fail)
+    node.join(only, "c", Form.FRAME, Position(E, 0), _nothing, _fail)
     node.subscribed("c", Position(E, 2))
     engine.kept = [pub(1), pub(2)]
     node.unsubscribe(only, "c")

@@ -39,18 +39,24 @@ from collections.abc import Iterable
 import orjson
 
 from broadcastd.core.envelope import Payload, Reply, frame_payload
+from broadcastd.core.forms import (
+    ID_SEPARATOR,
+    ID_VERSION,
+    Form,
+    Prepared,
+    data_lines,
+    flat,
+    id_field,
+)
 from broadcastd.core.handshake import Head, Refusal
 from broadcastd.core.stream import MAX_EPOCH_LENGTH, MAX_OFFSET, Position, Since
 
 SSE = "text/event-stream"
 NDJSON = "application/x-ndjson"
-ID_VERSION = "1"
 RETRY_MS = 2000
 """The reconnection delay suggested to browsers (``retry:``)."""
-_SEPARATOR = "~"
-_ID_PREFIX = (ID_VERSION + _SEPARATOR).encode()
-_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyz"
 _EVENT_NAMES = {"error": "failure"}
+_ALL_PREPARED = {Prepared}
 _ENVELOPE_HEAD = b'{"channel":"'
 _OFFSET = b'","offset":'
 _DATA = b',"data":'
@@ -87,19 +93,10 @@ def preflight_answer(allow_origin: str | None) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-def base36(number: int) -> str:
-    digits = []
-    while True:
-        number, digit = divmod(number, 36)
-        digits.append(_DIGITS[digit])
-        if not number:
-            return "".join(reversed(digits))
-
-
 def resume_positions(last_event_id: str, channels: tuple[str, ...]) -> list[tuple[str, Since]]:
     """The positions a ``Last-Event-ID`` made by this stream holds, as ``since``
     pairs; a Refusal (400) for an id not made for these channels."""
-    fields = last_event_id.split(_SEPARATOR)
+    fields = last_event_id.split(ID_SEPARATOR)
     if fields[0] != ID_VERSION or len(fields) != len(channels) + 1:
         raise _bad_id()
     since: list[tuple[str, Since]] = []
@@ -173,47 +170,33 @@ class EventStream:
             head += _chunk(b"retry: %d\n\n" % RETRY_MS)
         return head
 
-    def render(self, frames: list[bytes], messages: Messages) -> bytes:
-        """One chunk carrying ``frames`` as events (SSE) or lines (ndjson); what
-        every stream writes for a message is taken from ``messages``."""
+    def forms(self) -> tuple[Form, dict[str, Form]]:
+        """The forms its session queues messages in: every channel's, and the
+        exceptions. A one-channel SSE stream reads its channel's whole events as
+        fan-out made them; a stream of several channels numbers its events
+        itself, from JSON frames; ndjson reads lines."""
         if self.kind == NDJSON:
-            return _chunk(b"".join([self._line(frame, messages) for frame in frames]))
-        if len(self._fields) != 1:
-            return _chunk(b"".join([self._event(frame, messages) for frame in frames]))
-        # One channel (the common stream): a message's whole event, id included, is
-        # the same for every such stream. The field kept for notices' ids is not
-        # moved: the only notices with an id are this channel's, and set it anew.
-        (channel,) = self._index
-        key = (channel, self._epochs.get(channel), self.raw)
-        made = messages.made
-        parts: list[bytes] = []
-        append = parts.append
-        for frame in frames:
-            # A message made for this pass, with its event for this epoch: the
-            # common case, with no call at all.
-            entry = made.get(id(frame))
-            if entry is not None and entry[0] is frame:
-                event = entry[1].events.get(key)
-                if event is not None:
-                    append(event)
-                    continue
-            epoch = key[1]
-            if epoch is None or type(frame) is Reply:
-                append(self._event(frame, messages))
-                key = (channel, self._epochs.get(channel), self.raw)  # a notice may set it
-                continue
-            message = messages.get(frame)
-            if message.channel != channel:
-                append(self._message(message))
-                continue
-            append(message.single(epoch, self.raw))
-        return _chunk(b"".join(parts))
+            return (Form.RAW_LINE if self.raw else Form.LINE), {}
+        if len(self._fields) == 1:
+            (channel,) = self._index
+            return Form.FRAME, {channel: Form.RAW_EVENT if self.raw else Form.EVENT}
+        return Form.FRAME, {}
 
-    def _line(self, frame: bytes, messages: Messages) -> bytes:
-        if isinstance(frame, Reply):
-            return _flat(bytes(frame_payload(frame))) + b"\n"
-        message = messages.get(frame)
-        return message.raw_line() if self.raw else message.json_line()
+    def render(self, frames: list[bytes], messages: Messages) -> bytes:
+        """One chunk carrying ``frames`` as events (SSE) or lines (ndjson).
+        Prepared frames (a one-channel stream's events, lines) go as they stand;
+        what a stream of several channels writes for a message frame is made
+        once per pass in ``messages``."""
+        if set(map(type, frames)) == _ALL_PREPARED:  # the common case, checked in C
+            return _chunk(b"".join(frames))
+        if self.kind == NDJSON:
+            parts = [frame if type(frame) is Prepared else _line(frame) for frame in frames]
+        else:
+            event = self._event
+            parts = [
+                frame if type(frame) is Prepared else event(frame, messages) for frame in frames
+            ]
+        return _chunk(b"".join(parts))
 
     def keepalive(self) -> bytes:
         """A comment (SSE) or an empty line (ndjson): keeps proxies from timing out."""
@@ -252,37 +235,25 @@ class EventStream:
         if epoch is None or index is None:
             # No position yet, or a channel the server API added (not in the URL).
             return message.raw_event() if self.raw else message.json_event
-        fields = self._fields
-        fields[index] = message.field(epoch)
-        if len(fields) == 1:
-            return message.single(epoch, self.raw)
+        self._fields[index] = message.field(epoch)
         return self._id() + (message.raw_event() if self.raw else message.json_event)
 
     def _moved(self, channel: str, epoch: str, offset: int) -> bool:
         index = self._index.get(channel)
         if index is None:
             return False  # a channel the server API added: not in the URL, not resumed
-        self._fields[index] = f"{epoch}.{base36(offset)}"
+        self._fields[index] = id_field(epoch, offset).decode()
         return True
 
     def _id(self) -> bytes:
-        return b"id: " + _SEPARATOR.join((ID_VERSION, *self._fields)).encode() + b"\n"
+        return b"id: " + ID_SEPARATOR.join((ID_VERSION, *self._fields)).encode() + b"\n"
 
 
 class Message:
-    """One message frame as every stream writes it, made once: its channel and
-    offset read back from the envelope, and its event or line in each form."""
+    """One message frame as streams of several channels write it, made once: its
+    channel and offset read back from the envelope, and its event's data."""
 
-    __slots__ = (
-        "_field",
-        "_payload",
-        "_raw_event",
-        "channel",
-        "data_at",
-        "events",
-        "json_event",
-        "offset",
-    )
+    __slots__ = ("_field", "_payload", "_raw_event", "channel", "data_at", "json_event", "offset")
 
     def __init__(self, frame: bytes) -> None:
         payload = self._payload = bytes(frame_payload(frame))
@@ -290,45 +261,22 @@ class Message:
         self.channel = payload[len(_ENVELOPE_HEAD) : end].decode()
         self.data_at = payload.index(_DATA, end)
         self.offset = int(payload[end + len(_OFFSET) : self.data_at])
-        self.json_event = b"data: " + _flat(payload) + b"\n\n"
+        self.json_event = b"data: " + flat(payload) + b"\n\n"
         self._raw_event: bytes | None = None
         self._field: tuple[str, str] | None = None
         """The id field of the last epoch asked for (every stream of it asks the same)."""
-        self.events: dict[tuple[str, str | None, bool], bytes] = {}
-        """A one-channel stream's whole event (id and data), by channel, epoch and
-        format (the channel, so that no other channel's stream can take it)."""
 
     def field(self, epoch: str) -> str:
         cached = self._field
         if cached is None or cached[0] != epoch:
-            cached = self._field = (epoch, f"{epoch}.{base36(self.offset)}")
+            cached = self._field = (epoch, id_field(epoch, self.offset).decode())
         return cached[1]
-
-    def single(self, epoch: str, raw: bool) -> bytes:
-        """The whole event, ``id:`` included, for a stream of this one channel."""
-        key = (self.channel, epoch, raw)
-        event = self.events.get(key)
-        if event is None:
-            data = self.raw_event() if raw else self.json_event
-            field = self.field(epoch).encode()
-            event = self.events[key] = b"id: " + _ID_PREFIX + field + b"\n" + data
-        return event
 
     def raw_event(self) -> bytes:
         if self._raw_event is None:
-            data = Payload.from_json_text(self._raw_data_json()).raw
-            lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-            self._raw_event = b"".join(b"data: " + line + b"\n" for line in lines) + b"\n"
+            data_json = self._payload[self.data_at + len(_DATA) : -1]
+            self._raw_event = data_lines(Payload.from_json_text(data_json).raw)
         return self._raw_event
-
-    def json_line(self) -> bytes:
-        return self.json_event[len(b"data: ") : -1]
-
-    def raw_line(self) -> bytes:
-        return _flat(self._raw_data_json()) + b"\n"
-
-    def _raw_data_json(self) -> bytes:
-        return self._payload[self.data_at + len(_DATA) : -1]
 
 
 class Messages:
@@ -354,9 +302,9 @@ class Messages:
         self.made.clear()
 
 
-def _flat(json: bytes) -> bytes:
-    """JSON text on one line: a newline in it can only be whitespace."""
-    return json.replace(b"\n", b" ").replace(b"\r", b" ")
+def _line(frame: bytes) -> bytes:
+    """A reply or notice as an ndjson line (messages come as lines already)."""
+    return flat(bytes(frame_payload(frame))) + b"\n"
 
 
 def _chunk(body: bytes) -> bytes:

@@ -1,9 +1,9 @@
 """The channels this node has subscribers for, and fan-out.
 
 The hub maps each channel with local subscribers to their outboxes, split by
-the frame format they want, and remembers the last position delivered to them,
+the form they read messages in (``core.forms``), and remembers the last position delivered to them,
 which is what a new subscriber is told. Positions come from the broker: the hub
-never counts. Fan-out pushes a publication's one encoded frame (per format)
+never counts. Fan-out pushes a publication's one encoding (per form in use)
 into every outbox without awaiting, so a slow client cannot delay the others;
 what happened is returned as counts, once per fan-out.
 
@@ -17,6 +17,7 @@ import heapq
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeAlias
 
+from broadcastd.core.forms import Form
 from broadcastd.core.outbox import DROPPED, Budget, Outbox
 from broadcastd.core.stream import Position, Publication
 from broadcastd.settings import SlowConsumerPolicy
@@ -30,12 +31,12 @@ class Channel:
     __slots__ = (
         "budget",
         "epoch",
-        "json_subscribers",
+        "forms",
         "name",
         "offset",
         "policy",
-        "raw_subscribers",
         "recovering",
+        "subscriber_count",
     )
 
     def __init__(
@@ -47,8 +48,9 @@ class Channel:
     ) -> None:
         self.name = name
         self.epoch, self.offset = position
-        self.json_subscribers: dict[Outbox, None] = {}
-        self.raw_subscribers: dict[Outbox, None] = {}
+        self.forms: dict[Form, dict[Outbox, None]] = {}
+        """Its subscribers by the form they read (only forms in use are keys)."""
+        self.subscriber_count = 0
         self.policy = policy
         """Its namespace's slow-consumer policy; None: each subscriber's own."""
         self.budget = budget
@@ -57,9 +59,15 @@ class Channel:
         """Subscribers reading what they missed before they join (the node's): the
         channel stays while any does, even with no subscriber left."""
 
-    @property
-    def subscriber_count(self) -> int:
-        return len(self.json_subscribers) + len(self.raw_subscribers)
+    def outboxes(self, json_only: bool = False) -> list[Outbox]:
+        """Its subscribers' outboxes; ``json_only``: those that read more than
+        payloads (events that are not messages are for them)."""
+        return [
+            outbox
+            for form, subscribers in self.forms.items()
+            if not (json_only and form.raw)
+            for outbox in subscribers
+        ]
 
     @property
     def position(self) -> Position:
@@ -109,11 +117,15 @@ class Hub:
         channel = self._channels[name] = Channel(name, position, *self._delivery_of(name))
         return channel
 
-    def join(self, channel: Channel, outbox: Outbox, raw: bool) -> None:
-        """Add ``outbox`` to ``channel``; joining twice is harmless."""
-        subscribers = channel.raw_subscribers if raw else channel.json_subscribers
+    def join(self, channel: Channel, outbox: Outbox, form: Form) -> None:
+        """Add ``outbox`` to ``channel``, reading ``form``; joining twice is harmless
+        (an outbox reads one form per channel)."""
+        subscribers = channel.forms.get(form)
+        if subscribers is None:
+            subscribers = channel.forms[form] = {}
         if outbox not in subscribers:
             subscribers[outbox] = None
+            channel.subscriber_count += 1
             self.subscriptions += 1
 
     def leave(self, outbox: Outbox, name: str) -> bool:
@@ -122,11 +134,15 @@ class Hub:
         channel = self._channels.get(name)
         if channel is None:
             return False
-        if (
-            channel.json_subscribers.pop(outbox, False) is False
-            and channel.raw_subscribers.pop(outbox, False) is False
-        ):
+        for form, subscribers in channel.forms.items():
+            if outbox in subscribers:
+                del subscribers[outbox]
+                if not subscribers:
+                    del channel.forms[form]
+                break
+        else:
             return False
+        channel.subscriber_count -= 1
         self.subscriptions -= 1
         if channel.subscriber_count or channel.recovering:
             return False
@@ -156,10 +172,8 @@ class Hub:
         if channel.policy is not None:
             self._push_as(channel, publication, result)
             return result
-        if channel.json_subscribers:
-            self._push(publication.frame(), channel.json_subscribers, result)
-        if channel.raw_subscribers:
-            self._push(publication.raw_frame(), channel.raw_subscribers, result)
+        for form, subscribers in channel.forms.items():
+            self._push(publication.encoded(form), subscribers, result)
         return result
 
     @staticmethod
@@ -169,10 +183,8 @@ class Hub:
         policy = channel.policy
         assert policy is not None
         name, budget = channel.name, channel.budget
-        for subscribers, frame in (
-            (channel.json_subscribers, publication.frame() if channel.json_subscribers else b""),
-            (channel.raw_subscribers, publication.raw_frame() if channel.raw_subscribers else b""),
-        ):
+        for form, subscribers in channel.forms.items():
+            frame = publication.encoded(form)
             for outbox in subscribers:
                 status = outbox.push_to(frame, name, policy, budget)
                 if status == DROPPED:

@@ -45,7 +45,7 @@ which the transport's close path sends as it sends any other.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,6 +54,7 @@ import orjson
 from broadcastd.auth.claims import Claims
 from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import reply_frame
+from broadcastd.core.forms import Form
 from broadcastd.core.outbox import Outbox
 from broadcastd.core.presence import PresencePage, PresenceStats, check_cursor
 from broadcastd.core.route import MAX_TOKEN_LENGTH
@@ -94,16 +95,16 @@ class Membership(Protocol):
         self,
         outbox: Outbox,
         name: str,
-        raw: bool,
+        form: Form,
         since: Since | None,
         joined: Callable[[Position, Recovery | None], None],
         failed: Callable[[ClientError], None],
         member: Session | None = None,
     ) -> None:
-        """Add ``outbox`` to channel ``name``, recovering from ``since`` first; then
-        call ``joined`` (at once, or after a round trip to a remote broker) right
-        before the live stream continues, or ``failed``. A ``member`` is in the
-        channel's presence from then on."""
+        """Add ``outbox`` to channel ``name``, reading ``form``, recovering from
+        ``since`` first; then call ``joined`` (at once, or after a round trip to a
+        remote broker) right before the live stream continues, or ``failed``. A
+        ``member`` is in the channel's presence from then on."""
 
     def unsubscribe(self, outbox: Outbox, name: str, member: Session | None = None) -> None:
         """Leave the channel (or stop waiting to join it)."""
@@ -219,6 +220,8 @@ class Session:
         "connected_at",
         "entry",
         "errors",
+        "form",
+        "forms",
         "id",
         "max_channels",
         "max_errors",
@@ -237,6 +240,8 @@ class Session:
         outbox: Outbox,
         *,
         raw: bool = False,
+        form: Form | None = None,
+        forms: Mapping[str, Form] | None = None,
         max_channels: int = 100,
         max_errors: int = 20,
         remote: str = "",
@@ -246,6 +251,11 @@ class Session:
         self._node = node
         self.outbox = outbox
         self.raw = raw
+        """Told nothing but payloads (a WebSocket with ``format=raw``)."""
+        self.form = form if form is not None else Form.RAW_FRAME if raw else Form.FRAME
+        """The form its messages are queued in (``core.forms``)..."""
+        self.forms: Mapping[str, Form] = forms or {}
+        """... but for these channels (a one-channel event stream's own)."""
         self.channels: dict[str, None] = {}
         self.errors = 0
         self.max_channels = max_channels
@@ -454,7 +464,8 @@ class Session:
             self._error(exc, "subscribe", command_id)
 
         try:
-            self._node.join(self.outbox, name, self.raw, since, joined, failed, self)
+            form = self.forms.get(name, self.form)
+            self._node.join(self.outbox, name, form, since, joined, failed, self)
         except ClientError:
             self.channels.pop(name, None)
             raise
@@ -493,12 +504,9 @@ class Session:
             self._reply(reply)
         if recovery is not None and recovery.replay:
             push = self.outbox.push
-            if self.raw:
-                for publication in recovery.replay:
-                    push(publication.raw_frame())
-            else:
-                for publication in recovery.replay:
-                    push(publication.frame())
+            form = self.forms.get(name, self.form)
+            for publication in recovery.replay:
+                push(publication.encoded(form))
 
     def authenticated(self, claims: Claims, op: str, command_id: CommandId) -> None:
         """A token (``op`` auth or refresh, or given at connect) was accepted."""

@@ -26,7 +26,8 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
-from broadcastd.core.envelope import Payload, channel_prefix, envelope_frame, raw_frame
+from broadcastd.core.envelope import Payload, channel_prefix, envelope_frame
+from broadcastd.core.forms import Form, encode
 from broadcastd.errors import BadCommand, ChannelTableFull, ClientError
 
 ENTRY_OVERHEAD = 200
@@ -144,8 +145,12 @@ class Publication:
             frame = self._frame = envelope_frame(self.prefix, self.offset, self.payload)
         return frame
 
-    def raw_frame(self) -> bytes:
-        return raw_frame(self.payload)
+    def encoded(self, form: Form) -> bytes:
+        """The message in ``form``; only the JSON frame, the form of most
+        subscribers and of replays, is kept (and counted in ``size``)."""
+        if form is Form.FRAME:
+            return self.frame()
+        return encode(form, self.prefix, self.epoch, self.offset, self.payload)
 
 
 class Stream:

@@ -695,11 +695,14 @@ class Connection(asyncio.Protocol):
         outbox.wake = self.wake
         outbox.write_now = self.write_now
         self.remote = _address(self._peer())
+        form, forms = (None, None) if stream is None else stream.forms()
         session = self.session = Session(
             server.client_ids(),
             node,
             outbox,
             raw=route.raw and stream is None,
+            form=form,
+            forms=forms,
             max_channels=s.max_channels_per_client,
             max_errors=s.max_command_errors,
             remote=self.remote,
