@@ -25,6 +25,7 @@ running it on its own connections (``execute``): one path on both engines.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar, cast
@@ -42,6 +43,7 @@ from broadcastd.broker import (
     then,
 )
 from broadcastd.broker.memory import MemoryBroker
+from broadcastd.core.announcements import Announcements
 from broadcastd.core.channels import check_channel
 from broadcastd.core.envelope import Payload, reply_frame
 from broadcastd.core.forms import Form
@@ -153,6 +155,8 @@ class Node:
         registering is on the path of every connection of a reconnect storm; the
         transport ends each session, which takes it out)."""
         self.max_page = settings.presence.max_page
+        self.announcements = Announcements()
+        """Join and leave events waiting to be told, a slice per loop turn."""
 
     async def start(self) -> None:
         await self.broker.start(self)
@@ -185,6 +189,8 @@ class Node:
         """Fan a publication out here. Inside a publish (the memory engine) it is
         reported with the publish; one that came from another process is reported
         here, its delivery latency measured from its arrival."""
+        if self.announcements.waiting and channel in self.announcements.waiting:
+            self.announcements.tell(channel, self._event_readers)
         if self.publishing_since is not None:
             return self.hub.deliver(channel, publication)
         self.publishing_since = self.clock()
@@ -570,19 +576,30 @@ class Node:
 
     def presence_event(self, channel: str, kind: str, client: str, user: str | None) -> None:
         """A join or leave from the engine: to every local JSON subscriber of the
-        channel but the client itself (raw subscribers get payloads alone)."""
-        joined = self.hub.get(channel)
-        if joined is None:
+        channel but the client itself (raw subscribers get payloads alone), in
+        slices of bounded work per loop turn (``core.announcements``)."""
+        if channel not in self.hub:
             return
-        outboxes = joined.outboxes(json_only=True)
-        if not outboxes:
-            return
-        frame = event_frame(kind, channel, client, user)
         own = self.sessions.get(client) if kind == JOIN else None
         skip = None if own is None else own.outbox
-        for outbox in outboxes:
-            if outbox is not skip:
-                outbox.push(frame)
+        if self.announcements.add(channel, event_frame(kind, channel, client, user), skip):
+            asyncio.get_running_loop().call_soon(self._announce)
+
+    def _announce(self) -> None:
+        """One slice of the waiting join and leave events; the next one is due in
+        the next turn, after whatever else the loop has to do."""
+        try:
+            more = self.announcements.run(self._event_readers)
+        except Exception as exc:  # a fault of ours: the events wait no longer
+            _log.error("presence.announce_failed", exc_info=exc)
+            self.announcements = Announcements()
+            return
+        if more:
+            asyncio.get_running_loop().call_soon(self._announce)
+
+    def _event_readers(self, channel: str) -> list[Outbox]:
+        joined = self.hub.get(channel)
+        return [] if joined is None else joined.outboxes(json_only=True)
 
     def join_leave(self, name: str) -> bool | None:
         options = self.namespaces.of(name)
