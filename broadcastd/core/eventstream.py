@@ -5,9 +5,11 @@ A subscriber that cannot or will not speak WebSocket (a browser's
 ``Accept: text/event-stream`` or ``Accept: application/x-ndjson`` instead of an
 upgrade. Everything else is the WebSocket path's: admission, the route, auth,
 the session and its outbox, the slow-consumer policies, drain. This module
-turns the outbox's frames (encoded once per message for every transport) into
-the stream's bytes, one HTTP chunk per write, and keeps what lossless resume
-needs.
+says which forms a stream's messages are queued in (``core.forms``: a
+one-channel stream's whole events and ndjson lines are made once per message
+at fan-out), turns the rest (replies, and the JSON frames of a stream of
+several channels) into the stream's bytes, one HTTP chunk per write, and keeps
+what lossless resume needs.
 
 **Resume.** A browser reconnects by itself and sends the ``id`` of the last
 event it received as ``Last-Event-ID``; it cannot be told anything else. So

@@ -1,11 +1,12 @@
 """The channels this node has subscribers for, and fan-out.
 
 The hub maps each channel with local subscribers to their outboxes, split by
-the form they read messages in (``core.forms``), and remembers the last position delivered to them,
-which is what a new subscriber is told. Positions come from the broker: the hub
-never counts. Fan-out pushes a publication's one encoding (per form in use)
-into every outbox without awaiting, so a slow client cannot delay the others;
-what happened is returned as counts, once per fan-out.
+the form they read messages in (``core.forms``), and remembers the last
+position delivered to them, which is what a new subscriber is told. Positions
+come from the broker: the hub never counts. Fan-out pushes a publication's one
+encoding (per form in use) into every outbox without awaiting, so a slow
+client cannot delay the others; what happened is returned as counts, once per
+fan-out.
 
 A channel leaves the hub with its last local subscriber; its stream (position
 and history) is the broker's to keep or forget.
