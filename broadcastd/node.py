@@ -53,7 +53,6 @@ from broadcastd.core.namespaces import ChannelOptions, Namespaces
 from broadcastd.core.observer import NullObserver, Observer
 from broadcastd.core.outbox import Outbox
 from broadcastd.core.presence import (
-    JOIN,
     PresencePage,
     PresenceStats,
     entry_json,
@@ -155,7 +154,7 @@ class Node:
         registering is on the path of every connection of a reconnect storm; the
         transport ends each session, which takes it out)."""
         self.max_page = settings.presence.max_page
-        self.announcements = Announcements()
+        self.announcements = Announcements(self.hub.get)
         """Join and leave events waiting to be told, a slice per loop turn."""
 
     async def start(self) -> None:
@@ -189,8 +188,8 @@ class Node:
         """Fan a publication out here. Inside a publish (the memory engine) it is
         reported with the publish; one that came from another process is reported
         here, its delivery latency measured from its arrival."""
-        if self.announcements.waiting and channel in self.announcements.waiting:
-            self.announcements.tell(channel, self._event_readers)
+        if self.announcements:
+            self._tell_waiting(channel)
         if self.publishing_since is not None:
             return self.hub.deliver(channel, publication)
         self.publishing_since = self.clock()
@@ -215,6 +214,8 @@ class Node:
         )
         if joined is None:
             return
+        if self.announcements:
+            self._tell_waiting(channel)
         joined.epoch, joined.offset = position
         frame = reply_frame(
             {
@@ -575,31 +576,41 @@ class Node:
         return entry
 
     def presence_event(self, channel: str, kind: str, client: str, user: str | None) -> None:
-        """A join or leave from the engine: to every local JSON subscriber of the
-        channel but the client itself (raw subscribers get payloads alone), in
-        slices of bounded work per loop turn (``core.announcements``)."""
-        if channel not in self.hub:
+        """A join or leave from the engine: to every local subscriber of the channel
+        told events (not raw WebSockets) but the client itself, in slices of
+        bounded work per loop turn (``core.announcements``)."""
+        joined = self.hub.get(channel)
+        if joined is None:
             return
-        own = self.sessions.get(client) if kind == JOIN else None
+        own = self.sessions.get(client)
         skip = None if own is None else own.outbox
-        if self.announcements.add(channel, event_frame(kind, channel, client, user), skip):
+        if self.announcements.add(joined, event_frame(kind, channel, client, user), skip):
             asyncio.get_running_loop().call_soon(self._announce)
 
     def _announce(self) -> None:
         """One slice of the waiting join and leave events; the next one is due in
         the next turn, after whatever else the loop has to do."""
         try:
-            more = self.announcements.run(self._event_readers)
+            more = self.announcements.run()
         except Exception as exc:  # a fault of ours: the events wait no longer
-            _log.error("presence.announce_failed", exc_info=exc)
-            self.announcements = Announcements()
+            self._lose_announcements(exc)
             return
         if more:
             asyncio.get_running_loop().call_soon(self._announce)
 
-    def _event_readers(self, channel: str) -> list[Outbox]:
-        joined = self.hub.get(channel)
-        return [] if joined is None else joined.outboxes(json_only=True)
+    def _tell_waiting(self, name: str) -> None:
+        """The waiting events of channel ``name``, told before what is queued next."""
+        joined = self.hub.get(name)
+        if joined is None or joined not in self.announcements:
+            return
+        try:
+            self.announcements.tell(joined)
+        except Exception as exc:
+            self._lose_announcements(exc)
+
+    def _lose_announcements(self, exc: Exception) -> None:
+        _log.error("presence.announce_failed", exc_info=exc)
+        self.announcements = Announcements(self.hub.get)
 
     def join_leave(self, name: str) -> bool | None:
         options = self.namespaces.of(name)

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from broadcastd.core.envelope import Payload
-from broadcastd.core.hub import page
+from broadcastd.core.forms import Form
+from broadcastd.core.hub import Hub, page
 from broadcastd.core.outbox import Outbox
 from broadcastd.core.stream import Last, Position
 from broadcastd.errors import ChannelTableFull
@@ -165,3 +166,15 @@ def test_pages_list_names_in_order_after_the_cursor() -> None:
     assert walked == sorted(names)
     assert page(names, "z:1", 3) == ([], None)
     assert page(names, None, len(names)) == (sorted(names), None)
+
+
+def test_an_outbox_reads_one_form_per_channel_and_leaves_with_one_leave() -> None:
+    hub = Hub()
+    channel = hub.add("x", Position("e", 0))
+    box = Outbox(10, 10_000)
+    hub.join(channel, box, Form.EVENT)
+    hub.join(channel, box, Form.FRAME)  # joined already: the first form stays
+    assert (channel.subscriber_count, hub.subscriptions) == (1, 1)
+    assert list(channel.forms) == [Form.EVENT]
+    assert hub.leave(box, "x") is True
+    assert "x" not in hub

@@ -3,19 +3,24 @@
 Telling one join to a room of N subscribers is N pushes, so a reconnect storm in
 that room (every deploy) is N² of them. Told as they come, a storm's turn of the
 event loop would hold every other channel back for as long as it takes. So
-events wait here and go out at most ``budget`` pushes at a time, one slice per
-turn, while the node's other channels are served between slices.
+events wait here, a queue per channel, and go out at most ``budget`` pushes at
+a time, one slice per turn, while the node's other channels are served between
+slices.
 
 What this keeps:
 
 * the events of a channel reach each subscriber in the order they happened;
-* a message of a channel is never written before a join or leave of that
-  channel that came first: the node tells the channel's waiting events before
-  it fans a message out (``tell``);
-* an event goes to the subscribers the channel has when it is told, except the
-  client it is about when it is that client's join. So a subscriber that came
-  in just after a join may be told of it, as on the Redis engine, where events
-  travel through Redis: events are idempotent by client id.
+* a message or notice of a channel is never written before a join or leave of
+  that channel that came first: the node tells the channel's waiting events
+  before it fans a message out or tells a resync (``tell``);
+* an event goes to the subscribers the channel has when it is told (one that
+  left meanwhile is not told the rest), never to the client it is about. So a
+  subscriber that came in just after a join may be told of it, as on the Redis
+  engine, where events travel through Redis: events are idempotent by client
+  id;
+* events belong to one life of a channel in the hub: once the channel has left
+  the hub (its last local subscriber went), its waiting events are dropped, and
+  a later subscriber is not told them.
 
 Pure data: the node schedules the slices.
 """
@@ -26,105 +31,129 @@ from collections import deque
 from collections.abc import Callable
 
 from broadcastd.core.envelope import Reply
+from broadcastd.core.hub import Channel
 from broadcastd.core.outbox import Outbox
 
 SLICE_PUSHES = 10_000
 """Most pushes of join and leave events per event-loop turn (about a
 millisecond's work)."""
 
-Subscribers = Callable[[str], list[Outbox]]
-"""A channel's subscribers that read events (not payloads alone), at that moment."""
-
 
 class _Event:
-    __slots__ = ("channel", "frame", "skip")
+    __slots__ = ("frame", "skip")
 
-    def __init__(self, channel: str, frame: Reply, skip: Outbox | None) -> None:
-        self.channel = channel
+    def __init__(self, frame: Reply, skip: Outbox | None) -> None:
         self.frame = frame
         self.skip = skip
-        """The outbox of the client a join is about (it is not told its own join)."""
+        """The outbox of the client the event is about: it is not told of itself."""
 
 
 class Announcements:
-    """Events waiting to be told, oldest first."""
+    """Events waiting to be told, by channel; channels in the order their first
+    waiting event came."""
 
-    __slots__ = ("_left", "_queue", "waiting")
+    __slots__ = ("_current", "_left", "_queues", "scheduled")
 
-    def __init__(self) -> None:
-        self._queue: deque[_Event] = deque()
-        self._left: list[Outbox] = []
-        """The outboxes the oldest event is still to reach (set as its slice began),
-        reversed: a slice pops from the end."""
-        self.waiting: dict[str, int] = {}
-        """Events queued per channel: the node's check before each fan-out."""
+    def __init__(self, current: Callable[[str], Channel | None]) -> None:
+        self._current = current
+        """The hub's channel of a name now (None: it has none)."""
+        self._queues: dict[Channel, deque[_Event]] = {}
+        self._left: list[Outbox] | None = None
+        """The outboxes the first channel's oldest event is still to reach, reversed
+        (a slice pops from the end); None before its first slice."""
+        self.scheduled = False
+        """A slice is due (the node has asked the loop for one)."""
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return sum(len(queue) for queue in self._queues.values())
 
-    def add(self, channel: str, frame: Reply, skip: Outbox | None = None) -> bool:
-        """Queue an event; True if the queue was empty (a slice must be scheduled)."""
-        self._queue.append(_Event(channel, frame, skip))
-        waiting = self.waiting
-        waiting[channel] = waiting.get(channel, 0) + 1
-        return len(self._queue) == 1
+    def __bool__(self) -> bool:
+        return bool(self._queues)
 
-    def run(self, subscribers: Subscribers, budget: int = SLICE_PUSHES) -> bool:
-        """Tell events, oldest first, until ``budget`` pushes are made; True while
-        events remain (the next slice is due)."""
-        queue = self._queue
-        while queue and budget > 0:
-            event = queue[0]
+    def __contains__(self, channel: object) -> bool:
+        return channel in self._queues
+
+    def add(self, channel: Channel, frame: Reply, skip: Outbox | None = None) -> bool:
+        """Queue an event of ``channel``; True if a slice must be scheduled now."""
+        queue = self._queues.get(channel)
+        if queue is None:
+            queue = self._queues[channel] = deque()
+        queue.append(_Event(frame, skip))
+        if self.scheduled:
+            return False
+        self.scheduled = True
+        return True
+
+    def run(self, budget: int = SLICE_PUSHES) -> bool:
+        """Tell events, channel by channel, oldest first, until ``budget`` pushes
+        are made; True while events remain (the next slice is due)."""
+        queues = self._queues
+        while queues and budget > 0:
+            channel = next(iter(queues))
+            if self._current(channel.name) is not channel:
+                self._drop_first()
+                continue
+            queue = queues[channel]
             left = self._left
-            if not left:
-                left = self._left = _targets(event, subscribers)
-            budget -= self._push(event, left, budget)
-            if not left:
-                self._done()
-        return bool(queue)
-
-    def tell(self, channel: str, subscribers: Subscribers) -> None:
-        """Tell every waiting event of ``channel`` now, whatever the budget (a
-        message of it is about to be fanned out)."""
-        queue = self._queue
-        if queue[0].channel == channel and self._left:
-            self._push(queue[0], self._left, len(self._left))
-            self._done()
-        kept: deque[_Event] = deque()
-        for event in queue:
-            if event.channel == channel:
-                targets = _targets(event, subscribers)
-                self._push(event, targets, len(targets))
+            if left is None:
+                left = self._left = self._targets(channel, queue[0])
             else:
-                kept.append(event)
-        self._queue = kept
-        self.waiting.pop(channel, None)
+                left = self._left = self._still(channel, left)
+            made = _push(queue[0].frame, left, budget)
+            budget -= made
+            if not left:
+                self._left = None
+                queue.popleft()
+                if not queue:
+                    del queues[channel]
+        if queues:
+            return True
+        self.scheduled = False
+        return False
+
+    def tell(self, channel: Channel) -> None:
+        """Tell every waiting event of ``channel`` now, whatever the budget (a
+        message or notice of it is about to be queued)."""
+        queues = self._queues
+        queue = queues.get(channel)
+        if queue is None:
+            return
+        resumed = None
+        if self._left is not None and next(iter(queues)) is channel:
+            resumed = self._still(channel, self._left)  # its oldest event, part told
+            self._left = None
+        del queues[channel]
+        for event in queue:
+            if resumed is not None:
+                targets, resumed = resumed, None
+            else:
+                targets = self._targets(channel, event)
+            _push(event.frame, targets, len(targets))
+
+    def _drop_first(self) -> None:
+        """The first channel left the hub: its events are no one's any more."""
+        del self._queues[next(iter(self._queues))]
+        self._left = None
 
     @staticmethod
-    def _push(event: _Event, left: list[Outbox], budget: int) -> int:
-        """Push ``event`` to up to ``budget`` of ``left`` (taken from its end);
-        the pushes made."""
-        frame = event.frame
-        made = min(budget, len(left))
-        for _ in range(made):
-            left.pop().push(frame)
-        return made
+    def _targets(channel: Channel, event: _Event) -> list[Outbox]:
+        targets = channel.outboxes(events=True)
+        if event.skip is not None and event.skip in targets:
+            targets.remove(event.skip)
+        targets.reverse()
+        return targets
 
-    def _done(self) -> None:
-        """The oldest event reached everyone."""
-        event = self._queue.popleft()
-        self._left = []
-        waiting = self.waiting
-        count = waiting[event.channel] - 1
-        if count:
-            waiting[event.channel] = count
-        else:
-            del waiting[event.channel]
+    @staticmethod
+    def _still(channel: Channel, left: list[Outbox]) -> list[Outbox]:
+        """Those of ``left`` that still read the channel's events."""
+        now = set(channel.outboxes(events=True))
+        return [outbox for outbox in left if outbox in now]
 
 
-def _targets(event: _Event, subscribers: Subscribers) -> list[Outbox]:
-    targets = subscribers(event.channel)
-    if event.skip is not None and event.skip in targets:
-        targets.remove(event.skip)
-    targets.reverse()
-    return targets
+def _push(frame: Reply, left: list[Outbox], budget: int) -> int:
+    """Push ``frame`` to up to ``budget`` of ``left`` (taken from its end); the
+    pushes made."""
+    made = min(budget, len(left))
+    for _ in range(made):
+        left.pop().push(frame)
+    return made

@@ -38,19 +38,21 @@ class Form(enum.IntEnum):
     """A one-channel event stream's whole event: ``id:`` (the position) and the
     envelope as ``data:``."""
     RAW_EVENT = 3
-    """The same with the payload alone as ``data:``."""
+    """The same with the payload alone as ``data:``; a payload of several lines,
+    which takes a ``data:`` line each, is queued as its JSON frame instead (the
+    outbox's bounds count what was published, not what framing adds), and the
+    stream makes its event as it writes it."""
     LINE = 4
     """A line of newline-delimited JSON: the envelope."""
     RAW_LINE = 5
     """A line holding the JSON of the payload alone."""
 
     @property
-    def raw(self) -> bool:
-        """The payload alone: no envelope, so no event that is not a message."""
-        return self in _RAW
-
-
-_RAW = frozenset({Form.RAW_FRAME, Form.RAW_EVENT, Form.RAW_LINE})
+    def reads_events(self) -> bool:
+        """Its reader is told events that are not messages (join, leave): all but
+        a raw WebSocket, which reads payloads alone. A raw event stream is told
+        them as named events or lines."""
+        return self is not Form.RAW_FRAME
 
 
 class Prepared(bytes):
@@ -73,6 +75,8 @@ def encode(form: Form, prefix: bytes, epoch: str, offset: int, payload: Payload)
             return Prepared(envelope + b"\n")
         return Prepared(b"%b%b\ndata: %b\n\n" % (_ID_HEAD, id_field(epoch, offset), envelope))
     if form is Form.RAW_EVENT:
+        if b"\n" in payload.raw or b"\r" in payload.raw:
+            return envelope_frame(prefix, offset, payload)
         return Prepared(b"%b%b\n%b" % (_ID_HEAD, id_field(epoch, offset), data_lines(payload.raw)))
     return Prepared(flat(payload.json) + b"\n")
 

@@ -60,13 +60,13 @@ class Channel:
         """Subscribers reading what they missed before they join (the node's): the
         channel stays while any does, even with no subscriber left."""
 
-    def outboxes(self, json_only: bool = False) -> list[Outbox]:
-        """Its subscribers' outboxes; ``json_only``: those that read more than
-        payloads (events that are not messages are for them)."""
+    def outboxes(self, events: bool = False) -> list[Outbox]:
+        """Its subscribers' outboxes; ``events``: only those told events that are
+        not messages (``Form.reads_events``)."""
         return [
             outbox
             for form, subscribers in self.forms.items()
-            if not (json_only and form.raw)
+            if form.reads_events or not events
             for outbox in subscribers
         ]
 
@@ -120,14 +120,17 @@ class Hub:
 
     def join(self, channel: Channel, outbox: Outbox, form: Form) -> None:
         """Add ``outbox`` to ``channel``, reading ``form``; joining twice is harmless
-        (an outbox reads one form per channel)."""
-        subscribers = channel.forms.get(form)
+        (an outbox reads one form per channel: the one it joined with first)."""
+        forms = channel.forms
+        for joined in forms.values():
+            if outbox in joined:
+                return
+        subscribers = forms.get(form)
         if subscribers is None:
-            subscribers = channel.forms[form] = {}
-        if outbox not in subscribers:
-            subscribers[outbox] = None
-            channel.subscriber_count += 1
-            self.subscriptions += 1
+            subscribers = forms[form] = {}
+        subscribers[outbox] = None
+        channel.subscriber_count += 1
+        self.subscriptions += 1
 
     def leave(self, outbox: Outbox, name: str) -> bool:
         """Remove ``outbox`` from channel ``name``; True when that was the channel's
