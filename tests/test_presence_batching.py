@@ -1,18 +1,22 @@
-"""Presence changes on Redis leave in one script call per shard and loop turn.
+"""Presence changes on Redis leave in one script call per shard and loop turn,
+and a node's liveness is one call per shard and heartbeat.
 
 A subscribe storm adds one presence entry per subscribe; each used to be a script
 run of its own, which doubled what redis-server spent on the storm. The changes
 of one turn (a join batch's adds, a drain's removes) now go as one call per
 shard, each channel's changes in the order they were made. These tests count
 the calls in redis-server's own statistics and check that the order, the joins,
-the leaves and the counts are those of one change at a time.
+the leaves and the counts are those of one change at a time. Then: a
+heartbeat costs one call whatever the entries; a node that Redis forgot (its
+data lost, or swept after a pause longer than the TTL) adds its entries again;
+what was removed while Redis was out of reach is removed there once it is back.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis.asyncio as aioredis
@@ -27,6 +31,12 @@ from .redisserver import RedisServer
 
 @pytest.fixture
 async def node(redis_server: RedisServer) -> AsyncIterator[Node]:
+    started = await started_node(redis_server)
+    yield started
+    await started.close()
+
+
+async def started_node(redis_server: RedisServer) -> Node:
     overrides: dict[str, Any] = {
         "broker__type": "redis",
         "broker__redis__url": redis_server.url,
@@ -38,11 +48,14 @@ async def node(redis_server: RedisServer) -> AsyncIterator[Node]:
     node_settings = make_settings(**overrides)
     started = Node(node_settings, broker=RedisBroker(node_settings, NullObserver()))
     await started.start()
+    await until_up(started)
+    return started
+
+
+async def until_up(node: Node) -> None:
     async with asyncio.timeout(10):
-        while not started.broker.health.up:
-            await started.broker.health_changed()  # type: ignore[attr-defined]
-    yield started
-    await started.close()
+        while not node.broker.health.up:
+            await node.broker.health_changed()  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -138,3 +151,95 @@ async def test_changes_queued_at_close_still_reach_redis(node: Node, redis: aior
     broker.remove_presence("p:drain", "c")
     await broker.close()
     assert await redis.hlen("{broadcastd:p:drain}:ph") == 0
+
+
+async def told(pubsub: Any, count: int) -> list[bytes]:
+    got: list[bytes] = []
+    async with asyncio.timeout(5):
+        while len(got) < count:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+            if message is not None:
+                got.append(message["data"])
+    return got
+
+
+async def test_a_heartbeat_is_one_call_whatever_the_entries(
+    node: Node, redis: aioredis.Redis
+) -> None:
+    broker = cast(RedisBroker, node.broker)
+    for i in range(300):
+        broker.add_presence(f"p:h{i % 150}", f"client-{i}", None, b"{}")
+    await broker.presence_stats("p:h0")
+    before = await script_runs(redis)
+    broker._heartbeat()
+    await broker.presence_stats("p:h0")  # answered after the heartbeat's call
+    assert await script_runs(redis) - before == 2  # the heartbeat and the stats
+
+
+async def test_a_node_redis_forgot_adds_its_entries_again(
+    node: Node, redis: aioredis.Redis
+) -> None:
+    broker = cast(RedisBroker, node.broker)
+    broker.add_presence("p:lost", "c1", "carol", b"{}")
+    broker.add_presence("p:lost", "c2", None, b"{}")
+    assert (await broker.presence_stats("p:lost")).clients == 2
+    await redis.flushall()
+    assert (await broker.presence_stats("p:lost")).clients == 0
+    broker._heartbeat()
+    await broker.presence_stats("p:lost")  # the heartbeat's answer came first
+    async with asyncio.timeout(5):
+        while (stats := await broker.presence_stats("p:lost")).clients < 2:
+            pass
+    assert (stats.clients, stats.users) == (2, 1)
+
+
+async def test_a_node_that_lapsed_is_swept_with_one_leave_each_then_comes_back(
+    redis_server: RedisServer, redis: aioredis.Redis
+) -> None:
+    paused, witness = await started_node(redis_server), await started_node(redis_server)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe("broadcastd:p:jl:lapse")
+    try:
+        a, w = cast(RedisBroker, paused.broker), cast(RedisBroker, witness.broker)
+        a.add_presence("jl:lapse", "x1", None, b"{}")
+        a.add_presence("jl:lapse", "x2", None, b"{}")
+        w.add_presence("jl:lapse", "w1", None, b"{}")
+        await w.presence_stats("jl:lapse")
+        assert sorted(await told(pubsub, 3)) == [
+            b"! join w1 null",
+            b"! join x1 null",
+            b"! join x2 null",
+        ]
+        await redis.zadd("{broadcastd}:pnodes", {a.node_id: 0})  # its liveness ran out
+        w._heartbeat()
+        assert sorted(await told(pubsub, 2)) == [b"! leave x1 null", b"! leave x2 null"]
+        assert (await w.presence_stats("jl:lapse")).clients == 1
+        w._heartbeat()  # nothing is swept twice
+        a._heartbeat()  # the paused node is back: Redis did not know it
+        assert sorted(await told(pubsub, 2)) == [b"! join x1 null", b"! join x2 null"]
+        assert (await w.presence_stats("jl:lapse")).clients == 3
+        assert await redis.scard("{broadcastd}:pdead") == 0
+    finally:
+        await pubsub.aclose()
+        await paused.close()
+        await witness.close()
+
+
+async def test_what_was_removed_while_redis_was_out_of_reach_is_removed_once_back(
+    node: Node, redis: aioredis.Redis
+) -> None:
+    broker = cast(RedisBroker, node.broker)
+    broker.add_presence("p:gap", "gone", None, b"{}")
+    broker.add_presence("p:gap", "stays", None, b"{}")
+    assert (await broker.presence_stats("p:gap")).clients == 2
+    (shard,) = broker.shards
+    assert shard.commands is not None
+    shard.commands.close()  # the connection ends: the broker makes a new one
+    broker.remove_presence("p:gap", "gone")
+    broker.add_presence("p:gap", "new", None, b"{}")
+    async with asyncio.timeout(10):
+        while broker.health.up:
+            await broker.health_changed()
+    await until_up(node)
+    assert (await broker.presence_stats("p:gap")).clients == 2  # sent before it
+    assert set(await redis.hkeys("{broadcastd:p:gap}:ph")) == {b"stays", b"new"}

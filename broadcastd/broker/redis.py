@@ -73,8 +73,8 @@ from broadcastd.broker.scripts import (
     HISTORY,
     POSITION,
     PRESENCE_CHANGE,
+    PRESENCE_HEARTBEAT,
     PRESENCE_PAGE,
-    PRESENCE_REFRESH,
     PRESENCE_STATS,
     PUBLISH,
     RESTART,
@@ -97,19 +97,19 @@ PUBLISH_SHA, POSITION_SHA, HISTORY_SHA, RESTART_SHA = (
     hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
     for script in (PUBLISH, POSITION, HISTORY, RESTART)
 )
-CHANGE_SHA, REFRESH_SHA, PAGE_SHA, STATS_SHA = (
+CHANGE_SHA, HEARTBEAT_SHA, PAGE_SHA, STATS_SHA = (
     hashlib.sha1(script.encode()).hexdigest()  # noqa: S324
-    for script in (PRESENCE_CHANGE, PRESENCE_REFRESH, PRESENCE_PAGE, PRESENCE_STATS)
+    for script in (PRESENCE_CHANGE, PRESENCE_HEARTBEAT, PRESENCE_PAGE, PRESENCE_STATS)
 )
 HEARTBEATS_PER_TTL = 3
-"""Refreshes of a node's presence entries per ``presence.ttl``: an entry survives
-two missed heartbeats, and a dead node's entries go within ``ttl`` plus one."""
+"""A node's presence heartbeats per ``presence.ttl``: its entries survive two
+missed heartbeats, and a dead node's entries go within ``ttl`` plus one."""
+SWEEP_BUDGET = 1000
+"""Entries of dead nodes one heartbeat call removes at most (it calls again at
+once while any remain): no single script holds Redis for long."""
 PRESENCE_BATCH = 100
 """Channels whose presence changes go in one script call at most: a storm's
 changes take a few calls, so that no single script holds Redis for long."""
-KEY_TTL_FACTOR = 4
-"""A channel's presence keys live this many ``presence.ttl`` past the last
-refresh or change by any node: long after its last entry expired."""
 SEEN_CHANNELS = 10_000
 """Channels without a subscriber here whose highest position a node remembers
 (those it published to or read most recently), besides every channel it has
@@ -166,6 +166,12 @@ class Shard:
         self.presence: dict[str, list[tuple[bytes | str, ...]]] = {}
         """This loop turn's presence changes of the shard's channels, in order:
         ``("+", CLIENT, USER_JSON, ENTRY)`` or ``("-", CLIENT)``, sent together."""
+        self.unsent: dict[str, set[str]] = {}
+        """Entries removed here that Redis may still hold (the shard was out of
+        reach, or the call failed): removed there once it can be (``_resync``)."""
+        self.stale = False
+        """Redis may lack some of this node's entries (a call failed): the next
+        heartbeat sends them all again."""
         self.commands: CommandConnection | None = None
         """Scripts and reads: every call of one loop turn leaves in one write."""
         self.pubsub: PubSubConnection | None = None
@@ -191,6 +197,8 @@ class RedisBroker:
         self.observer = observer
         prefix = self.settings.prefix
         self._key_prefix = "{" + prefix + ":"
+        self._node_prefix = "{" + prefix + "}:"
+        """Keys of the presence node registry (``scripts``), one set per shard."""
         self._topic_prefix = f"{prefix}:p:".encode()
         self.node_id = os.urandom(6).hex()
         self.probe_topic = f"{prefix}:probe:{self.node_id}".encode()
@@ -219,7 +227,6 @@ class RedisBroker:
         self._changed = asyncio.Event()
         presence = settings.presence
         self.presence_ttl_ms = int(presence.ttl * 1000)
-        self.presence_key_ttl_ms = self.presence_ttl_ms * KEY_TTL_FACTOR
         self.heartbeat_interval = presence.ttl / HEARTBEATS_PER_TTL
         self._entries: dict[str, dict[str, tuple[str | None, bytes]]] = {}
         """This node's presence entries: channel -> client -> (user, entry)."""
@@ -355,6 +362,8 @@ class RedisBroker:
         shard.pubsub = pubsub
         shard.subscribed = True
         shard.probe_sent = None
+        self._beat(shard)  # before any presence change: Redis knows this node first
+        self._resync(shard)
         self._shard_connected(shard, failures)
         return commands, pubsub
 
@@ -670,21 +679,20 @@ class RedisBroker:
 
     def _presence_keys(self, channel: str) -> list[str]:
         tag = self._key_prefix + channel + "}"
-        return [tag + ":ph", tag + ":pz", tag + ":pl", tag + ":pu"]
+        return [tag + ":ph", tag + ":pl", tag + ":pu"]
 
-    def _presence_args(self, channel: str) -> list[str | int]:
-        """The common arguments of the presence scripts (``scripts``)."""
+    def _node_keys(self) -> list[str]:
+        """This shard's node registry, its sweep list, and this node's entries."""
+        head = self._node_prefix
+        return [head + "pnodes", head + "pdead", head + "pn:" + self.node_id]
+
+    def _tell_max(self, channel: str) -> int:
+        """The most entries for which joins and leaves are told (-1: never)."""
         try:
             options = self.namespaces.of(channel)
-            tell_max = options.join_leave_max if options.join_leave else -1
         except ClientError:
-            tell_max = -1
-        return [
-            (self._topic_prefix + channel.encode()).decode(),
-            tell_max,
-            self.presence_ttl_ms,
-            self.presence_key_ttl_ms,
-        ]
+            return -1
+        return options.join_leave_max if options.join_leave else -1
 
     def add_presence(self, channel: str, client: str, user: str | None, entry: bytes) -> None:
         entries = self._entries.setdefault(channel, {})
@@ -712,8 +720,12 @@ class RedisBroker:
         sends them first, so the node reads its own changes."""
         shard = self._shard(channel)
         if shard.commands is None or shard.commands.closed:
-            # An add is made by the next heartbeat; a removed entry expires within
-            # presence.ttl, and its leave is told then.
+            # Redis is out of reach: once it is back, ``_resync`` removes what was
+            # removed meanwhile and adds every entry again.
+            if change[0] == "-":
+                shard.unsent.setdefault(channel, set()).add(cast(str, change[1]))
+            else:
+                shard.unsent.get(channel, set()).discard(cast(str, change[1]))
             return
         pending = shard.presence
         if not pending:
@@ -733,72 +745,114 @@ class RedisBroker:
         shard.presence = {}
         commands = shard.commands
         if commands is None or commands.closed:
-            return  # as in _change: the heartbeat and the entries' expiry put it right
+            return  # as in _change
         channels = list(pending)
+        head: list[bytes | str | int] = [self.node_id, self.presence_ttl_ms, self._topic_prefix]
         for first in range(0, len(channels), PRESENCE_BATCH):
             batch = channels[first : first + PRESENCE_BATCH]
-            keys: list[str] = []
-            args: list[bytes | str | int] = []
+            keys = self._node_keys()
+            args = list(head)
             for channel in batch:
                 changes = pending[channel]
                 keys += self._presence_keys(channel)
-                args += self._presence_args(channel)
-                args.append(len(changes))
+                args += (channel, self._tell_max(channel), len(changes))
                 for change in changes:
                     args += change
             call = commands.script(CHANGE_SHA, PRESENCE_CHANGE, keys, args)
-            call.add_done_callback(functools.partial(self._counted, batch))
+            call.add_done_callback(functools.partial(self._counted, shard, batch, pending))
 
-    def _counted(self, channels: list[str], done: asyncio.Future[Any]) -> None:
-        """A presence script's answer: each channel's count, kept while this node
-        has entries there. A failure is let go: the next heartbeat puts it right."""
+    def _counted(
+        self,
+        shard: Shard,
+        channels: list[str],
+        sent: dict[str, list[tuple[bytes | str, ...]]],
+        done: asyncio.Future[Any],
+    ) -> None:
+        """A presence script's answer: whether Redis knew this node, and each
+        channel's count, kept while this node has entries there. After a failure
+        (Redis may or may not have run it), the next heartbeat sends its removes
+        and every entry again."""
         if done.cancelled() or done.exception() is not None:
+            for channel in channels:
+                for change in sent[channel]:
+                    if change[0] == "-":
+                        shard.unsent.setdefault(channel, set()).add(cast(str, change[1]))
+            shard.stale = True
             return
+        lost, *answer = done.result()
+        if lost:
+            self._restore(shard)
         counts = self._counts
         entries = self._entries
-        for channel, count in zip(channels, done.result(), strict=True):
+        for channel, count in zip(channels, answer, strict=True):
             if channel in entries:
                 counts[channel] = int(count)
 
+    def _resync(self, shard: Shard) -> None:
+        """Put Redis right about this node's entries after it could not be told
+        everything: the removes it missed, then every entry again."""
+        shard.stale = False
+        unsent, shard.unsent = shard.unsent, {}
+        for channel, clients in unsent.items():
+            held = self._entries.get(channel, {})
+            for client in clients:
+                if client not in held:
+                    self._change(channel, ("-", client))
+        self._restore(shard)
+
+    def _restore(self, shard: Shard) -> None:
+        """Redis did not know this node (it lost its data, or swept the node's
+        entries after a pause longer than ``presence.ttl``): add them all again.
+        Those still there are not told again; those swept join again."""
+        for channel, entries in self._entries.items():
+            if self._shard(channel) is shard:
+                for client, (user, entry) in entries.items():
+                    self._send_add(channel, client, user, entry)
+
     def _heartbeat(self) -> None:
-        """Refresh every entry of this node, channel by channel (one script each, all
-        in one write per shard); those Redis lost meanwhile are added again."""
+        """This node lives ``presence.ttl`` more on every shard: one call each,
+        whatever the entries it holds. The call also sweeps the nodes that died."""
         self._heartbeat_timer = asyncio.get_running_loop().call_later(
             self.heartbeat_interval, self._heartbeat
         )
         for shard in self.shards:
             self._send_changes(shard)
-        for channel, entries in self._entries.items():
-            commands = self._shard(channel).commands
-            if commands is None or commands.closed:
-                continue
-            args = [*self._presence_args(channel), *entries]
-            call = commands.script(
-                REFRESH_SHA, PRESENCE_REFRESH, self._presence_keys(channel), args
-            )
-            call.add_done_callback(functools.partial(self._refreshed, channel))
+            self._beat(shard)
+            if shard.stale:
+                self._resync(shard)
 
-    def _refreshed(self, channel: str, done: asyncio.Future[Any]) -> None:
+    def _beat(self, shard: Shard) -> None:
+        commands = shard.commands
+        if commands is None or commands.closed:
+            return
+        keys = self._node_keys()[:2]
+        args: list[bytes | str | int] = [
+            self.node_id,
+            self.presence_ttl_ms,
+            self._node_prefix + "pn:",
+            self._key_prefix,
+            self._topic_prefix,
+            SWEEP_BUDGET,
+        ]
+        call = commands.script(HEARTBEAT_SHA, PRESENCE_HEARTBEAT, keys, args)
+        call.add_done_callback(functools.partial(self._beaten, shard))
+
+    def _beaten(self, shard: Shard, done: asyncio.Future[Any]) -> None:
         if done.cancelled() or done.exception() is not None:
             return
-        answer = done.result()
-        entries = self._entries.get(channel)
-        if entries is None:
-            return
-        self._counts[channel] = int(answer[0])
-        for raw in answer[1:]:
-            client = raw.decode()
-            found = entries.get(client)
-            if found is not None:
-                self._send_add(channel, client, *found)
+        lost, sweeping = done.result()
+        if lost:
+            self._restore(shard)
+        if sweeping:  # dead nodes' entries remain: sweep on, a bounded call a turn
+            asyncio.get_running_loop().call_soon(self._beat, shard)
 
     async def presence(self, channel: str, after: str | None, limit: int) -> PresencePage:
         shard = self._shard(channel)
         commands = self._commands(shard)
         self._send_changes(shard)  # a read sees this node's changes before it
         start = "-" if after is None else "(" + after
-        args = [*self._presence_args(channel), start, limit]
-        call = commands.script(PAGE_SHA, PRESENCE_PAGE, self._presence_keys(channel), args)
+        ph, pl, _ = self._presence_keys(channel)
+        call = commands.script(PAGE_SHA, PRESENCE_PAGE, [ph, pl], [start, limit])
         rows = await self._answer(call, "nothing was read")
         clients: list[bytes] = []
         last = None
@@ -813,9 +867,8 @@ class RedisBroker:
         shard = self._shard(channel)
         commands = self._commands(shard)
         self._send_changes(shard)
-        call = commands.script(
-            STATS_SHA, PRESENCE_STATS, self._presence_keys(channel), self._presence_args(channel)
-        )
+        ph, _, pu = self._presence_keys(channel)
+        call = commands.script(STATS_SHA, PRESENCE_STATS, [ph, pu], [])
         clients, users = await self._answer(call, "nothing was read")
         if channel in self._entries:
             self._counts[channel] = int(clients)

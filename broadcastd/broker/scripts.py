@@ -134,34 +134,41 @@ time (it lost acknowledged writes), so offsets of that epoch would be reused."""
 # Presence. A channel's entries live beside its stream, under its hash tag:
 #
 # - ``{PREFIX:CHANNEL}:ph``  hash: client id -> ``USER_JSON`` LF ``ENTRY_JSON``;
-# - ``{PREFIX:CHANNEL}:pz``  sorted set: client id by the time its entry expires
-#   (Redis time, ms): the expired are found without a scan, as Centrifugo does;
 # - ``{PREFIX:CHANNEL}:pl``  sorted set: client ids, all of score 0, in id order
 #   (pages by cursor);
 # - ``{PREFIX:CHANNEL}:pu``  hash: user (its JSON text) -> entries of that user
 #   (stats without reading every entry).
 #
-# Every script first removes what expired (at most SWEEP_LIMIT entries a call),
-# and whichever script removes an entry publishes its leave, so each entry's
-# leave is told exactly once, by whoever removed it, even if the node that held
-# the connection is gone. Events travel on the channel's pub/sub topic as
-# ``! join|leave CLIENT USER_JSON``; no publication starts with ``!``.
+# An entry lives as long as the node that holds it: liveness is per node, not
+# per entry, so a heartbeat is one call per node whatever the entries it holds,
+# and an entry costs its channel's keys no expiry of their own. Per shard:
 #
-# Common arguments: KEYS ph, pz, pl, pu; ARGV[1] the topic, ARGV[2] the most
-# entries for which joins and leaves are told (-1: never), ARGV[3] the time to
-# live of an entry (ms), ARGV[4] that of the keys (ms). ``PRESENCE_CHANGE`` takes
-# these per channel (below).
+# - ``{PREFIX}:pnodes``      sorted set: node id by the time it expires (Redis
+#   time, ms), pushed on by each of its heartbeats and presence changes;
+# - ``{PREFIX}:pn:NODE``     set: the node's entries, as
+#   ``TELL_MAX`` LF ``CHANNEL`` LF ``CLIENT``;
+# - ``{PREFIX}:pdead``       set: nodes that expired whose entries are being
+#   swept.
+#
+# Each heartbeat moves the nodes that expired to ``pdead`` and sweeps their
+# entries, at most SWEEP_BUDGET a call; whichever script removes an entry
+# publishes its leave, so each entry's leave is told exactly once, even if the
+# node that held the connection is gone. A node that Redis did not know (it
+# lost its data, or the node was swept after a pause longer than the TTL) is
+# told so, and adds its entries again. Events travel on the channel's pub/sub
+# topic as ``! join|leave CLIENT USER_JSON``; no publication starts with ``!``.
+# The scripts reach the keys of other channels and nodes than those they are
+# given: a Redis Cluster would need them grouped by slot.
 
 _PRESENCE_FUNCTIONS = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function drop(ph, pz, pl, pu, topic, tell_max, client)
-  redis.call('ZREM', pz, client)
-  redis.call('ZREM', pl, client)
+local function drop(ph, pl, pu, topic, tell_max, client)
   local value = redis.call('HGET', ph, client)
   if not value then return 0 end
   local count = redis.call('HLEN', ph)
   redis.call('HDEL', ph, client)
+  redis.call('ZREM', pl, client)
   local user = string.sub(value, 1, string.find(value, '\\n', 1, true) - 1)
   if user ~= 'null' and redis.call('HINCRBY', pu, user, -1) <= 0 then
     redis.call('HDEL', pu, user)
@@ -171,95 +178,100 @@ local function drop(ph, pz, pl, pu, topic, tell_max, client)
   end
   return 1
 end
-local function sweep(ph, pz, pl, pu, topic, tell_max)
-  local expired = redis.call('ZRANGEBYSCORE', pz, '-inf', now, 'LIMIT', 0, 1000)
-  for _, client in ipairs(expired) do drop(ph, pz, pl, pu, topic, tell_max, client) end
-end
-local function keep(ph, pz, pl, pu, key_ttl)
-  redis.call('PEXPIRE', ph, key_ttl)
-  redis.call('PEXPIRE', pz, key_ttl)
-  redis.call('PEXPIRE', pl, key_ttl)
-  redis.call('PEXPIRE', pu, key_ttl)
+local function alive(nodes, dead, node, ttl)
+  if redis.call('ZADD', nodes, now + ttl, node) == 1 then
+    redis.call('SREM', dead, node)
+    return 1
+  end
+  return 0
 end
 """
-
-_PRESENCE_COMMON = (
-    _PRESENCE_FUNCTIONS
-    + """
-local ph, pz, pl, pu = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local topic, tell_max, ttl, key_ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-sweep(ph, pz, pl, pu, topic, tell_max)
-"""
-)
 
 PRESENCE_CHANGE = (
     _PRESENCE_FUNCTIONS
     + """
-local counts = {}
-local a = 1
-for c = 1, #KEYS, 4 do
-  local ph, pz, pl, pu = KEYS[c], KEYS[c + 1], KEYS[c + 2], KEYS[c + 3]
-  local topic, tell_max = ARGV[a], tonumber(ARGV[a + 1])
-  local ttl, key_ttl, changes = tonumber(ARGV[a + 2]), ARGV[a + 3], tonumber(ARGV[a + 4])
-  a = a + 5
-  sweep(ph, pz, pl, pu, topic, tell_max)
+local nodes, dead, own = KEYS[1], KEYS[2], KEYS[3]
+local node, ttl, topic_prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local out = {alive(nodes, dead, node, ttl)}
+local a = 4
+for c = 4, #KEYS, 3 do
+  local ph, pl, pu = KEYS[c], KEYS[c + 1], KEYS[c + 2]
+  local channel, tell_max, changes = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local topic = topic_prefix .. channel
+  local held = ARGV[a + 1] .. '\\n' .. channel .. '\\n'
+  a = a + 3
   for _ = 1, changes do
     local client = ARGV[a + 1]
     if ARGV[a] == '-' then
-      drop(ph, pz, pl, pu, topic, tell_max, client)
+      drop(ph, pl, pu, topic, tell_max, client)
+      redis.call('SREM', own, held .. client)
       a = a + 2
     else
       local user = ARGV[a + 2]
-      local new = redis.call('HSET', ph, client, user .. '\\n' .. ARGV[a + 3]) == 1
-      redis.call('ZADD', pz, now + ttl, client)
-      redis.call('ZADD', pl, 0, client)
-      if new and user ~= 'null' then redis.call('HINCRBY', pu, user, 1) end
-      if new and tell_max >= 0 and redis.call('HLEN', ph) <= tell_max then
-        redis.call('PUBLISH', topic, '! join ' .. client .. ' ' .. user)
+      if redis.call('HSET', ph, client, user .. '\\n' .. ARGV[a + 3]) == 1 then
+        redis.call('ZADD', pl, 0, client)
+        redis.call('SADD', own, held .. client)
+        if user ~= 'null' then redis.call('HINCRBY', pu, user, 1) end
+        if tell_max >= 0 and redis.call('HLEN', ph) <= tell_max then
+          redis.call('PUBLISH', topic, '! join ' .. client .. ' ' .. user)
+        end
       end
       a = a + 4
     end
   end
-  keep(ph, pz, pl, pu, key_ttl)
-  counts[#counts + 1] = redis.call('HLEN', ph)
+  out[#out + 1] = redis.call('HLEN', ph)
 end
-return counts
+return out
 """
 )
-"""This node's joins and leaves of several channels, in the order they happened:
-per channel, KEYS ph, pz, pl, pu, and ARGV the four common arguments, the number
-of changes, then each change: ``+ CLIENT USER_JSON ENTRY_JSON`` adds (or
-replaces) a client's entry, telling its join if it is new; ``- CLIENT`` removes
-one, telling its leave if it was there. Answers each channel's entry count.
+"""This node's joins and leaves of several channels, in the order they happened.
+KEYS: pnodes, pdead, the node's pn:NODE, then per channel ph, pl, pu. ARGV: the
+node id, the TTL (ms), the topic prefix, then per channel its name, the most
+entries for which joins and leaves are told (-1: never) and the number of
+changes, then each change: ``+ CLIENT USER_JSON ENTRY_JSON`` adds (or replaces)
+a client's entry, telling its join if it is new; ``- CLIENT`` removes one,
+telling its leave if it was there. Answers 1 if Redis did not know the node
+(it must add its entries again), then each channel's entry count.
 
 One call carries every change of a loop turn on a shard (``broadcastd.broker.redis``):
-a subscribe storm costs Redis one script run per batch, not one per subscribe.
-Its keys span several channels' hash tags: on a Redis Cluster the changes would
-have to be grouped by slot."""
+a subscribe storm costs Redis one script run per batch, not one per subscribe."""
 
-PRESENCE_REFRESH = (
-    _PRESENCE_COMMON
+PRESENCE_HEARTBEAT = (
+    _PRESENCE_FUNCTIONS
     + """
-local missing = {redis.call('HLEN', ph)}
-for i = 5, #ARGV do
-  if redis.call('ZSCORE', pz, ARGV[i]) then
-    redis.call('ZADD', pz, now + ttl, ARGV[i])
-  else
-    missing[#missing + 1] = ARGV[i]
-  end
+local nodes, dead = KEYS[1], KEYS[2]
+local node, ttl, node_prefix = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local key_prefix, topic_prefix, budget = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local lost = alive(nodes, dead, node, ttl)
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', nodes, '-inf', now, 'LIMIT', 0, 100)) do
+  redis.call('ZREM', nodes, gone)
+  redis.call('SADD', dead, gone)
 end
-keep(ph, pz, pl, pu, key_ttl)
-return missing
+for _, gone in ipairs(redis.call('SRANDMEMBER', dead, 100)) do
+  if budget <= 0 then break end
+  local held = node_prefix .. gone
+  for _, member in ipairs(redis.call('SPOP', held, budget)) do
+    local tell_max, channel, client = string.match(member, '^([^\\n]*)\\n(.*)\\n([^\\n]*)$')
+    local tag = key_prefix .. channel .. '}'
+    drop(tag .. ':ph', tag .. ':pl', tag .. ':pu', topic_prefix .. channel,
+      tonumber(tell_max), client)
+    budget = budget - 1
+  end
+  if redis.call('SCARD', held) == 0 then redis.call('SREM', dead, gone) end
+end
+return {lost, redis.call('SCARD', dead)}
 """
 )
-"""A node's heartbeat for one channel: its clients' entries live ``ttl`` more.
-Answers the count, then the clients whose entries were gone (removed as expired
-while the node could not refresh them): the node adds them again."""
+"""A node's heartbeat on one shard: it lives ``ttl`` more; the nodes that
+expired are swept, at most ``budget`` of their entries a call (each with its
+leave). KEYS: pnodes, pdead. ARGV: the node id, the TTL (ms), the prefix of
+nodes' entry sets, the prefix of channels' keys, the topic prefix, the budget.
+Answers whether Redis did not know the node, and how many expired nodes still
+hold entries (the caller sweeps on at once while any do)."""
 
-PRESENCE_PAGE = (
-    _PRESENCE_COMMON
-    + """
-local start, limit = ARGV[5], tonumber(ARGV[6])
+PRESENCE_PAGE = """
+local ph, pl = KEYS[1], KEYS[2]
+local start, limit = ARGV[1], tonumber(ARGV[2])
 local clients = redis.call('ZRANGEBYLEX', pl, start, '+', 'LIMIT', 0, limit + 1)
 local out = {}
 for i = 1, #clients do
@@ -268,14 +280,10 @@ for i = 1, #clients do
 end
 return out
 """
-)
 """Up to ``limit + 1`` entries from ``start`` (``-`` or ``(CLIENT``) in client-id
-order, as client, value pairs."""
+order, as client, value pairs. KEYS: ph, pl."""
 
-PRESENCE_STATS = (
-    _PRESENCE_COMMON
-    + """
-return {redis.call('HLEN', ph), redis.call('HLEN', pu)}
+PRESENCE_STATS = """
+return {redis.call('HLEN', KEYS[1]), redis.call('HLEN', KEYS[2])}
 """
-)
-"""Clients and distinct users: two counts, not a read of every entry."""
+"""Clients and distinct users: two counts, not a read of every entry. KEYS: ph, pu."""
