@@ -82,7 +82,7 @@ async def test_a_turns_adds_on_many_channels_are_one_script_call(
     assert await script_runs(redis) - before == 2
     assert (stats.clients, stats.users) == (1, 0)
     for i in range(50):
-        assert await redis.hlen(f"{{broadcastd:p:c{i}}}:ph") == 1
+        assert await redis.hlen(f"{{broadcastd:p:c{i}}}:p:entries") == 1
         assert broker.presence_count(f"p:c{i}") == 1
 
 
@@ -99,7 +99,9 @@ async def test_more_channels_than_a_batch_take_a_few_calls(
     assert page.clients == [b"{}"]
     for i in range(channels):
         assert broker.presence_count(f"p:many{i}") == 1
-    assert await redis.hgetall(f"{{broadcastd:p:many{PRESENCE_BATCH}}}:pu") == {b'"alice"': b"1"}
+    assert await redis.hgetall(f"{{broadcastd:p:many{PRESENCE_BATCH}}}:p:users") == {
+        b'"alice"': b"1"
+    }
 
 
 async def test_changes_of_one_turn_keep_their_order_and_are_told_once(
@@ -138,7 +140,10 @@ async def test_changes_of_one_turn_keep_their_order_and_are_told_once(
                 if message is not None:
                     told.append(message["data"])
         assert told[4:] == [b'! leave a "alice"', b'! leave b "bob"']
-        assert await redis.exists("{broadcastd:jl:room}:ph", "{broadcastd:jl:room}:pu") == 0
+        assert (
+            await redis.exists("{broadcastd:jl:room}:p:entries", "{broadcastd:jl:room}:p:users")
+            == 0
+        )
         assert broker.presence_count("jl:room") == 0
     finally:
         await pubsub.aclose()
@@ -150,7 +155,7 @@ async def test_changes_queued_at_close_still_reach_redis(node: Node, redis: aior
     await broker.presence_stats("p:drain")  # type: ignore[misc]
     broker.remove_presence("p:drain", "c")
     await broker.close()
-    assert await redis.hlen("{broadcastd:p:drain}:ph") == 0
+    assert await redis.hlen("{broadcastd:p:drain}:p:entries") == 0
 
 
 async def told(pubsub: Any, count: int) -> list[bytes]:
@@ -242,4 +247,4 @@ async def test_what_was_removed_while_redis_was_out_of_reach_is_removed_once_bac
             await broker.health_changed()
     await until_up(node)
     assert (await broker.presence_stats("p:gap")).clients == 2  # sent before it
-    assert set(await redis.hkeys("{broadcastd:p:gap}:ph")) == {b"stays", b"new"}
+    assert set(await redis.hkeys("{broadcastd:p:gap}:p:entries")) == {b"stays", b"new"}

@@ -29,11 +29,12 @@ What this module promises the node:
 
 Presence lives in Redis beside each channel's stream (``broadcastd.broker.scripts``):
 each node adds and removes its clients' entries as they join and leave (the
-changes of one loop turn in one script call per shard), and refreshes them
-every third of ``presence.ttl``, so that the entries of a node that died
-expire within ``presence.ttl``; whichever script removes an entry
-publishes its leave on the channel's topic, where every node with subscribers
-of the channel hears it. Server API commands go to every node over pub/sub:
+changes of one loop turn in one script call per shard), and renews its own
+liveness every third of ``presence.ttl`` (one call per shard, whatever its
+entries), so that the entries of a node that died are swept by the others'
+heartbeats within ``presence.ttl`` and one more; whichever script removes an
+entry publishes its leave on the channel's topic, where every node with
+subscribers of the channel hears it. Server API commands go to every node over pub/sub:
 each node listens on ``PREFIX:ctl`` and on its own ``PREFIX:ctl:NODE``; a
 command is published on the first, and the number of listeners Redis answers
 is the number of answers to wait for (on the second), up to
@@ -74,6 +75,7 @@ from broadcastd.broker.scripts import (
     POSITION,
     PRESENCE_CHANGE,
     PRESENCE_HEARTBEAT,
+    PRESENCE_KEYS,
     PRESENCE_PAGE,
     PRESENCE_STATS,
     PUBLISH,
@@ -679,7 +681,7 @@ class RedisBroker:
 
     def _presence_keys(self, channel: str) -> list[str]:
         tag = self._key_prefix + channel + "}"
-        return [tag + ":ph", tag + ":pl", tag + ":pu"]
+        return [tag + suffix for suffix in PRESENCE_KEYS]
 
     def _node_keys(self) -> list[str]:
         """This shard's node registry, its sweep list, and this node's entries."""

@@ -133,11 +133,12 @@ time (it lost acknowledged writes), so offsets of that epoch would be reused."""
 
 # Presence. A channel's entries live beside its stream, under its hash tag:
 #
-# - ``{PREFIX:CHANNEL}:ph``  hash: client id -> ``USER_JSON`` LF ``ENTRY_JSON``;
-# - ``{PREFIX:CHANNEL}:pl``  sorted set: client ids, all of score 0, in id order
-#   (pages by cursor);
-# - ``{PREFIX:CHANNEL}:pu``  hash: user (its JSON text) -> entries of that user
-#   (stats without reading every entry).
+# - ``{PREFIX:CHANNEL}:p:entries``  hash: client id -> ``USER_JSON`` LF
+#   ``ENTRY_JSON``;
+# - ``{PREFIX:CHANNEL}:p:ids``  sorted set: client ids, all of score 0, in id
+#   order (pages by cursor);
+# - ``{PREFIX:CHANNEL}:p:users``  hash: user (its JSON text) -> entries of that
+#   user (stats without reading every entry).
 #
 # An entry lives as long as the node that holds it: liveness is per node, not
 # per entry, so a heartbeat is one call per node whatever the entries it holds,
@@ -159,6 +160,9 @@ time (it lost acknowledged writes), so offsets of that epoch would be reused."""
 # topic as ``! join|leave CLIENT USER_JSON``; no publication starts with ``!``.
 # The scripts reach the keys of other channels and nodes than those they are
 # given: a Redis Cluster would need them grouped by slot.
+
+PRESENCE_KEYS = (":p:entries", ":p:ids", ":p:users")
+"""The suffixes of a channel's presence keys after its hash tag (``{PREFIX:CHANNEL}``)."""
 
 _PRESENCE_FUNCTIONS = """
 local t = redis.call('TIME')
@@ -253,14 +257,16 @@ for _, gone in ipairs(redis.call('SRANDMEMBER', dead, 100)) do
   for _, member in ipairs(redis.call('SPOP', held, budget)) do
     local tell_max, channel, client = string.match(member, '^([^\\n]*)\\n(.*)\\n([^\\n]*)$')
     local tag = key_prefix .. channel .. '}'
-    drop(tag .. ':ph', tag .. ':pl', tag .. ':pu', topic_prefix .. channel,
+    drop(tag .. ENTRIES, tag .. IDS, tag .. USERS, topic_prefix .. channel,
       tonumber(tell_max), client)
     budget = budget - 1
   end
   if redis.call('SCARD', held) == 0 then redis.call('SREM', dead, gone) end
 end
 return {lost, redis.call('SCARD', dead)}
-"""
+""".replace("ENTRIES", repr(PRESENCE_KEYS[0]))
+    .replace("IDS", repr(PRESENCE_KEYS[1]))
+    .replace("USERS", repr(PRESENCE_KEYS[2]))
 )
 """A node's heartbeat on one shard: it lives ``ttl`` more; the nodes that
 expired are swept, at most ``budget`` of their entries a call (each with its
