@@ -77,6 +77,15 @@ def test_presence_scenarios_run_on_the_redis_broker() -> None:
     _presence_checks(outcome["scenarios"])
 
 
+def test_the_presence_cost_benchmark_runs() -> None:
+    """benchmarks/presence_cost.py drives the broker's own presence code."""
+    from benchmarks.presence_cost import run
+
+    figures = run(entries=300)
+    assert set(figures) == {"add", "remove", "heartbeat"}
+    assert all(value >= 0 for pair in figures.values() for value in pair)
+
+
 def test_tls_runs_every_client_over_tls() -> None:
     """``--tls``: a second column whose daemon serves wss:// and https:// with a
     self-signed certificate, its S1 and S5 rows compared with the plain ones."""
