@@ -52,7 +52,6 @@ async def measure(url: str, entries: int, per_channel: int) -> dict[str, Any]:
             "namespaces": [{"name": "p", "presence": True}],
         }
     )
-    log.configure("warning")
     broker = RedisBroker(settings, NullObserver())
     client = aioredis.from_url(url)
 
@@ -110,6 +109,7 @@ def main() -> None:
     parser.add_argument("--entries", type=int, default=20_000)
     parser.add_argument("--per-channel", type=int, default=1)
     options = parser.parse_args()
+    log.configure("warning")
     figures = run(options.entries, options.per_channel)
     print(f"{options.entries} entries, {options.per_channel} per channel")
     print(f"{'':10} {'redis':>10} {'node':>10}")
