@@ -246,5 +246,86 @@ async def test_what_was_removed_while_redis_was_out_of_reach_is_removed_once_bac
         while broker.health.up:
             await broker.health_changed()
     await until_up(node)
+    await broker._reconcile(shard)  # as the reconnect does
     assert (await broker.presence_stats("p:gap")).clients == 2  # sent before it
     assert set(await redis.hkeys("{broadcastd:p:gap}:p:entries")) == {b"stays", b"new"}
+
+
+async def until_down(node: Node) -> None:
+    async with asyncio.timeout(10):
+        while node.broker.health.up:
+            await node.broker.health_changed()  # type: ignore[attr-defined]
+
+
+async def test_a_remove_queued_as_the_connection_ends_reaches_redis_once_it_is_back(
+    node: Node, redis: aioredis.Redis
+) -> None:
+    broker = cast(RedisBroker, node.broker)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe("broadcastd:p:jl:cut")
+    try:
+        broker.add_presence("jl:cut", "gone", None, b"{}")
+        broker.add_presence("jl:cut", "stays", None, b"{}")
+        await broker.presence_stats("jl:cut")
+        assert sorted(await told(pubsub, 2)) == [b"! join gone null", b"! join stays null"]
+        (shard,) = broker.shards
+        assert shard.commands is not None
+        broker.remove_presence("jl:cut", "gone")  # queued until the turn ends...
+        shard.commands.close()  # ...in which the connection ends
+        await until_down(node)
+        await until_up(node)
+        await broker._reconcile(shard)  # as the reconnect does
+        assert (await broker.presence_stats("jl:cut")).clients == 1
+        assert await redis.hkeys("{broadcastd:jl:cut}:p:entries") == [b"stays"]
+        assert await told(pubsub, 1) == [b"! leave gone null"]
+    finally:
+        await pubsub.aclose()
+
+
+async def test_a_remove_redis_lost_in_a_rollback_is_made_again(
+    node: Node, redis_server: RedisServer
+) -> None:
+    broker = cast(RedisBroker, node.broker)
+    broker.add_presence("p:back", "left", None, b"{}")
+    broker.add_presence("p:back", "stays", None, b"{}")
+    assert (await broker.presence_stats("p:back")).clients == 2
+    snapshot = redis_server.snapshot()
+    broker.remove_presence("p:back", "left")
+    assert (await broker.presence_stats("p:back")).clients == 1
+    redis_server.restore(snapshot)  # back from a moment before the remove
+    await until_down(node)
+    await until_up(node)
+    (shard,) = broker.shards
+    await broker._reconcile(shard)
+    assert (await broker.presence_stats("p:back")).clients == 1
+    client = aioredis.from_url(redis_server.url)
+    try:
+        assert await client.hkeys("{broadcastd:p:back}:p:entries") == [b"stays"]
+        assert await client.smembers(f"{{broadcastd}}:pn:{broker.node_id}") == {
+            b"-1\np:back\nstays"
+        }
+    finally:
+        await client.aclose()
+
+
+async def test_a_heartbeat_sweeps_on_past_a_hundred_expired_nodes(
+    redis_server: RedisServer, redis: aioredis.Redis
+) -> None:
+    dead, witness = await started_node(redis_server), await started_node(redis_server)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe("broadcastd:p:jl:many-dead")
+    try:
+        a, w = cast(RedisBroker, dead.broker), cast(RedisBroker, witness.broker)
+        a.add_presence("jl:many-dead", "x", None, b"{}")
+        await a.presence_stats("jl:many-dead")
+        assert await told(pubsub, 1) == [b"! join x null"]
+        # A hundred nodes without entries expired before this one did.
+        await redis.zadd("{broadcastd}:pnodes", {f"empty{i:03}": 0 for i in range(100)})
+        await redis.zadd("{broadcastd}:pnodes", {a.node_id: 1})
+        w._heartbeat()  # and, at once, as many more calls as the sweep needs
+        assert await told(pubsub, 1) == [b"! leave x null"]
+        assert await redis.zcard("{broadcastd}:pnodes") == 1  # the witness alone
+    finally:
+        await pubsub.aclose()
+        await witness.close()
+        await dead.close()

@@ -168,12 +168,10 @@ class Shard:
         self.presence: dict[str, list[tuple[bytes | str, ...]]] = {}
         """This loop turn's presence changes of the shard's channels, in order:
         ``("+", CLIENT, USER_JSON, ENTRY)`` or ``("-", CLIENT)``, sent together."""
-        self.unsent: dict[str, set[str]] = {}
-        """Entries removed here that Redis may still hold (the shard was out of
-        reach, or the call failed): removed there once it can be (``_resync``)."""
         self.stale = False
-        """Redis may lack some of this node's entries (a call failed): the next
-        heartbeat sends them all again."""
+        """Redis may not hold this node's entries as they are (a call failed, or
+        changes found the connection ended): the next heartbeat puts it right
+        (``_resync``)."""
         self.commands: CommandConnection | None = None
         """Scripts and reads: every call of one loop turn leaves in one write."""
         self.pubsub: PubSubConnection | None = None
@@ -228,7 +226,7 @@ class RedisBroker:
         self._up = False
         self._changed = asyncio.Event()
         presence = settings.presence
-        self.presence_ttl_ms = int(presence.ttl * 1000)
+        self.presence_ttl_ms = max(1, int(presence.ttl * 1000))
         self.heartbeat_interval = presence.ttl / HEARTBEATS_PER_TTL
         self._entries: dict[str, dict[str, tuple[str | None, bytes]]] = {}
         """This node's presence entries: channel -> client -> (user, entry)."""
@@ -722,13 +720,7 @@ class RedisBroker:
         sends them first, so the node reads its own changes."""
         shard = self._shard(channel)
         if shard.commands is None or shard.commands.closed:
-            # Redis is out of reach: once it is back, ``_resync`` removes what was
-            # removed meanwhile and adds every entry again.
-            if change[0] == "-":
-                shard.unsent.setdefault(channel, set()).add(cast(str, change[1]))
-            else:
-                shard.unsent.get(channel, set()).discard(cast(str, change[1]))
-            return
+            return  # Redis is out of reach: ``_resync`` puts it right once it is back
         pending = shard.presence
         if not pending:
             asyncio.get_running_loop().call_soon(self._send_changes, shard)
@@ -747,7 +739,8 @@ class RedisBroker:
         shard.presence = {}
         commands = shard.commands
         if commands is None or commands.closed:
-            return  # as in _change
+            shard.stale = True  # the connection ended this turn: as in _change
+            return
         channels = list(pending)
         head: list[bytes | str | int] = [self.node_id, self.presence_ttl_ms, self._topic_prefix]
         for first in range(0, len(channels), PRESENCE_BATCH):
@@ -761,24 +754,13 @@ class RedisBroker:
                 for change in changes:
                     args += change
             call = commands.script(CHANGE_SHA, PRESENCE_CHANGE, keys, args)
-            call.add_done_callback(functools.partial(self._counted, shard, batch, pending))
+            call.add_done_callback(functools.partial(self._counted, shard, batch))
 
-    def _counted(
-        self,
-        shard: Shard,
-        channels: list[str],
-        sent: dict[str, list[tuple[bytes | str, ...]]],
-        done: asyncio.Future[Any],
-    ) -> None:
+    def _counted(self, shard: Shard, channels: list[str], done: asyncio.Future[Any]) -> None:
         """A presence script's answer: whether Redis knew this node, and each
         channel's count, kept while this node has entries there. After a failure
-        (Redis may or may not have run it), the next heartbeat sends its removes
-        and every entry again."""
+        (Redis may or may not have run it), the next heartbeat puts Redis right."""
         if done.cancelled() or done.exception() is not None:
-            for channel in channels:
-                for change in sent[channel]:
-                    if change[0] == "-":
-                        shard.unsent.setdefault(channel, set()).add(cast(str, change[1]))
             shard.stale = True
             return
         lost, *answer = done.result()
@@ -791,16 +773,38 @@ class RedisBroker:
                 counts[channel] = int(count)
 
     def _resync(self, shard: Shard) -> None:
-        """Put Redis right about this node's entries after it could not be told
-        everything: the removes it missed, then every entry again."""
+        """Put Redis right about this node's entries after it may have missed
+        changes (a reconnect, a failed call) or gone back in time (a restart or
+        failover that lost writes): every entry is added again, and whatever
+        Redis lists under this node that the node no longer holds is removed,
+        with its leave (``_reconcile``)."""
         shard.stale = False
-        unsent, shard.unsent = shard.unsent, {}
-        for channel, clients in unsent.items():
-            held = self._entries.get(channel, {})
-            for client in clients:
-                if client not in held:
-                    self._change(channel, ("-", client))
         self._restore(shard)
+        task = asyncio.get_running_loop().create_task(self._reconcile(shard))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reconcile(self, shard: Shard) -> None:
+        """Remove the entries Redis holds for this node that it no longer has: read
+        the node's entry set (``{PREFIX}:pn:NODE``) 1000 at a time. An entry
+        removed or added meanwhile is harmless either way (a remove of what is
+        gone does nothing; what is held is kept)."""
+        commands = shard.commands
+        if commands is None or commands.closed:
+            return
+        key = self._node_keys()[2]
+        cursor: bytes | str = "0"
+        try:
+            while True:
+                cursor, members = await commands.call("SSCAN", key, cursor, "COUNT", 1000)
+                for member in members:
+                    _, channel, client = member.decode().split("\n")
+                    if client not in self._entries.get(channel, ()):
+                        self._change(channel, ("-", client))
+                if cursor in (b"0", "0"):
+                    return
+        except FAILURES:
+            shard.stale = True  # the next heartbeat tries again
 
     def _restore(self, shard: Shard) -> None:
         """Redis did not know this node (it lost its data, or swept the node's

@@ -256,14 +256,16 @@ for _, gone in ipairs(redis.call('SRANDMEMBER', dead, 100)) do
   local held = node_prefix .. gone
   for _, member in ipairs(redis.call('SPOP', held, budget)) do
     local tell_max, channel, client = string.match(member, '^([^\\n]*)\\n(.*)\\n([^\\n]*)$')
-    local tag = key_prefix .. channel .. '}'
-    drop(tag .. ENTRIES, tag .. IDS, tag .. USERS, topic_prefix .. channel,
-      tonumber(tell_max), client)
+    if client then
+      local tag = key_prefix .. channel .. '}'
+      drop(tag .. ENTRIES, tag .. IDS, tag .. USERS, topic_prefix .. channel,
+        tonumber(tell_max), client)
+    end
     budget = budget - 1
   end
   if redis.call('SCARD', held) == 0 then redis.call('SREM', dead, gone) end
 end
-return {lost, redis.call('SCARD', dead)}
+return {lost, redis.call('SCARD', dead) + redis.call('ZCOUNT', nodes, '-inf', now)}
 """.replace("ENTRIES", repr(PRESENCE_KEYS[0]))
     .replace("IDS", repr(PRESENCE_KEYS[1]))
     .replace("USERS", repr(PRESENCE_KEYS[2]))
@@ -272,8 +274,8 @@ return {lost, redis.call('SCARD', dead)}
 expired are swept, at most ``budget`` of their entries a call (each with its
 leave). KEYS: pnodes, pdead. ARGV: the node id, the TTL (ms), the prefix of
 nodes' entry sets, the prefix of channels' keys, the topic prefix, the budget.
-Answers whether Redis did not know the node, and how many expired nodes still
-hold entries (the caller sweeps on at once while any do)."""
+Answers whether Redis did not know the node, and how many expired nodes are
+still to sweep (the caller sweeps on at once while any are)."""
 
 PRESENCE_PAGE = """
 local ph, pl = KEYS[1], KEYS[2]
