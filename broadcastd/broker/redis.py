@@ -798,7 +798,10 @@ class RedisBroker:
             while True:
                 cursor, members = await commands.call("SSCAN", key, cursor, "COUNT", 1000)
                 for member in members:
-                    _, channel, client = member.decode().split("\n")
+                    fields = member.decode().split("\n")  # TELL_MAX, CHANNEL, CLIENT
+                    if len(fields) != 3:
+                        continue  # not one of ours: the sweep skips it too
+                    _, channel, client = fields
                     if client not in self._entries.get(channel, ()):
                         self._change(channel, ("-", client))
                 if cursor in (b"0", "0"):
