@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import pytest
@@ -198,23 +199,33 @@ async def test_a_node_redis_forgot_adds_its_entries_again(
     assert (stats.clients, stats.users) == (2, 1)
 
 
+@asynccontextmanager
+async def two_nodes(
+    redis_server: RedisServer, redis: aioredis.Redis, topic: str
+) -> AsyncIterator[tuple[RedisBroker, RedisBroker, Any]]:
+    """Two nodes on one redis-server, and a pub/sub client on ``topic`` (where the
+    joins and leaves of its channel are told)."""
+    first, second = await started_node(redis_server), await started_node(redis_server)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(topic)
+    try:
+        yield cast(RedisBroker, first.broker), cast(RedisBroker, second.broker), pubsub
+    finally:
+        await pubsub.aclose()
+        await second.close()
+        await first.close()
+
+
 async def test_a_node_that_lapsed_is_swept_with_one_leave_each_then_comes_back(
     redis_server: RedisServer, redis: aioredis.Redis
 ) -> None:
-    paused, witness = await started_node(redis_server), await started_node(redis_server)
-    pubsub = redis.pubsub()
-    await pubsub.subscribe("broadcastd:p:jl:lapse")
-    try:
-        a, w = cast(RedisBroker, paused.broker), cast(RedisBroker, witness.broker)
+    async with two_nodes(redis_server, redis, "broadcastd:p:jl:lapse") as (a, w, pubsub):
         a.add_presence("jl:lapse", "x1", None, b"{}")
         a.add_presence("jl:lapse", "x2", None, b"{}")
         w.add_presence("jl:lapse", "w1", None, b"{}")
         await w.presence_stats("jl:lapse")
-        assert sorted(await told(pubsub, 3)) == [
-            b"! join w1 null",
-            b"! join x1 null",
-            b"! join x2 null",
-        ]
+        joins = [b"! join w1 null", b"! join x1 null", b"! join x2 null"]
+        assert sorted(await told(pubsub, 3)) == joins
         await redis.zadd("{broadcastd}:pnodes", {a.node_id: 0})  # its liveness ran out
         w._heartbeat()
         assert sorted(await told(pubsub, 2)) == [b"! leave x1 null", b"! leave x2 null"]
@@ -224,10 +235,6 @@ async def test_a_node_that_lapsed_is_swept_with_one_leave_each_then_comes_back(
         assert sorted(await told(pubsub, 2)) == [b"! join x1 null", b"! join x2 null"]
         assert (await w.presence_stats("jl:lapse")).clients == 3
         assert await redis.scard("{broadcastd}:pdead") == 0
-    finally:
-        await pubsub.aclose()
-        await paused.close()
-        await witness.close()
 
 
 async def test_what_was_removed_while_redis_was_out_of_reach_is_removed_once_back(
@@ -311,11 +318,7 @@ async def test_a_remove_redis_lost_in_a_rollback_is_made_again(
 async def test_a_heartbeat_sweeps_on_past_a_hundred_expired_nodes(
     redis_server: RedisServer, redis: aioredis.Redis
 ) -> None:
-    dead, witness = await started_node(redis_server), await started_node(redis_server)
-    pubsub = redis.pubsub()
-    await pubsub.subscribe("broadcastd:p:jl:many-dead")
-    try:
-        a, w = cast(RedisBroker, dead.broker), cast(RedisBroker, witness.broker)
+    async with two_nodes(redis_server, redis, "broadcastd:p:jl:many-dead") as (a, w, pubsub):
         a.add_presence("jl:many-dead", "x", None, b"{}")
         await a.presence_stats("jl:many-dead")
         assert await told(pubsub, 1) == [b"! join x null"]
@@ -325,7 +328,3 @@ async def test_a_heartbeat_sweeps_on_past_a_hundred_expired_nodes(
         w._heartbeat()  # and, at once, as many more calls as the sweep needs
         assert await told(pubsub, 1) == [b"! leave x null"]
         assert await redis.zcard("{broadcastd}:pnodes") == 1  # the witness alone
-    finally:
-        await pubsub.aclose()
-        await witness.close()
-        await dead.close()
