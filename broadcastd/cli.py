@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subscribe.add_argument(
         "--max-size",
-        type=_positive_int,
+        type=_at_least_one(" of bytes"),
         metavar="BYTES",
         help="largest message accepted; a larger one ends the command (close 1009). Default: "
         "1 MiB, or the configuration's control.max_payload_bytes + 256 if that is larger",
@@ -180,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--stats", action="store_true", help="print the counts of clients and users instead"
     )
     presence.add_argument(
-        "--limit", type=_count, metavar="N", help="print at most N entries (default: all)"
+        "--limit",
+        type=_at_least_one(""),
+        metavar="N",
+        help="print at most N entries (default: all)",
     )
     _add_client_flags(presence, control=True)
 
@@ -208,24 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a whole number of bytes, at least 1: {text!r}")
-    return value
+def _at_least_one(what: str) -> Callable[[str], int]:
+    """An argument type: a whole number of ``what``, at least 1."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"a whole number{what}, at least 1: {text!r}")
+        return value
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a whole number, at least 1: {text!r}")
-    return value
+    return parse
 
 
 def _add_client_flags(parser: argparse.ArgumentParser, *, control: bool) -> None:

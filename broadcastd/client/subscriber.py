@@ -802,32 +802,23 @@ class Subscriber:
         if url.scheme in ("wss", "https") and self._ssl is None:
             self._ssl = ssl_module.create_default_context()  # once: it reads the CA files
         try:
-            conn: Link
-            if self.transport == "sse":
-                if self._last_event_id and tuple(channels) == self._id_channels:
-                    headers["Last-Event-ID"] = self._last_event_id
-                conn = await EventStreamConnection.open(
-                    url,
-                    headers=headers,
-                    ssl=self._ssl,
-                    open_timeout=self._open_timeout,
-                    max_queue=self._max_queue,
-                    max_size=self._max_size,
-                    ping_interval=self._ping_interval,
-                    ping_timeout=self._ping_interval,
-                )
+            sse = self.transport == "sse"
+            if sse and self._last_event_id and tuple(channels) == self._id_channels:
+                headers["Last-Event-ID"] = self._last_event_id
+            kind: type[EventStreamConnection] | type[Connection]
+            kind = EventStreamConnection if sse else Connection
+            conn: Link = await kind.open(
+                url,
+                headers=headers,
+                ssl=self._ssl,
+                open_timeout=self._open_timeout,
+                max_queue=self._max_queue,
+                max_size=self._max_size,
+                ping_interval=self._ping_interval,
+                ping_timeout=self._ping_interval,
+            )
+            if sse:
                 self._id_channels, self._last_event_id = tuple(channels), None
-            else:
-                conn = await Connection.open(
-                    url,
-                    headers=headers,
-                    ssl=self._ssl,
-                    open_timeout=self._open_timeout,
-                    max_queue=self._max_queue,
-                    max_size=self._max_size,
-                    ping_interval=self._ping_interval,
-                    ping_timeout=self._ping_interval,
-                )
         except HandshakeRefused as exc:
             error = _handshake_error(exc)
             if isinstance(error, RequestRefused):

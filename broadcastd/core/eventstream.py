@@ -88,6 +88,11 @@ def preflight_answer(allow_origin: str | None) -> bytes:
         "Access-Control-Allow-Headers: Authorization, Last-Event-ID, Accept, Cache-Control",
         "Access-Control-Max-Age: 600",
     ]
+    return _head(lines, allow_origin)
+
+
+def _head(lines: list[str], allow_origin: str | None) -> bytes:
+    """An answer's head: ``lines``, and the CORS headers for ``allow_origin``."""
     if allow_origin is not None:
         lines.append(f"Access-Control-Allow-Origin: {allow_origin}")
         if allow_origin != "*":
@@ -163,11 +168,7 @@ class EventStream:
             "X-Accel-Buffering: no",
             "Transfer-Encoding: chunked",
         ]
-        if allow_origin is not None:
-            lines.append(f"Access-Control-Allow-Origin: {allow_origin}")
-            if allow_origin != "*":
-                lines.append("Vary: Origin")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        head = _head(lines, allow_origin)
         if self.kind == SSE:
             head += _chunk(b"retry: %d\n\n" % RETRY_MS)
         return head
