@@ -188,7 +188,7 @@ class Node:
         """Fan a publication out here. Inside a publish (the memory engine) it is
         reported with the publish; one that came from another process is reported
         here, its delivery latency measured from its arrival."""
-        if self.announcements:
+        if self.announcements.queues:
             self._tell_waiting(channel)
         if self.publishing_since is not None:
             return self.hub.deliver(channel, publication)
@@ -214,7 +214,7 @@ class Node:
         )
         if joined is None:
             return
-        if self.announcements:
+        if self.announcements.queues:
             self._tell_waiting(channel)
         joined.epoch, joined.offset = position
         frame = reply_frame(

@@ -52,12 +52,14 @@ class Announcements:
     """Events waiting to be told, by channel; channels in the order their first
     waiting event came."""
 
-    __slots__ = ("_current", "_left", "_queues", "scheduled")
+    __slots__ = ("_current", "_left", "queues", "scheduled")
 
     def __init__(self, current: Callable[[str], Channel | None]) -> None:
         self._current = current
         """The hub's channel of a name now (None: it has none)."""
-        self._queues: dict[Channel, deque[_Event]] = {}
+        self.queues: dict[Channel, deque[_Event]] = {}
+        """Waiting events by channel (empty: nothing waits; the node checks that
+        before each fan-out, so it is a plain dict, not a method)."""
         self._left: list[Outbox] | None = None
         """The outboxes the first channel's oldest event is still to reach, reversed
         (a slice pops from the end); None before its first slice."""
@@ -65,19 +67,16 @@ class Announcements:
         """A slice is due (the node has asked the loop for one)."""
 
     def __len__(self) -> int:
-        return sum(len(queue) for queue in self._queues.values())
-
-    def __bool__(self) -> bool:
-        return bool(self._queues)
+        return sum(len(queue) for queue in self.queues.values())
 
     def __contains__(self, channel: object) -> bool:
-        return channel in self._queues
+        return channel in self.queues
 
     def add(self, channel: Channel, frame: Reply, skip: Outbox | None = None) -> bool:
         """Queue an event of ``channel``; True if a slice must be scheduled now."""
-        queue = self._queues.get(channel)
+        queue = self.queues.get(channel)
         if queue is None:
-            queue = self._queues[channel] = deque()
+            queue = self.queues[channel] = deque()
         queue.append(_Event(frame, skip))
         if self.scheduled:
             return False
@@ -87,7 +86,7 @@ class Announcements:
     def run(self, budget: int = SLICE_PUSHES) -> bool:
         """Tell events, channel by channel, oldest first, until ``budget`` pushes
         are made; True while events remain (the next slice is due)."""
-        queues = self._queues
+        queues = self.queues
         while queues and budget > 0:
             channel = next(iter(queues))
             if self._current(channel.name) is not channel:
@@ -114,7 +113,7 @@ class Announcements:
     def tell(self, channel: Channel) -> None:
         """Tell every waiting event of ``channel`` now, whatever the budget (a
         message or notice of it is about to be queued)."""
-        queues = self._queues
+        queues = self.queues
         queue = queues.get(channel)
         if queue is None:
             return
@@ -132,7 +131,7 @@ class Announcements:
 
     def _drop_first(self) -> None:
         """The first channel left the hub: its events are no one's any more."""
-        del self._queues[next(iter(self._queues))]
+        del self.queues[next(iter(self.queues))]
         self._left = None
 
     @staticmethod
