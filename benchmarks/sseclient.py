@@ -29,7 +29,6 @@ _ENVELOPE = b'data: {"c'
 _RAW = b'data: {"t":'
 _EVENT = b"event: "
 _CLOSE_CODE = re.compile(rb'"code": ?(\d+)')
-_MAX_HEAD = 16 * 1024
 
 
 def stream_request(host: str, port: int, path: str) -> bytes:
@@ -103,23 +102,11 @@ class SseSubscriber(Subscriber):
 
     def _head(self, data: bytes) -> bytes:
         """Check the 200 answer; return the bytes after its head (the first chunks)."""
-        end = data.find(b"\r\n\r\n")
-        if end < 0:
-            if len(data) > _MAX_HEAD:
-                self._fail("response head too large")
-            else:
-                self.pending = data
+        read = self._response_head(data, "200")
+        if read is None:
             return b""
-        head = data[:end].decode("latin-1")
-        status_line, _, headers = head.partition("\r\n")
-        parts = status_line.split(" ", 2)
-        if len(parts) < 2 or parts[1] != "200":
-            self._fail(f"HTTP {parts[1] if len(parts) > 1 else '?'}")
-            return b""
-        fields = {}
-        for line in headers.split("\r\n"):
-            name, _, value = line.partition(":")
-            fields[name.strip().lower()] = value.strip().lower()
+        head, rest = read
+        fields = {name: value.lower() for name, value in head}
         if not fields.get("content-type", "").startswith(SSE):
             self._fail(f"not an event stream: {fields.get('content-type')}")
             return b""
@@ -129,7 +116,7 @@ class SseSubscriber(Subscriber):
         self.handshaking = False
         self.pool.handshakes += 1
         self.pool.open += 1
-        return data[end + 4 :]
+        return rest
 
     def _notices(self, chunk: bytes) -> bool:
         """The named events of one chunk; True if the stream ended."""

@@ -410,28 +410,42 @@ class Subscriber(asyncio.Protocol):
 
     # internals
 
-    def _handshake(self, data: bytes) -> bytes:
-        """Check the 101 response; return the bytes after it (frames already sent)."""
+    def _response_head(
+        self, data: bytes, status: str
+    ) -> tuple[list[tuple[str, str]], bytes] | None:
+        """The answer's header fields (names lowercased, values stripped) and the
+        bytes after its head, once the whole head has come with ``status``; None
+        while it has not (kept in ``pending``) or when it failed (``_fail``)."""
         end = data.find(b"\r\n\r\n")
         if end < 0:
             if len(data) > _MAX_HANDSHAKE:
-                self._fail("handshake response too large")
+                self._fail("response head too large")
             else:
                 self.pending = data
-            return b""
+            return None
         head = data[:end].decode("latin-1")
         status_line, _, headers = head.partition("\r\n")
         parts = status_line.split(" ", 2)
-        if len(parts) < 2 or parts[1] != "101":
+        if len(parts) < 2 or parts[1] != status:
             self._fail(f"HTTP {parts[1] if len(parts) > 1 else '?'}")
-            return b""
-        accept = None
-        extensions = ""
+            return None
+        fields = []
         for line in headers.split("\r\n"):
             name, _, value = line.partition(":")
-            name = name.strip().lower()
+            fields.append((name.strip().lower(), value.strip()))
+        return fields, data[end + 4 :]
+
+    def _handshake(self, data: bytes) -> bytes:
+        """Check the 101 response; return the bytes after it (frames already sent)."""
+        read = self._response_head(data, "101")
+        if read is None:
+            return b""
+        fields, rest = read
+        accept = None
+        extensions = ""
+        for name, value in fields:
             if name == "sec-websocket-accept":
-                accept = value.strip().encode()
+                accept = value.encode()
             elif name == "sec-websocket-extensions":
                 extensions += value
         if accept != self.accept:
@@ -453,7 +467,7 @@ class Subscriber(asyncio.Protocol):
         pool.open += 1
         if self.replies_left == 0:
             self.ready.set_result(None)
-        return data[end + 4 :]
+        return rest
 
     def _fail(self, reason: str) -> None:
         if not self.ready.done():
